@@ -1,0 +1,126 @@
+"""The ``spfbench`` command line (typer). Each command is a thin layer over one module."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import SpfbenchError
+
+app = typer.Typer(
+    help="Evaluation and benchmarking suite for text-driven portrait customization (SPF-Portrait protocol).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+@app.command()
+def weights() -> None:
+    """Table of every weight file the suite can use: what it is, its source, size, and whether it is here."""
+    from .weights import all_weight_rows, format_table
+
+    rows = all_weight_rows()
+    typer.echo(format_table(rows))
+    present = sum(r["present"] for r in rows)
+    typer.echo(f"\n{present} of {len(rows)} files present locally. Hugging Face cache: {_hf_cache()}")
+    from .models import describe_presets
+
+    typer.echo("\npresets:")
+    for p in describe_presets():
+        typer.echo(f"  {p['name']:<20} {p['weights']:<45} {p['description']}")
+
+
+def _hf_cache() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return str(HF_HUB_CACHE)
+
+
+@app.command("build-testset")
+def build_testset(
+    out: Path = typer.Option(..., "--out", help="Folder of the test set (created; rerun the same command to resume)."),
+    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random."),
+    n: Optional[int] = typer.Option(None, "--n", help="Number of triples [default: 5000, or every row of --captions]."),
+    seed: int = typer.Option(0, help="Test set seed: triple i's caption choices and generation seed derive from (seed, i)."),
+    captions: Optional[Path] = typer.Option(None, help="CSV/JSONL with base_caption, target_text (optional category, seed, id); replaces the composer."),
+    shard: Optional[str] = typer.Option(None, help="I/K: this process builds the I-th of K shares into the same folder."),
+    model: Optional[str] = typer.Option(None, help="Real presets: hub id, local diffusers folder, or single-file .safetensors."),
+    vae: Optional[str] = typer.Option(None, help="Real presets: VAE hub id or local folder (overrides the preset's)."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) of the model."),
+    weights_seed: int = typer.Option(0, help="Random presets (tiny, sd15-random): seed of the random weights."),
+    sampler: str = typer.Option("dpmpp-2m-karras", help="Sampler: dpmpp-2m-karras, dpmpp-2m, ddim, pndm, euler, euler-a, unipc, deis."),
+    steps: int = typer.Option(25, help="Sampling steps."),
+    guidance: float = typer.Option(7.0, help="Classifier-free guidance scale."),
+    height: Optional[int] = typer.Option(None, help="Image height [default: the model's native size]."),
+    width: Optional[int] = typer.Option(None, help="Image width [default: the model's native size]."),
+    negative_prompt: str = typer.Option("", help="Negative prompt [default: none]."),
+    batch_size: int = typer.Option(4, help="Images per forward pass (part of the set's identity: it changes the last bits)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [default: cuda if available]."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16, bf16 [default: fp16 on cuda, fp32 on cpu]."),
+    vocab: str = typer.Option("v1", help="Version of the built-in caption vocabulary."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Build the (original caption, original portrait, target caption) triples; resumable and shardable."""
+    _quiet_libraries()
+    from .generation import GenerationSettings
+    from .testset import Shard, TestsetBuilder
+
+    sh = Shard.parse(shard)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # accelerate launch / torchrun: every process takes its own share of this shard
+        from accelerate import PartialState
+
+        state = PartialState()
+        sh = sh.split(state.process_index, state.num_processes)
+        device = device or str(state.device)
+    settings = GenerationSettings(sampler, steps, guidance, height, width, negative_prompt)
+    builder = TestsetBuilder(
+        out,
+        preset=preset,
+        n=n,
+        seed=seed,
+        captions=captions,
+        vocab=vocab,
+        settings=settings,
+        batch_size=batch_size,
+        shard=sh,
+        model=model,
+        vae=vae,
+        revision=revision,
+        weights_seed=weights_seed,
+        device=device,
+        dtype=dtype,
+    )
+    r = builder.run(progress=progress)
+    if r.complete:
+        typer.echo(f"test set complete: {r.n} triples in {r.out} ({r.generated} generated now); content_sha256 {r.meta['content_sha256'][:16]}")
+    else:
+        typer.echo(
+            f"shard {r.shard} done ({r.generated} generated now); {r.present}/{r.n} originals present in {r.out}."
+            " The set is complete when every shard has finished."
+        )
+
+
+def main() -> None:
+    try:
+        app()
+    except SpfbenchError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished images are kept; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The one generation function every part of spfbench uses (originals and customized images alike).
+
+Noise contract (docs/testset.md): item i's initial latent is ``randn(1, C, H/f, W/f)`` drawn in
+float32 on the CPU from ``torch.Generator("cpu").manual_seed(seed_i)``, then moved to the device
+and dtype. It depends on the item's seed and the image size only: never on the batch size, the batch
+neighbours or the device. Stochastic samplers (``euler-a``) draw their step noise from the same
+per-item generator, continuing after the initial latent, so they keep the contract too. A
+customized image and its original therefore start from identical noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import SpfbenchError
+
+# sampler name -> (diffusers scheduler class name, extra config). Built from the model's own
+# scheduler config, so betas and prediction type stay the model's.
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False, "algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How an image is sampled. Defaults follow Realistic Vision V4.0's model card (docs/testset.md)."""
+
+    sampler: str = "dpmpp-2m-karras"
+    steps: int = 25
+    guidance_scale: float = 7.0
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+    negative_prompt: str = ""
+
+    def validate(self) -> "GenerationSettings":
+        if self.sampler not in SAMPLERS:
+            raise SpfbenchError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        if self.steps <= 0:
+            raise SpfbenchError(f"steps must be positive, got {self.steps}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or v % 8):
+                raise SpfbenchError(f"{name} must be a positive multiple of 8, got {v}")
+        return self
+
+    def resolved(self, native_size: int) -> "GenerationSettings":
+        """The same settings with the image size filled in."""
+        return GenerationSettings(**{**asdict(self), "height": self.height or native_size, "width": self.width or native_size})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_scheduler(base_config, sampler: str):
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise SpfbenchError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    cls_name, extra = SAMPLERS[sampler]
+    return getattr(diffusers, cls_name).from_config(base_config, **extra)
+
+
+def use_sampler(pipe, sampler: str) -> None:
+    """Set ``pipe.scheduler`` to ``sampler``, built from the model's scheduler config (kept aside once)."""
+    if getattr(pipe, "_spfbench_sampler", None) == sampler:
+        return
+    if not hasattr(pipe, "_spfbench_base_scheduler_config"):
+        pipe._spfbench_base_scheduler_config = pipe.scheduler.config
+    pipe.scheduler = make_scheduler(pipe._spfbench_base_scheduler_config, sampler)
+    pipe._spfbench_sampler = sampler
+
+
+def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
+    f = pipe.vae_scale_factor
+    return (pipe.unet.config.in_channels, height // f, width // f)
+
+
+def noise_generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+def initial_noise(seed: int, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Generator]:
+    """Item noise ``(1, *shape)`` float32 on CPU, and its generator (positioned after the draw)."""
+    g = noise_generator(seed)
+    return torch.randn((1, *shape), generator=g, dtype=torch.float32), g
+
+
+def generate(
+    pipe,
+    prompts: list[str] | None,
+    seeds: list[int],
+    settings: GenerationSettings,
+    *,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    output_type: str = "pil",
+):
+    """Generate one image per (prompt, seed). Methods that condition differently pass ``prompt_embeds``.
+
+    Returns a list of PIL images (``output_type="pil"``) or the pipeline's array output.
+    """
+    n = len(seeds)
+    if prompts is not None and len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} seeds")
+    if (prompts is None) == (prompt_embeds is None):
+        raise ValueError("pass exactly one of prompts or prompt_embeds")
+    settings.validate()
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    s = settings.resolved(native)
+    use_sampler(pipe, s.sampler)
+    shape = latent_shape(pipe, s.height, s.width)
+    noises, generators = zip(*(initial_noise(seed, shape) for seed in seeds))
+    latents = torch.cat(noises).to(device=pipe.device, dtype=pipe.unet.dtype)
+    kwargs = {}
+    if negative_prompt_embeds is None and s.negative_prompt:
+        kwargs["negative_prompt"] = [s.negative_prompt] * n
+    out = pipe(
+        prompt=prompts,
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
+        height=s.height,
+        width=s.width,
+        num_inference_steps=s.steps,
+        guidance_scale=s.guidance_scale,
+        latents=latents,
+        generator=list(generators),
+        output_type=output_type,
+        **kwargs,
+    )
+    return out.images

@@ -1,0 +1,80 @@
+"""Atomic file writes: a reader sees either the old file, no file, or the whole new file.
+
+Temporary files are named ``.<name>.<host>.<pid>.tmp`` in the target's folder, so a killed process
+leaves nothing that looks like an output, and :func:`remove_stale_tmp` can tell its leftovers from
+the files of a process still writing (possibly another shard of the same job).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from pathlib import Path
+
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+
+
+def encode_png(image) -> bytes:
+    """PNG bytes of a PIL image, with no metadata (so equal pixels give equal bytes)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def remove_stale_tmp(folder: str | os.PathLike) -> int:
+    """Delete temporary files in ``folder`` left by dead processes of this host. Returns how many."""
+    removed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for p in folder.glob(".*.tmp"):
+        parts = p.name[:-4].rsplit(".", 2)  # ".name", host, pid
+        if len(parts) != 3 or parts[1] != _HOST or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            p.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

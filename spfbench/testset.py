@@ -1,0 +1,402 @@
+"""``spfbench build-testset``: the (original caption, original portrait, target caption) triples.
+
+Folder layout (format 1, docs/testset.md)::
+
+    DIR/testset.json       format version, the spec that defines the set, model, generation
+                           settings, status, triples_sha256 and (when complete) content_sha256
+    DIR/testset.jsonl      one row per triple: id, index, base_caption, target_text,
+                           target_caption, category, seed, original
+    DIR/originals/ID.png   the original portrait of each triple, generated from the base caption
+    DIR/originals.sha256   ``sha256sum -c`` compatible checksums, written when the set is complete
+
+Work is cut into fixed batches (batch k = triples [kB, (k+1)B)); shard s of K takes batches k with
+k mod K == s. An image is the output of exactly one batch computation, whatever was interrupted or
+however the work was sharded, so a resumed or sharded build is byte-identical to a plain one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import queue
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .captions import (
+    DEFAULT_VOCAB,
+    CaptionRow,
+    compose,
+    derive_seed,
+    join_caption,
+    read_caption_file,
+    vocab_sha256,
+)
+from .errors import SpfbenchError
+from .generation import GenerationSettings, generate
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_png, remove_stale_tmp
+
+FORMAT_VERSION = 1
+META = "testset.json"
+MANIFEST = "testset.jsonl"
+ORIGINALS = "originals"
+CHECKSUMS = "originals.sha256"
+DEFAULT_N = 5000
+
+
+@dataclass(frozen=True)
+class Triple:
+    id: str
+    index: int
+    base_caption: str
+    target_text: str
+    target_caption: str
+    category: str
+    seed: int
+    original: str  # path relative to the test set folder
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # 0-based
+    count: int
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Shard":
+        if text in (None, ""):
+            return cls(0, 1)
+        try:
+            i, k = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise SpfbenchError(f"--shard {text!r}: expected I/K with integers, e.g. 1/4") from None
+        if k < 1 or not 1 <= i <= k:
+            raise SpfbenchError(f"--shard {text!r}: need 1 <= I <= K (shards are numbered from 1)")
+        return cls(i - 1, k)
+
+    def split(self, rank: int, world: int) -> "Shard":
+        """Subdivide this shard among ``world`` processes (accelerate launch)."""
+        return Shard(self.index * world + rank, self.count * world)
+
+    def __str__(self) -> str:
+        return f"{self.index + 1}/{self.count}"
+
+
+def plan_triples(n: int | None, seed: int, rows: list[CaptionRow] | None = None, vocab: str = DEFAULT_VOCAB) -> list[Triple]:
+    """The triples of a test set: composed from the vocabulary, or taken from caption-file rows."""
+    if rows is None:
+        n = DEFAULT_N if n is None else n
+        if n <= 0:
+            raise SpfbenchError(f"--n must be positive, got {n}")
+        rows = compose(n, seed, vocab)
+    else:
+        if n is not None and n <= 0:
+            raise SpfbenchError(f"--n must be positive, got {n}")
+        if n is not None and n > len(rows):
+            raise SpfbenchError(f"--n {n} asked for, but the caption file holds only {len(rows)} rows")
+        rows = rows[: n or len(rows)]
+    width = max(5, len(str(len(rows) - 1)))
+    triples = []
+    for i, r in enumerate(rows):
+        s = r.seed if r.seed is not None else derive_seed(seed, i)
+        tid = r.id or f"{i:0{width}d}-" + hashlib.sha256(f"{r.base_caption}\x1f{r.target_text}\x1f{s}".encode()).hexdigest()[:8]
+        triples.append(
+            Triple(
+                id=tid,
+                index=i,
+                base_caption=r.base_caption,
+                target_text=r.target_text,
+                target_caption=join_caption(r.base_caption, r.target_text),
+                category=r.category,
+                seed=s,
+                original=f"{ORIGINALS}/{tid}.png",
+            )
+        )
+    return triples
+
+
+def manifest_text(triples: list[Triple]) -> str:
+    return "".join(json.dumps(t.to_row(), ensure_ascii=False) + "\n" for t in triples)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    n: int
+    generated: int  # images written by this call
+    present: int  # images present after this call
+    complete: bool
+    shard: Shard
+    meta: dict = field(default_factory=dict)
+
+
+class TestsetBuilder:
+    """Builds (or resumes) one test set folder. Construct it to validate; nothing is written until run()."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        *,
+        preset: str,
+        n: int | None = None,
+        seed: int = 0,
+        captions: str | os.PathLike | None = None,
+        vocab: str = DEFAULT_VOCAB,
+        settings: GenerationSettings = GenerationSettings(),
+        batch_size: int = 4,
+        shard: Shard = Shard(0, 1),
+        model: str | None = None,
+        vae: str | None = None,
+        revision: str | None = None,
+        weights_seed: int = 0,
+        device: str | None = None,
+        dtype: str | None = None,
+    ):
+        from .models import dtype_name, get_preset, resolve_device, resolve_dtype
+
+        self.out = Path(out)
+        self.preset = get_preset(preset)
+        self.settings = settings.validate()
+        if batch_size <= 0:
+            raise SpfbenchError(f"--batch-size must be positive, got {batch_size}")
+        self.batch_size = batch_size
+        self.shard = shard
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        rows = read_caption_file(captions) if captions is not None else None
+        self.triples = plan_triples(n, seed, rows, vocab)
+        self.load_kwargs = dict(model=model, vae=vae, revision=revision, seed=weights_seed)
+        captions_spec = {"sha256": sha256_file(Path(captions))} if captions is not None else None
+        self.spec = {
+            "format_version": FORMAT_VERSION,
+            "n": len(self.triples),
+            "seed": seed,
+            "captions": captions_spec,
+            "vocab": None if captions is not None else {"version": vocab, "sha256": vocab_sha256(vocab)},
+            "preset": preset,
+            "model": model,
+            "vae": vae,
+            "revision": revision,
+            "weights_seed": weights_seed if self.preset.config else None,
+            "generation": settings.to_dict(),
+            "batch_size": batch_size,
+            "dtype": dtype_name(self.dtype),
+            "device_type": self.device.type,
+        }
+        self.manifest = manifest_text(self.triples)
+
+    # ------------------------------------------------------------------ folder checks
+
+    def _check_folder(self) -> dict | None:
+        """Validate DIR against this spec before anything is written. Returns the existing meta, if any."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise SpfbenchError(f"--out {out} exists and is not a folder")
+        meta_path = out / META
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+                old = meta["spec"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise SpfbenchError(f"{meta_path} is unreadable or not a spfbench test set; use another --out") from None
+            if old != self.spec:
+                diffs = [k for k in sorted(set(old) | set(self.spec)) if old.get(k) != self.spec.get(k)]
+                detail = "; ".join(f"{k}: {old.get(k)!r} there, {self.spec.get(k)!r} now" for k in diffs[:4])
+                raise SpfbenchError(
+                    f"{out} holds a different test set ({detail}); use another --out, or the same arguments to resume"
+                )
+            return meta
+        # Hidden entries are ignored: another shard's temporary file may already be there.
+        if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+            raise SpfbenchError(f"--out {out} is not empty and holds no {META}; use an empty or new folder")
+        return None
+
+    def _prepare(self, existing: dict | None) -> None:
+        """Create the folder. testset.json is the first entry to appear (atomically), so a shard starting
+        at the same moment sees either an empty folder or this spec, never a half-made folder."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if existing is None:
+                atomic_write_json(self.out / META, self._initial_meta())
+            (self.out / ORIGINALS).mkdir(exist_ok=True)
+            manifest_path = self.out / MANIFEST
+            if not manifest_path.is_file() or manifest_path.read_text() != self.manifest:
+                atomic_write_text(manifest_path, self.manifest)
+        except OSError as e:
+            raise SpfbenchError(f"cannot write to --out {self.out}: {e.strerror or e}") from None
+
+    # ------------------------------------------------------------------ state
+
+    def image_path(self, t: Triple) -> Path:
+        return self.out / t.original
+
+    def batches(self) -> list[list[Triple]]:
+        b = self.batch_size
+        return [self.triples[i : i + b] for i in range(0, len(self.triples), b)]
+
+    def my_batches(self) -> list[list[Triple]]:
+        return [batch for k, batch in enumerate(self.batches()) if k % self.shard.count == self.shard.index]
+
+    def present(self) -> int:
+        return sum(self.image_path(t).is_file() for t in self.triples)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, progress: bool = True) -> BuildResult:
+        self._prepare(self._check_folder())
+        remove_stale_tmp(self.out)
+        remove_stale_tmp(self.out / ORIGINALS)
+
+        todo = [batch for batch in self.my_batches() if not all(self.image_path(t).is_file() for t in batch)]
+        generated = 0
+        if todo:
+            generated = self._generate(todo, progress)
+        present = self.present()
+        complete = present == len(self.triples)
+        if complete:
+            meta = self.finalize()
+        else:
+            meta = json.loads((self.out / META).read_text())
+        return BuildResult(self.out, len(self.triples), generated, present, complete, self.shard, meta)
+
+    def _initial_meta(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "status": "incomplete",
+            "n": len(self.triples),
+            "spec": self.spec,
+            "model": None,
+            "generation": None,
+            "categories": dict(sorted(Counter(t.category for t in self.triples).items())),
+            "files": {"manifest": MANIFEST, "originals": ORIGINALS + "/", "checksums": CHECKSUMS},
+            "triples_sha256": hashlib.sha256(self.manifest.encode()).hexdigest(),
+            "content_sha256": None,
+            "environment": None,
+        }
+
+    def _generate(self, todo: list[list[Triple]], progress: bool) -> int:
+        from tqdm.auto import tqdm
+
+        from .models import load_pipeline
+
+        pipe, info = load_pipeline(self.preset.name, device=self.device, dtype=self.dtype, **self.load_kwargs)
+        resolved = self.settings.resolved(info.native_size)
+        self._record_model(info, resolved)
+
+        mine = [t for batch in self.my_batches() for t in batch]
+        done_before = sum(self.image_path(t).is_file() for t in mine)
+        writer = _ImageWriter()
+        written = 0
+        bar = tqdm(total=len(mine), initial=done_before, desc=f"originals (shard {self.shard})", unit="img", disable=not progress)
+        try:
+            for batch in todo:
+                images = generate(pipe, [t.base_caption for t in batch], [t.seed for t in batch], resolved)
+                for t, img in zip(batch, images):
+                    path = self.image_path(t)
+                    if not path.is_file():  # a finished image is never rewritten
+                        writer.put(path, img)
+                        written += 1
+                        bar.update(1)
+        finally:
+            writer.close()
+            bar.close()
+        return written
+
+    def _record_model(self, info, resolved: GenerationSettings) -> None:
+        meta = json.loads((self.out / META).read_text())
+        meta["model"] = info.to_dict()
+        meta["generation"] = resolved.to_dict()
+        meta["environment"] = environment(self.device)
+        atomic_write_json(self.out / META, meta)
+
+    def finalize(self) -> dict:
+        """Write checksums and the content hash once every image exists (idempotent, any shard may do it)."""
+        lines = "".join(f"{sha256_file(self.image_path(t))}  {t.original}\n" for t in self.triples)
+        if not (self.out / CHECKSUMS).is_file() or (self.out / CHECKSUMS).read_text() != lines:
+            atomic_write_text(self.out / CHECKSUMS, lines)
+        meta = json.loads((self.out / META).read_text())
+        meta["status"] = "complete"
+        meta["content_sha256"] = hashlib.sha256((self.manifest + lines).encode()).hexdigest()
+        atomic_write_json(self.out / META, meta)
+        remove_stale_tmp(self.out / ORIGINALS)
+        return meta
+
+
+class _ImageWriter:
+    """Encodes and writes PNGs on a background thread, so the next batch computes meanwhile."""
+
+    def __init__(self, max_pending: int = 64):
+        self.q: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _work(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    path, img = item
+                    atomic_write_bytes(path, encode_png(img))
+                except BaseException as e:  # reported on the main thread
+                    self.error = e
+
+    def put(self, path: Path, img) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((path, img))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def environment(device) -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    env = {
+        "spfbench": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "device": str(getattr(device, "type", device)),
+    }
+    if getattr(device, "type", None) == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def load_testset(folder: str | os.PathLike) -> tuple[dict, list[Triple]]:
+    """Read a test set folder (meta, triples). Later steps (methods, scoring) start from here."""
+    folder = Path(folder)
+    meta_path, manifest_path = folder / META, folder / MANIFEST
+    if not meta_path.is_file() or not manifest_path.is_file():
+        raise SpfbenchError(f"{folder} is not a test set folder ({META} and {MANIFEST} expected)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise SpfbenchError(f"{folder}: test set format {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+    triples = [Triple(**json.loads(line)) for line in manifest_path.read_text().splitlines() if line.strip()]
+    return meta, triples
