@@ -70,6 +70,9 @@ REAL_FILES = {
 }
 
 
+SHORT_NAMES = {"realistic-vision-v4": "Realistic Vision V4.0", "sd15": "Stable Diffusion v1.5"}
+
+
 @dataclass
 class ModelInfo:
     """Where a pipeline's weights came from; recorded in every output that depends on them."""
@@ -237,10 +240,12 @@ def _load(cls, source: str, subfolder: str | None, revision: str | None, compone
         raise _missing(component, preset, where, _first_line(e), hub) from None
 
 
-def _resolved_revision(model) -> str | None:
-    """The hub snapshot a component came from (``.../snapshots/<commit>/...``), when it came from the cache."""
-    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
-    m = re.search(r"snapshots[/\\]([0-9a-f]{40})", str(path))
+def _resolved_revision(repo_id: str, revision: str | None) -> str | None:
+    """The hub snapshot (commit) the cache holds for ``repo_id`` at ``revision``, as loaded."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "unet/config.json", revision=revision or "main")
+    m = re.search(r"snapshots[/\\]([0-9a-f]{40})", hit) if isinstance(hit, str) else None
     return m.group(1) if m else None
 
 
@@ -276,7 +281,7 @@ def _real_pipeline(p: Preset, model: str | None, vae: str | None, revision: str 
         preset=p.name,
         source=str(Path(source).resolve()) if local else source,
         revision=rev,
-        resolved_revision=_resolved_revision(comps["unet"]),
+        resolved_revision=_resolved_revision(source, rev) if hub else None,
         vae_source=vae_source,
         native_size=comps["unet"].config.sample_size * pipe.vae_scale_factor,
     )
@@ -352,7 +357,7 @@ def weight_rows() -> list[dict]:
                 {
                     "group": "base model",
                     "name": f"{preset}/{component}",
-                    "what": f"{PRESETS[preset].description}: {component}",
+                    "what": f"{SHORT_NAMES[preset]} {component}",
                     "source": f"hf://{repo}/{filename}",
                     "size": size,
                     "present": isinstance(hit, str) and Path(hit).is_file(),
