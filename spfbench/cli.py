@@ -20,8 +20,14 @@ app = typer.Typer(
 
 
 def _quiet_libraries() -> None:
+    """Libraries' internal deprecation chatter is not the user's business; our own errors are one line."""
+    import warnings
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for module in ("huggingface_hub", "diffusers", "transformers", "accelerate", "torch"):
+        for category in (UserWarning, FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=module)
 
 
 @app.command()
@@ -101,7 +107,11 @@ def build_testset(
         device=device,
         dtype=dtype,
     )
-    r = builder.run(progress=progress)
+    try:
+        r = builder.run(progress=progress)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished images are kept; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
     if r.complete:
         typer.echo(f"test set complete: {r.n} triples in {r.out} ({r.generated} generated now); content_sha256 {r.meta['content_sha256'][:16]}")
     else:
@@ -117,9 +127,6 @@ def main() -> None:
     except SpfbenchError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished images are kept; rerun the same command to resume", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

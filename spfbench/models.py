@@ -226,7 +226,7 @@ def _missing(component: str, preset: str, where: str, detail: str, hub: bool) ->
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300].rstrip(". ")
 
 
 def _load(cls, source: str, subfolder: str | None, revision: str | None, component: str, preset: str, hub: bool):

@@ -386,6 +386,8 @@ def environment(device) -> dict:
     }
     if getattr(device, "type", None) == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
+    else:  # CPU results depend on the intra-op thread count in the last bits (reduction order)
+        env["cpu_threads"] = torch.get_num_threads()
     return env
 
 
