@@ -123,17 +123,18 @@ def generate(
     kwargs = {}
     if negative_prompt_embeds is None and s.negative_prompt:
         kwargs["negative_prompt"] = [s.negative_prompt] * n
-    out = pipe(
-        prompt=prompts,
-        prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_prompt_embeds,
-        height=s.height,
-        width=s.width,
-        num_inference_steps=s.steps,
-        guidance_scale=s.guidance_scale,
-        latents=latents,
-        generator=list(generators),
-        output_type=output_type,
-        **kwargs,
-    )
+    with torch.inference_mode():
+        out = pipe(
+            prompt=prompts,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            height=s.height,
+            width=s.width,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            latents=latents,
+            generator=list(generators),
+            output_type=output_type,
+            **kwargs,
+        )
     return out.images

@@ -258,7 +258,9 @@ class TestsetBuilder:
 
     # ------------------------------------------------------------------ run
 
-    def run(self, progress: bool = True) -> BuildResult:
+    def run(self, progress: bool = True, pipeline=None) -> BuildResult:
+        """Build or resume. ``pipeline``: an already loaded ``(pipe, ModelInfo)`` of this spec's model, to
+        skip loading (the caller vouches that it is the model the spec names)."""
         self._prepare(self._check_folder())
         remove_stale_tmp(self.out)
         remove_stale_tmp(self.out / ORIGINALS)
@@ -266,7 +268,7 @@ class TestsetBuilder:
         todo = [batch for batch in self.my_batches() if not all(self.image_path(t).is_file() for t in batch)]
         generated = 0
         if todo:
-            generated = self._generate(todo, progress)
+            generated = self._generate(todo, progress, pipeline)
         present = self.present()
         complete = present == len(self.triples)
         if complete:
@@ -290,12 +292,14 @@ class TestsetBuilder:
             "environment": None,
         }
 
-    def _generate(self, todo: list[list[Triple]], progress: bool) -> int:
+    def _generate(self, todo: list[list[Triple]], progress: bool, pipeline=None) -> int:
         from tqdm.auto import tqdm
 
         from .models import load_pipeline
 
-        pipe, info = load_pipeline(self.preset.name, device=self.device, dtype=self.dtype, **self.load_kwargs)
+        if pipeline is None:
+            pipeline = load_pipeline(self.preset.name, device=self.device, dtype=self.dtype, **self.load_kwargs)
+        pipe, info = pipeline
         resolved = self.settings.resolved(info.native_size)
         self._record_model(info, resolved)
 
