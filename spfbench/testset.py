@@ -181,6 +181,8 @@ class TestsetBuilder:
         self.dtype = resolve_dtype(dtype, self.device)
         rows = read_caption_file(captions) if captions is not None else None
         self.triples = plan_triples(n, seed, rows, vocab)
+        # A local path is recorded absolute, so "./rv4" and "/abs/rv4" are the same set on resume.
+        model, vae = (str(Path(x).resolve()) if x and Path(x).exists() else x for x in (model, vae))
         self.load_kwargs = dict(model=model, vae=vae, revision=revision, seed=weights_seed)
         captions_spec = {"sha256": sha256_file(Path(captions))} if captions is not None else None
         self.spec = {

@@ -216,3 +216,17 @@ def test_builder_validates_before_touching_anything(tmp_path):
     with pytest.raises(Exception):
         TestsetBuilder(tmp_path / "never", preset="tiny", n=0)
     assert not (tmp_path / "never").exists()
+
+
+def test_real_preset_from_a_local_folder_matches_and_resumes_by_any_path_spelling(cli, tmp_path, monkeypatch, tiny_pipe):
+    tiny_pipe.save_pretrained(tmp_path / "model", safe_serialization=True)
+    monkeypatch.chdir(tmp_path)
+    build(cli, tmp_path / "real", "--preset", "sd15", "--model", "model", "--device", "cpu", n=3)
+    meta, _ = load_testset(tmp_path / "real")
+    assert meta["spec"]["model"] == str((tmp_path / "model").resolve())
+    assert meta["model"]["source"] == str((tmp_path / "model").resolve())
+    out = build(cli, tmp_path / "real", "--preset", "sd15", "--model", str(tmp_path / "model"), "--device", "cpu", n=3)
+    assert "(0 generated now)" in out
+    build(cli, tmp_path / "random", n=3)
+    real, rand = snapshot(tmp_path / "real"), snapshot(tmp_path / "random")
+    assert {k: v for k, v in real.items() if k.startswith("originals")} == {k: v for k, v in rand.items() if k.startswith("originals")}
