@@ -1,0 +1,126 @@
+"""The shape every metric has, in the spirit of torchmetrics' ``Metric``.
+
+* ``update(batch)`` consumes a batch of pairs; ``compute()`` returns the set-level result.
+* State is *sufficient statistics* that merge: per-sample metrics keep ``{triple id: value}`` (so a
+  resumed or sharded run merges without double counting), set-level metrics keep sums that add.
+* ``id`` carries backbone and scale (``clip-t@vit-l-14``), ``column`` is the paper's Table 1 column,
+  ``higher_is_better`` gives the arrow.
+* Heavy models are *not* metric state: they come from a shared, lazily loading :class:`Backbones`, so
+  CLIP-I and CLIP-T use one CLIP, loaded once.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Pairs to score: the original portrait and the customized image of the same triples (PIL RGB)."""
+
+    ids: list[str]
+    originals: list  # PIL images
+    customized: list  # PIL images
+    target_texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Backbones:
+    """Models shared by metrics, loaded on first use, once per (name) for this device and dtype.
+
+    ``preset="real"`` loads the published weights (local path or offline hub cache); ``"tiny"`` builds
+    small random-weight models of the same kind so every path runs on CPU in tests.
+    """
+
+    loaders: ClassVar[dict[str, Callable[["Backbones"], object]]] = {}
+
+    def __init__(self, preset: str = "real", device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+        self.preset = preset
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
+        self._cache: dict[str, object] = {}
+
+    @classmethod
+    def register(cls, name: str):
+        def deco(fn):
+            cls.loaders[name] = fn
+            return fn
+
+        return deco
+
+    def get(self, name: str):
+        if name not in self._cache:
+            self._cache[name] = self.loaders[name](self)
+        return self._cache[name]
+
+
+class Metric(ABC):
+    id: ClassVar[str]
+    column: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    per_sample: ClassVar[bool] = True
+
+    def __init__(self, backbones: Backbones):
+        self.backbones = backbones
+        self.reset()
+
+    @abstractmethod
+    def reset(self) -> None: ...
+
+    @abstractmethod
+    def update(self, batch: Batch) -> None: ...
+
+    @abstractmethod
+    def state(self) -> dict: ...
+
+    @abstractmethod
+    def merge(self, state: dict) -> None:
+        """Add another instance's ``state()`` (a shard, or an earlier part of a resumed run)."""
+
+    @abstractmethod
+    def compute(self) -> dict: ...
+
+
+class PerSampleMetric(Metric):
+    """A value per triple; the set-level value is the mean over the triples that could be scored.
+
+    A triple that cannot be scored (e.g. no face found) is recorded with ``None`` and a reason and
+    counted in ``failures``: never dropped silently.
+    """
+
+    def reset(self) -> None:
+        self.values: dict[str, float | None] = {}
+        self.reasons: dict[str, str] = {}
+
+    @abstractmethod
+    def score(self, batch: Batch) -> list[float | None]:
+        """One value per pair (``None`` when the pair cannot be scored; see ``self.reasons``)."""
+
+    def update(self, batch: Batch) -> None:
+        for tid, v in zip(batch.ids, self.score(batch)):
+            self.values[tid] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    def state(self) -> dict:
+        return {"values": dict(self.values), "reasons": dict(self.reasons)}
+
+    def merge(self, state: dict) -> None:
+        self.values.update(state["values"])
+        self.reasons.update(state.get("reasons", {}))
+
+    def compute(self) -> dict:
+        ok = [v for v in self.values.values() if v is not None]
+        return {
+            "id": self.id,
+            "column": self.column,
+            "higher_is_better": self.higher_is_better,
+            "value": sum(ok) / len(ok) if ok else None,
+            "n": len(ok),
+            "failures": len(self.values) - len(ok),
+        }

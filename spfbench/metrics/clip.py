@@ -1,0 +1,98 @@
+"""CLIP-I and CLIP-T (docs/metrics.md), raw cosine as in SPF-Portrait's Table 1.
+
+* CLIP-I (preservation): cos(E_I(original), E_I(customized)); the paper's values are 0.60-0.88.
+* CLIP-T (responsiveness): cos(E_I(customized), E_T(target text)); the paper's values are 0.17-0.30.
+  The text is the *target text* alone (the attribute asked for), not the complete caption.
+
+Both use one shared CLIP: open_clip ``ViT-L-14`` with OpenAI's weights (QuickGELU forced: OpenAI
+trained with it, and open_clip 3.3 only warns when the config disagrees), OpenAI preprocessing
+(resize shortest side to 224 bicubic, centre crop, OpenAI mean/std) on the PIL image, features
+L2-normalised. ``ViT-B-32`` is selectable. No 100x or 2.5x rescaling, no clamping at 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Backbones, Batch, PerSampleMetric
+
+# backbone key -> (open_clip model name, hub repo holding OpenAI's weights in open_clip format)
+CLIP_MODELS = {
+    "vit-l-14": ("ViT-L-14", "timm/vit_large_patch14_clip_224.openai"),
+    "vit-b-32": ("ViT-B-32", "timm/vit_base_patch32_clip_224.openai"),
+}
+
+
+class ClipBackbone:
+    """An open_clip model with its eval preprocessing; encodes PIL images and texts to unit vectors."""
+
+    def __init__(self, model, preprocess, tokenizer, device, dtype):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.preprocess, self.tokenizer, self.device, self.dtype = preprocess, tokenizer, device, dtype
+
+    @torch.inference_mode()
+    def encode_images(self, images) -> torch.Tensor:
+        x = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
+        return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        t = self.tokenizer(texts).to(self.device)
+        return torch.nn.functional.normalize(self.model.encode_text(t).float(), dim=-1)
+
+
+def _load_clip(bb: Backbones, key: str) -> ClipBackbone:
+    import open_clip
+
+    name, _ = CLIP_MODELS[key]
+    if bb.preset == "tiny":
+        return ClipBackbone(*tiny_clip(seed=0), bb.device, bb.dtype)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained="openai", force_quick_gelu=True)
+    return ClipBackbone(model, preprocess, open_clip.get_tokenizer(name), bb.device, bb.dtype)
+
+
+def tiny_clip(seed: int = 0):
+    """A small random-weight CLIP of open_clip's own class (QuickGELU, real BPE tokenizer, 32 px)."""
+    import open_clip
+    from open_clip.transform import image_transform
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(
+            embed_dim=32,
+            vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+            text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+            quick_gelu=True,
+        )
+    preprocess = image_transform(32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
+    return model, preprocess, open_clip.get_tokenizer("ViT-B-32")
+
+
+for _key in CLIP_MODELS:
+    Backbones.register(f"clip-{_key}")(lambda bb, k=_key: _load_clip(bb, k))
+
+
+class ClipI(PerSampleMetric):
+    id, column, higher_is_better, backbone = "clip-i@vit-l-14", "CLIP-I", True, "vit-l-14"
+
+    def score(self, batch: Batch) -> list[float]:
+        clip = self.backbones.get(f"clip-{self.backbone}")
+        a, b = clip.encode_images(batch.originals), clip.encode_images(batch.customized)
+        return (a * b).sum(-1).tolist()
+
+
+class ClipT(PerSampleMetric):
+    id, column, higher_is_better, backbone = "clip-t@vit-l-14", "CLIP-T", True, "vit-l-14"
+
+    def score(self, batch: Batch) -> list[float]:
+        clip = self.backbones.get(f"clip-{self.backbone}")
+        a, t = clip.encode_images(batch.customized), clip.encode_texts(batch.target_texts)
+        return (a * t).sum(-1).tolist()
+
+
+class ClipIB32(ClipI):
+    id, backbone = "clip-i@vit-b-32", "vit-b-32"
+
+
+class ClipTB32(ClipT):
+    id, backbone = "clip-t@vit-b-32", "vit-b-32"
