@@ -209,7 +209,8 @@ def test_weights_command(cli):
     code, out, _ = cli("weights")
     assert code == 0
     assert "hf://SG161222/Realistic_Vision_V4.0_noVAE/unet/diffusion_pytorch_model.safetensors" in out
-    assert "3.44 GB" in out and "0 of 6 files present locally" in out
+    assert "3.44 GB" in out and "1 of 11 files present locally" in out  # only the LPIPS heads (shipped in the wheel)
+    assert "weights-inception-2015-12-05-6726825d.pth" in out and "hf://timm/vit_large_patch14_clip_224.openai" in out
 
 
 def test_builder_validates_before_touching_anything(tmp_path):

@@ -1,0 +1,127 @@
+"""FID between the set of originals and the set of customized images (lower = more consistent).
+
+SPF-Portrait uses FID pairwise: "real" = the original model's portraits, "fake" = a method's customized
+images of the same triples. Features: torch-fidelity's Inception-v3 (2048-d pool features, the file
+``weights-inception-2015-12-05-6726825d.pth``) through torchmetrics' ``NoTrainInceptionV3``, on uint8
+images (resized to 299 inside, bilinear, no antialias, as the torch-fidelity reference). State: per
+side n, sum of features and sum of outer products in float64, so shards and resumed runs add up.
+Value: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` with unbiased covariances, clamped at 0.
+Below ~2048 images per side the 2048-d estimate is biased upward: always read it with its N.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MissingWeightsError, SpfbenchError
+from .base import Backbones, Batch, Metric
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+def inception_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+class TinyFeatures(torch.nn.Module):
+    """A small random CNN standing in for Inception in tests: uint8 (B, 3, H, W) -> (B, 32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2),
+            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float() / 255.0)
+
+
+@Backbones.register("inception-fid")
+def _load_inception(bb: Backbones):
+    if bb.preset == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return TinyFeatures().to(bb.device).eval()
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    if not inception_path().is_file():
+        raise MissingWeightsError(
+            f"missing weights: FID Inception {inception_path()} (torch-fidelity, 91 MB); download {INCEPTION_URL}"
+            f" into {inception_path().parent} (or set TORCH_HOME)"
+        )
+    net = NoTrainInceptionV3(
+        name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(inception_path()), antialias=False
+    )
+    return net.to(bb.device).eval()
+
+
+def to_uint8(image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1-mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), via the eigenvalues of S1 S2 (float64)."""
+    diff = mu1 - mu2
+    eig = torch.linalg.eigvals(sigma1 @ sigma2)
+    tr_sqrt = eig.sqrt().real.sum()
+    return float(max(diff.dot(diff) + sigma1.trace() + sigma2.trace() - 2 * tr_sqrt, 0.0))
+
+
+class Fid(Metric):
+    id, column, higher_is_better, per_sample = "fid@inception-2048", "FID", False, False
+
+    def reset(self) -> None:
+        self.stats: dict[str, dict] = {}
+        self.ids: set[str] = set()
+
+    def features(self, images) -> torch.Tensor:
+        net = self.backbones.get("inception-fid")
+        x = torch.stack([to_uint8(im) for im in images]).to(self.backbones.device)
+        with torch.inference_mode():
+            return net(x).reshape(len(images), -1).double().cpu()
+
+    def _add(self, side: str, feats: torch.Tensor) -> None:
+        s = self.stats.setdefault(side, {"n": 0, "sum": 0.0, "outer": 0.0})
+        s["n"] += feats.shape[0]
+        s["sum"] = s["sum"] + feats.sum(0)
+        s["outer"] = s["outer"] + feats.T @ feats
+
+    def update(self, batch: Batch) -> None:
+        new = [i for i, t in enumerate(batch.ids) if t not in self.ids]  # a triple counts once
+        if not new:
+            return
+        self._add("real", self.features([batch.originals[i] for i in new]))
+        self._add("fake", self.features([batch.customized[i] for i in new]))
+        self.ids.update(batch.ids[i] for i in new)
+
+    def state(self) -> dict:
+        return {"ids": sorted(self.ids), "stats": self.stats}
+
+    def merge(self, state: dict) -> None:
+        if self.ids & set(state["ids"]):
+            raise SpfbenchError("FID states overlap (a triple would count twice); merge disjoint shards")
+        for side, s in state["stats"].items():
+            mine = self.stats.setdefault(side, {"n": 0, "sum": 0.0, "outer": 0.0})
+            mine["n"] += s["n"]
+            mine["sum"] = mine["sum"] + s["sum"]
+            mine["outer"] = mine["outer"] + s["outer"]
+        self.ids.update(state["ids"])
+
+    @staticmethod
+    def _moments(s: dict):
+        n = s["n"]
+        mu = s["sum"] / n
+        cov = (s["outer"] - n * torch.outer(mu, mu)) / (n - 1)
+        return mu, cov
+
+    def compute(self) -> dict:
+        n = min((s["n"] for s in self.stats.values()), default=0)
+        result = {"id": self.id, "column": self.column, "higher_is_better": False, "n": n, "failures": 0}
+        if n < 2:
+            return {**result, "value": None, "error": f"FID needs at least 2 images per side, got {n}"}
+        return {**result, "value": frechet_distance(*self._moments(self.stats["real"]), *self._moments(self.stats["fake"]))}

@@ -1,0 +1,81 @@
+"""LPIPS (preservation, lower is better): the ``lpips`` package, AlexNet trunk, linear heads v0.1.
+
+Per triple: ``LPIPS(original, customized)`` with both images as float tensors in [-1, 1] (the
+package's ``normalize=False`` convention) at their stored resolution; mean over triples. Pairs of
+different sizes are recorded as failures (resizing would change the value), never resized silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MissingWeightsError
+from .base import Backbones, Batch, PerSampleMetric
+
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
+
+
+def alexnet_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+
+
+def _heads_file() -> Path:
+    import lpips
+
+    return Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
+
+
+@Backbones.register("lpips-alex")
+def _load_lpips(bb: Backbones):
+    import lpips
+
+    if bb.preset == "tiny":  # random AlexNet trunk, the real linear heads
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = lpips.LPIPS(net="alex", version="0.1", pnet_rand=True, verbose=False)
+    else:
+        if not alexnet_path().is_file():
+            raise MissingWeightsError(
+                f"missing weights: LPIPS AlexNet trunk {alexnet_path()} (torchvision {ALEXNET_FILE}, 233 MB); download"
+                f" {ALEXNET_URL} into {alexnet_path().parent} (or set TORCH_HOME)"
+            )
+        model = lpips.LPIPS(net="alex", version="0.1", verbose=False)
+    # lpips loads its heads with strict=False: make sure every head weight really arrived.
+    heads = torch.load(_heads_file(), map_location="cpu", weights_only=True)
+    have = model.state_dict()
+    if not all(k in have and torch.equal(have[k], v) for k, v in heads.items()):
+        raise RuntimeError(f"LPIPS linear heads from {_heads_file()} did not load into the model")
+    return model.to(bb.device).eval()
+
+
+def to_signed(image) -> torch.Tensor:
+    """PIL RGB -> float32 (3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+    return x / 127.5 - 1.0
+
+
+class Lpips(PerSampleMetric):
+    id, column, higher_is_better = "lpips@alex-v0.1", "LPIPS", False
+
+    def score(self, batch: Batch) -> list[float | None]:
+        net = self.backbones.get("lpips-alex")
+        out: list[float | None] = [None] * len(batch)
+        by_size: dict[tuple, list[int]] = {}
+        for i, (a, b) in enumerate(zip(batch.originals, batch.customized)):
+            if a.size != b.size:
+                self.reasons[batch.ids[i]] = f"sizes differ: original {a.size}, customized {b.size}"
+            else:
+                by_size.setdefault(a.size, []).append(i)
+        dev = self.backbones.device
+        for idx in by_size.values():
+            x = torch.stack([to_signed(batch.originals[i]) for i in idx]).to(dev)
+            y = torch.stack([to_signed(batch.customized[i]) for i in idx]).to(dev)
+            with torch.inference_mode():
+                d = net(x, y).flatten().tolist()
+            for i, v in zip(idx, d):
+                out[i] = v
+        return out
