@@ -17,6 +17,10 @@ REGISTRY = {
     "clip-t@vit-b-32": "spfbench.metrics.clip:ClipTB32",
     "lpips@alex-v0.1": "spfbench.metrics.lpips:Lpips",
     "fid@inception-2048": "spfbench.metrics.fid:Fid",
+    "id@arcface-buffalo-l": "spfbench.metrics.id:IdSimilarity",
+    "seg-cons@sam-vit-h": "spfbench.metrics.segcons:SegCons",
+    "hpsv2@v2.1": "spfbench.metrics.hpsv2:HpsV2",
+    "mps@overall": "spfbench.metrics.mps:Mps",
 }
 
 
@@ -34,26 +38,13 @@ def create(metric_id: str, backbones: Backbones) -> Metric:
 __all__ = ["Backbones", "Batch", "Metric", "PerSampleMetric", "REGISTRY", "create", "metric_class"]
 
 
+# Modules whose real weight files ``spfbench weights`` lists (each has ``weight_rows() -> list[dict]``).
+WEIGHT_MODULES = ["clip", "lpips", "fid", "id", "segcons", "hpsv2", "mps"]
+
+
 def weight_rows() -> list[dict]:
     """Metric weight files for ``spfbench weights``: source, approximate size, local presence."""
-    from huggingface_hub import try_to_load_from_cache
-
-    from .clip import CLIP_MODELS
-    from .fid import INCEPTION_URL, inception_path
-    from .lpips import ALEXNET_URL, _heads_file, alexnet_path
-
     rows = []
-    for key, (name, repo) in CLIP_MODELS.items():
-        hits = [try_to_load_from_cache(repo, f) for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
-        path = next((h for h in hits if isinstance(h, str)), None)
-        rows.append({"group": "metric", "name": f"clip-{key}", "what": f"CLIP {name} OpenAI (CLIP-I, CLIP-T)",
-                     "source": f"hf://{repo}", "size": "1.71 GB" if key == "vit-l-14" else "605 MB",
-                     "present": path is not None, "path": path})
-    for name, what, url, path, size in [
-        ("lpips-alexnet", "LPIPS AlexNet trunk (torchvision)", ALEXNET_URL, alexnet_path(), "233 MB"),
-        ("lpips-heads-v0.1", "LPIPS linear heads v0.1 (in the lpips wheel)", "pip: lpips==0.1.4", _heads_file(), "6 kB"),
-        ("fid-inception", "FID Inception-v3 (torch-fidelity)", INCEPTION_URL, inception_path(), "91 MB"),
-    ]:
-        rows.append({"group": "metric", "name": name, "what": what, "source": url, "size": size,
-                     "present": path.is_file(), "path": str(path)})
+    for name in WEIGHT_MODULES:
+        rows.extend(importlib.import_module(f"{__name__}.{name}").weight_rows())
     return rows

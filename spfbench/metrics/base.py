@@ -21,12 +21,17 @@ import torch
 
 @dataclass
 class Batch:
-    """Pairs to score: the original portrait and the customized image of the same triples (PIL RGB)."""
+    """Pairs to score: the original portrait and the customized image of the same triples (PIL RGB).
+
+    ``target_texts`` are the attributes asked for (CLIP-T); ``prompts`` the complete captions (base text +
+    target text) the customized images were generated from (the quality models HPSv2 and MPS).
+    """
 
     ids: list[str]
     originals: list  # PIL images
     customized: list  # PIL images
     target_texts: list[str]
+    prompts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

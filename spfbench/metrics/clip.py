@@ -96,3 +96,16 @@ class ClipIB32(ClipI):
 
 class ClipTB32(ClipT):
     id, backbone = "clip-t@vit-b-32", "vit-b-32"
+
+
+def weight_rows() -> list[dict]:
+    from huggingface_hub import try_to_load_from_cache
+
+    rows = []
+    for key, (name, repo) in CLIP_MODELS.items():
+        hits = [try_to_load_from_cache(repo, f) for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
+        path = next((h for h in hits if isinstance(h, str)), None)
+        rows.append({"group": "metric", "name": f"clip-{key}", "what": f"CLIP {name} OpenAI (CLIP-I, CLIP-T)",
+                     "source": f"hf://{repo}", "size": "1.71 GB" if key == "vit-l-14" else "605 MB",
+                     "present": path is not None, "path": path})
+    return rows

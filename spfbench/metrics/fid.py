@@ -125,3 +125,8 @@ class Fid(Metric):
         if n < 2:
             return {**result, "value": None, "error": f"FID needs at least 2 images per side, got {n}"}
         return {**result, "value": frechet_distance(*self._moments(self.stats["real"]), *self._moments(self.stats["fake"]))}
+
+
+def weight_rows() -> list[dict]:
+    return [{"group": "metric", "name": "fid-inception", "what": "FID Inception-v3 (torch-fidelity)", "source": INCEPTION_URL,
+             "size": "91 MB", "present": inception_path().is_file(), "path": str(inception_path())}]

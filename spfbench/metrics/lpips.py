@@ -79,3 +79,12 @@ class Lpips(PerSampleMetric):
             for i, v in zip(idx, d):
                 out[i] = v
         return out
+
+
+def weight_rows() -> list[dict]:
+    return [
+        {"group": "metric", "name": "lpips-alexnet", "what": "LPIPS AlexNet trunk (torchvision)", "source": ALEXNET_URL,
+         "size": "233 MB", "present": alexnet_path().is_file(), "path": str(alexnet_path())},
+        {"group": "metric", "name": "lpips-heads-v0.1", "what": "LPIPS linear heads v0.1 (in the lpips wheel)",
+         "source": "pip: lpips==0.1.4", "size": "6 kB", "present": _heads_file().is_file(), "path": str(_heads_file())},
+    ]
