@@ -18,6 +18,8 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..errors import SpfbenchError
+
 
 @dataclass
 class Batch:
@@ -46,11 +48,24 @@ class Backbones:
 
     loaders: ClassVar[dict[str, Callable[["Backbones"], object]]] = {}
 
-    def __init__(self, preset: str = "real", device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        preset: str = "real",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        weights: dict[str, str] | None = None,
+    ):
+        if preset not in ("real", "tiny"):
+            raise SpfbenchError(f"unknown metric preset {preset!r}; use 'real' (published weights) or 'tiny' (random, for tests)")
         self.preset = preset
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
+        self.weights = dict(weights or {})  # weight-file name (as in `spfbench weights`) -> local path
         self._cache: dict[str, object] = {}
+
+    def weight_path(self, name: str) -> str | None:
+        """The local path the user gave for weight file ``name`` (``--weights NAME=PATH``), if any."""
+        return self.weights.get(name)
 
     @classmethod
     def register(cls, name: str):

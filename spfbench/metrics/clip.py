@@ -51,8 +51,11 @@ def _load_clip(bb: Backbones, key: str) -> ClipBackbone:
     return ClipBackbone(model, preprocess, open_clip.get_tokenizer(name), bb.device, bb.dtype)
 
 
-def tiny_clip(seed: int = 0):
-    """A small random-weight CLIP of open_clip's own class (QuickGELU, real BPE tokenizer, 32 px)."""
+def tiny_clip(seed: int = 0, quick_gelu: bool = True, resize_mode: str = "shortest"):
+    """A small random-weight CLIP of open_clip's own class (real BPE tokenizer, 32 px).
+
+    Same module tree (parameter names) as every open_clip ViT CLIP, ViT-L-14 and ViT-H-14 included.
+    """
     import open_clip
     from open_clip.transform import image_transform
 
@@ -62,9 +65,11 @@ def tiny_clip(seed: int = 0):
             embed_dim=32,
             vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
             text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-            quick_gelu=True,
+            quick_gelu=quick_gelu,
         )
-    preprocess = image_transform(32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
+    preprocess = image_transform(
+        32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD, resize_mode=resize_mode
+    )
     return model, preprocess, open_clip.get_tokenizer("ViT-B-32")
 
 
