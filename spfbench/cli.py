@@ -121,6 +121,61 @@ def build_testset(
         )
 
 
+@app.command()
+def metrics() -> None:
+    """List the metric ids (backbone and scale in the id), their Table 1 column and direction."""
+    from .metrics import REGISTRY, metric_class
+    from .scoring import DEFAULT_METRICS
+
+    for mid in REGISTRY:
+        cls = metric_class(mid)
+        arrow = "higher is better" if cls.higher_is_better else "lower is better"
+        kind = "per sample" if cls.per_sample else "set level"
+        default = "default" if mid in DEFAULT_METRICS else ""
+        typer.echo(f"{mid:<24} {cls.column:<9} {arrow:<17} {kind:<11} {default}".rstrip())
+
+
+def _weights_option(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise SpfbenchError(f"--weights takes NAME=PATH (a name from `spfbench weights`), got {v!r}")
+        out[name] = path
+    return out
+
+
+@app.command()
+def score(
+    testset: Path = typer.Option(..., "--testset", help="A complete test set folder (build-testset)."),
+    images: Path = typer.Option(..., "--images", help="Folder of customized images named by triple id (ID.png)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: samples.jsonl, summary.json (rerun to resume)."),
+    metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric id (repeatable; default: the eight of Table 1). See `spfbench metrics`."),
+    preset: str = typer.Option("real", help="real (published weights) or tiny (small random models, for tests and CPU smoke runs)."),
+    weights: Optional[list[str]] = typer.Option(None, "--weights", help="NAME=PATH: a local weight file for NAME (names as in `spfbench weights`)."),
+    batch_size: int = typer.Option(16, help="Pairs per batch."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N triples (smoke runs)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    dtype: str = typer.Option("fp32", help="Metric backbones' dtype: fp32, fp16, bf16."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Score a folder of customized images against a test set's originals and target texts."""
+    _quiet_libraries()
+    from .scoring import DEFAULT_METRICS, Scorer, format_summary
+
+    scorer = Scorer(
+        testset, images, out, list(metric or DEFAULT_METRICS), preset=preset, device=device, dtype=dtype,
+        batch_size=batch_size, limit=limit, weights=_weights_option(weights or []),
+    )
+    try:
+        summary = scorer.run(progress=progress)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: scores up to the last checkpoint are kept; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(format_summary(summary))
+    typer.echo(f"written: {out / 'samples.jsonl'}, {out / 'summary.json'}")
+
+
 def main() -> None:
     try:
         app()

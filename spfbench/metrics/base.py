@@ -86,6 +86,7 @@ class Metric(ABC):
     column: ClassVar[str]
     higher_is_better: ClassVar[bool]
     per_sample: ClassVar[bool] = True
+    has_reference: ClassVar[bool] = False  # keeps statistics of the originals alone (cacheable per test set)
 
     def __init__(self, backbones: Backbones):
         self.backbones = backbones
@@ -107,6 +108,10 @@ class Metric(ABC):
     @abstractmethod
     def compute(self) -> dict: ...
 
+    @abstractmethod
+    def record_failure(self, tid: str, reason: str) -> None:
+        """Triple ``tid`` could not be given to the metric at all (e.g. no customized image): count it."""
+
 
 class PerSampleMetric(Metric):
     """A value per triple; the set-level value is the mean over the triples that could be scored.
@@ -126,6 +131,10 @@ class PerSampleMetric(Metric):
     def update(self, batch: Batch) -> None:
         for tid, v in zip(batch.ids, self.score(batch)):
             self.values[tid] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    def record_failure(self, tid: str, reason: str) -> None:
+        self.values[tid] = None
+        self.reasons[tid] = reason
 
     def state(self) -> dict:
         return {"values": dict(self.values), "reasons": dict(self.reasons)}

@@ -73,11 +73,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 class Fid(Metric):
+    """Set-level FID. Each side ("real" = originals, "fake" = customized) keeps its own triple ids, so
+    the reference side can be preloaded from a cache (:meth:`set_reference`) and is then not recomputed,
+    and a triple never counts twice on a side."""
+
     id, column, higher_is_better, per_sample = "fid@inception-2048", "FID", False, False
+    has_reference = True  # statistics of the originals alone, cacheable per test set
 
     def reset(self) -> None:
         self.stats: dict[str, dict] = {}
-        self.ids: set[str] = set()
+        self.ids: dict[str, set[str]] = {"real": set(), "fake": set()}
+        self.reasons: dict[str, str] = {}
 
     def features(self, images) -> torch.Tensor:
         net = self.backbones.get("inception-fid")
@@ -85,32 +91,50 @@ class Fid(Metric):
         with torch.inference_mode():
             return net(x).reshape(len(images), -1).double().cpu()
 
-    def _add(self, side: str, feats: torch.Tensor) -> None:
+    def _add(self, side: str, ids: list[str], images: list) -> None:
+        new = [i for i, t in enumerate(ids) if t not in self.ids[side]]
+        if not new:
+            return
+        feats = self.features([images[i] for i in new])
         s = self.stats.setdefault(side, {"n": 0, "sum": 0.0, "outer": 0.0})
         s["n"] += feats.shape[0]
         s["sum"] = s["sum"] + feats.sum(0)
         s["outer"] = s["outer"] + feats.T @ feats
+        self.ids[side].update(ids[i] for i in new)
 
     def update(self, batch: Batch) -> None:
-        new = [i for i, t in enumerate(batch.ids) if t not in self.ids]  # a triple counts once
-        if not new:
-            return
-        self._add("real", self.features([batch.originals[i] for i in new]))
-        self._add("fake", self.features([batch.customized[i] for i in new]))
-        self.ids.update(batch.ids[i] for i in new)
+        self._add("real", batch.ids, batch.originals)
+        self._add("fake", batch.ids, batch.customized)
+
+    def update_reference(self, ids: list[str], originals: list) -> None:
+        self._add("real", ids, originals)
+
+    def record_failure(self, tid: str, reason: str) -> None:
+        self.reasons[tid] = reason
+
+    def reference_state(self) -> dict:
+        return {"ids": sorted(self.ids["real"]), "stats": self.stats.get("real")}
+
+    def set_reference(self, state: dict) -> None:
+        self.ids["real"] = set(state["ids"])
+        self.stats["real"] = state["stats"]
 
     def state(self) -> dict:
-        return {"ids": sorted(self.ids), "stats": self.stats}
+        return {"ids": {k: sorted(v) for k, v in self.ids.items()}, "stats": self.stats, "reasons": dict(self.reasons)}
 
     def merge(self, state: dict) -> None:
-        if self.ids & set(state["ids"]):
-            raise SpfbenchError("FID states overlap (a triple would count twice); merge disjoint shards")
         for side, s in state["stats"].items():
+            theirs = set(state["ids"][side])
+            if theirs == self.ids[side]:  # e.g. both shards loaded the same cached reference
+                continue
+            if self.ids[side] & theirs:
+                raise SpfbenchError(f"FID states overlap on the {side} side (a triple would count twice); merge disjoint shards")
             mine = self.stats.setdefault(side, {"n": 0, "sum": 0.0, "outer": 0.0})
             mine["n"] += s["n"]
             mine["sum"] = mine["sum"] + s["sum"]
             mine["outer"] = mine["outer"] + s["outer"]
-        self.ids.update(state["ids"])
+            self.ids[side] |= theirs
+        self.reasons.update(state.get("reasons", {}))
 
     @staticmethod
     def _moments(s: dict):
@@ -120,10 +144,11 @@ class Fid(Metric):
         return mu, cov
 
     def compute(self) -> dict:
-        n = min((s["n"] for s in self.stats.values()), default=0)
-        result = {"id": self.id, "column": self.column, "higher_is_better": False, "n": n, "failures": 0}
-        if n < 2:
-            return {**result, "value": None, "error": f"FID needs at least 2 images per side, got {n}"}
+        n_real, n_fake = (self.stats.get(side, {}).get("n", 0) for side in ("real", "fake"))
+        result = {"id": self.id, "column": self.column, "higher_is_better": False, "n": n_fake, "n_real": n_real,
+                  "failures": len(self.reasons)}
+        if min(n_real, n_fake) < 2:
+            return {**result, "value": None, "error": f"FID needs at least 2 images per side, got {n_real} originals and {n_fake} customized"}
         return {**result, "value": frechet_distance(*self._moments(self.stats["real"]), *self._moments(self.stats["fake"]))}
 
 

@@ -1,0 +1,364 @@
+"""ID (identity preservation, higher is better): ArcFace cosine of the main faces, insightface ``buffalo_l``.
+
+Per triple, on the original and on the customized image separately:
+
+1. PIL RGB -> uint8 **BGR** array (insightface's convention: its models swap to RGB inside).
+2. Face detection: SCRFD ``det_10g.onnx`` through insightface's own ``SCRFD`` class, ``det_size=(640, 640)``
+   (the image is letterboxed into 640x640; insightface 2.1 would otherwise default to two sizes,
+   128 and 640), score threshold 0.5, NMS 0.4 (the library defaults).
+3. Main face: the detected box with the largest area ``(x2 - x1) * (y2 - y1)`` in image pixels; ties go to
+   the higher detector score (boxes come sorted by score).
+4. Alignment: ``insightface.utils.face_align.norm_crop`` with the face's 5 landmarks to 112x112 (a
+   similarity transform onto the ArcFace template), exactly what ``ArcFaceONNX.get`` does.
+5. Embedding: ArcFace ``w600k_r50.onnx`` (512-d) through ``ArcFaceONNX.get_feat``, which swaps BGR -> RGB
+   and maps pixels to ``(x - 127.5) / 127.5``; every aligned crop of a batch goes in one call.
+
+Value: ``cos(e_original, e_customized) = <e_o, e_c> / (|e_o| |e_c|)`` (float64), in [-1, 1]; the
+set value is the mean over triples where both images have a face. A triple without a face in the
+original or in the customized image gets ``None`` with the reason ("no face in original", "no face in
+customized", or both) and counts in ``failures``; ``compute()`` also reports the detection rate (share
+of triples with a face in both images) and how many originals / customized images had a face.
+
+Real weights: ``<root>/models/buffalo_l/{det_10g,w600k_r50}.onnx`` with ``root`` =
+``$SPFBENCH_INSIGHTFACE_ROOT`` or insightface's default ``~/.insightface``; both files are checked before
+insightface is called (it would try to download the pack). Source: the ``buffalo_l.zip`` of insightface's
+v0.7 release (:data:`BUFFALO_L_URL`).
+
+Tiny preset (tests, CPU): the recognizer is a small random-weight ONNX conv net (input 1x3x112x112 with a
+dynamic batch, 64-d output) written with ``onnx.helper`` from a seed, so insightface's model router loads
+it as its real ``ArcFaceONNX`` (same preprocessing, alignment and ``get_feat``). The detector is a
+stand-in, :class:`StandInDetector`: an image whose pixels all have one colour has no face; any other
+image has two "faces", a small one in the top-left corner (reported first, with the higher score) and
+the main one, a centred square, each with the ArcFace template landmarks scaled into its box.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MissingWeightsError
+from .base import Backbones, Batch, PerSampleMetric
+
+PACK = "buffalo_l"
+DET_FILE = "det_10g.onnx"
+REC_FILE = "w600k_r50.onnx"
+BUFFALO_L_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip"
+ROOT_ENV = "SPFBENCH_INSIGHTFACE_ROOT"
+DET_SIZE = (640, 640)
+DET_THRESH = 0.5
+SIZES = {DET_FILE: "17 MB", REC_FILE: "174 MB"}
+
+
+def insightface_root() -> Path:
+    """insightface's model root: ``$SPFBENCH_INSIGHTFACE_ROOT``, else insightface's default ``~/.insightface``."""
+    return Path(os.environ.get(ROOT_ENV) or "~/.insightface").expanduser()
+
+
+def pack_dir() -> Path:
+    """The buffalo_l folder, laid out as insightface's ``FaceAnalysis(root=...)`` expects it."""
+    return insightface_root() / "models" / PACK
+
+
+def _providers(bb: Backbones) -> tuple[list, int]:
+    """ONNX Runtime providers and insightface ``ctx_id`` for the backbones' torch device."""
+    import onnxruntime
+
+    if bb.device.type == "cuda":
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            index = bb.device.index or 0
+            return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], index
+        warnings.warn("ID: device is cuda but this onnxruntime has no CUDAExecutionProvider (install "
+                      "onnxruntime-gpu alone); running ArcFace/SCRFD on the CPU", stacklevel=2)
+    return ["CPUExecutionProvider"], -1
+
+
+@contextmanager
+def _quiet_skimage():
+    # insightface's estimate_norm calls SimilarityTransform.estimate, deprecated in scikit-image 0.26.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*`estimate` is deprecated", category=FutureWarning)
+        yield
+
+
+class FaceModels:
+    """A detector (``detect(bgr) -> (boxes (N, 5), landmarks (N, 5, 2))``) and insightface's ArcFaceONNX."""
+
+    def __init__(self, detector, recognizer):
+        self.detector, self.recognizer = detector, recognizer
+
+    def main_face(self, bgr: np.ndarray) -> tuple[np.ndarray | None, int]:
+        """Landmarks (5, 2) of the largest detected face (``None`` if there is none) and the face count."""
+        boxes, kps = self.detector.detect(bgr)
+        if boxes.shape[0] == 0:
+            return None, 0
+        if kps is None:
+            raise RuntimeError("ID: the face detector gives no landmarks; alignment needs the 5 points")
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        return kps[int(np.argmax(area))], int(boxes.shape[0])  # argmax: first of equals = higher score
+
+    def crop(self, bgr: np.ndarray, kps: np.ndarray) -> np.ndarray:
+        from insightface.utils import face_align
+
+        return face_align.norm_crop(bgr, landmark=kps, image_size=self.recognizer.input_size[0])
+
+    def embed(self, crops: list[np.ndarray], chunk: int = 128) -> np.ndarray:
+        """Embeddings (N, D) of aligned BGR crops, ``chunk`` crops per ONNX Runtime call."""
+        out = [self.recognizer.get_feat(crops[i : i + chunk]) for i in range(0, len(crops), chunk)]
+        return np.concatenate(out).reshape(len(crops), -1) if out else np.zeros((0, 0), np.float32)
+
+
+@Backbones.register("arcface-buffalo-l")
+def _load_face_models(bb: Backbones) -> FaceModels:
+    from insightface.model_zoo import model_zoo
+
+    providers, ctx_id = _providers(bb)
+    if bb.preset == "tiny":
+        rec = model_zoo.get_model(str(tiny_recognizer_path()), providers=providers)
+        det = StandInDetector()
+    else:
+        folder = pack_dir()
+        missing = [f for f in (DET_FILE, REC_FILE) if not (folder / f).is_file()]
+        if missing:
+            raise MissingWeightsError(
+                f"missing weights: insightface {PACK} {' and '.join(missing)} not in {folder}; download"
+                f" {BUFFALO_L_URL} and unzip it into {folder} (or set {ROOT_ENV} to the folder holding models/{PACK})"
+            )
+        det = model_zoo.get_model(str(folder / DET_FILE), providers=providers)
+        rec = model_zoo.get_model(str(folder / REC_FILE), providers=providers)
+        if getattr(det, "taskname", None) != "detection":
+            raise RuntimeError(f"ID: {folder / DET_FILE} is not an SCRFD face detector")
+        det.prepare(ctx_id, input_size=DET_SIZE, det_thresh=DET_THRESH)
+    if getattr(rec, "taskname", None) != "recognition":
+        raise RuntimeError(f"ID: {rec!r} from the {PACK} recognizer file is not an ArcFace model")
+    rec.prepare(ctx_id)
+    return FaceModels(det, rec)
+
+
+def to_bgr(image) -> np.ndarray:
+    """PIL image -> contiguous uint8 (H, W, 3) BGR, insightface's input convention."""
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8)[:, :, ::-1])
+
+
+class IdSimilarity(PerSampleMetric):
+    id, column, higher_is_better = "id@arcface-buffalo-l", "ID", True
+    recognition_chunk = 128  # aligned crops per recognizer call
+
+    def reset(self) -> None:
+        super().reset()
+        self.faces: dict[str, list[int]] = {}  # triple id -> [faces in original, faces in customized]
+
+    def state(self) -> dict:
+        return {**super().state(), "faces": {k: list(v) for k, v in self.faces.items()}}
+
+    def merge(self, state: dict) -> None:
+        super().merge(state)
+        self.faces.update({k: list(v) for k, v in state.get("faces", {}).items()})
+
+    def score(self, batch: Batch) -> list[float | None]:
+        models = self.backbones.get("arcface-buffalo-l")
+        out: list[float | None] = [None] * len(batch)
+        crops, pairs = [], []
+        with _quiet_skimage():
+            for i, (tid, orig, cust) in enumerate(zip(batch.ids, batch.originals, batch.customized)):
+                a, b = to_bgr(orig), to_bgr(cust)
+                (ka, na), (kb, nb) = models.main_face(a), models.main_face(b)
+                self.faces[tid] = [na, nb]
+                self.reasons.pop(tid, None)
+                if ka is None or kb is None:
+                    missing = [side for side, k in (("original", ka), ("customized", kb)) if k is None]
+                    self.reasons[tid] = "no face in " + " and no face in ".join(missing)
+                    continue
+                crops += [models.crop(a, ka), models.crop(b, kb)]
+                pairs.append(i)
+        if pairs:
+            e = models.embed(crops, self.recognition_chunk).astype(np.float64).reshape(len(pairs), 2, -1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                e = e / np.linalg.norm(e, axis=-1, keepdims=True)
+                cos = (e[:, 0] * e[:, 1]).sum(-1)
+            for i, c in zip(pairs, cos.tolist()):
+                if np.isfinite(c):
+                    out[i] = c
+                else:
+                    self.reasons[batch.ids[i]] = "embedding not finite (zero or NaN)"
+        return out
+
+    def compute(self) -> dict:
+        res = super().compute()
+        seen = [self.faces[t] for t in self.values if t in self.faces]
+        both = sum(1 for a, b in seen if a and b)
+        res.update(
+            triples=len(self.values),
+            detection_rate=both / len(seen) if seen else None,
+            detected_both=both,
+            detected_original=sum(1 for a, _ in seen if a),
+            detected_customized=sum(1 for _, b in seen if b),
+            several_faces_original=sum(1 for a, _ in seen if a > 1),
+            several_faces_customized=sum(1 for _, b in seen if b > 1),
+        )
+        return res
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny preset: a random ArcFace-shaped ONNX recognizer and a stand-in detector.
+
+
+class StandInDetector:
+    """Tiny-preset face detector; same ``detect`` contract as insightface's SCRFD.
+
+    * An image whose pixels all share one colour: no face.
+    * Otherwise two faces, in this order (scores 0.9 then 0.8): a small square in the top-left corner,
+      side ``0.25 * min(H, W)`` at offset ``0.05 * min(H, W)``; the main face, a centred square of side
+      ``0.8 * min(H, W)``. Each has insightface's ArcFace template landmarks (``arcface_dst``, on a
+      112x112 square) scaled into its box.
+    """
+
+    def detect(self, img: np.ndarray, input_size=None, max_num: int = 0, metric: str = "default"):
+        from insightface.utils.face_align import arcface_dst
+
+        if (img == img[:1, :1]).all():
+            return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+        h, w = img.shape[:2]
+        s = min(h, w)
+        squares = [(0.05 * s, 0.05 * s, 0.25 * s, 0.9), ((w - 0.8 * s) / 2, (h - 0.8 * s) / 2, 0.8 * s, 0.8)]
+        boxes = np.array([[x, y, x + side, y + side, score] for x, y, side, score in squares], np.float32)
+        kps = np.stack([arcface_dst / 112.0 * side + np.array([x, y]) for x, y, side, _ in squares])
+        return boxes, kps.astype(np.float32)
+
+
+def _tensor(name: str, array: np.ndarray):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name)
+
+
+def tiny_recognizer_model(seed: int = 0, dim: int = 64):
+    """A random ArcFace-shaped ONNX model: N x 3 x 112 x 112 -> N x dim (He-initialised convs + linear)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+
+    def he(*shape):
+        return rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+
+    inits = [
+        _tensor("c1.w", he(8, 3, 3, 3)), _tensor("c1.b", rng.standard_normal(8) * 0.1),
+        _tensor("c2.w", he(16, 8, 3, 3)), _tensor("c2.b", rng.standard_normal(16) * 0.1),
+        _tensor("fc.w", he(dim, 16 * 7 * 7)), _tensor("fc.b", np.zeros(dim)),
+    ]
+    conv = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+    nodes = [  # node names deliberately not Sub*/Mul*: ArcFaceONNX then uses mean = std = 127.5, as for w600k_r50
+        helper.make_node("Conv", ["input.1", "c1.w", "c1.b"], ["h1"], name="conv1", **conv),  # 56x56
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "c2.w", "c2.b"], ["h2"], name="conv2", **conv),  # 28x28
+        helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+        helper.make_node("AveragePool", ["r2"], ["p"], name="pool", kernel_shape=[4, 4], strides=[4, 4]),  # 7x7
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["embedding"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_arcface",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="spfbench-tiny")
+    model.ir_version = 8
+    return model
+
+
+def _write_once(model, folder: Path, stem: str) -> Path:
+    """Serialise ``model`` into ``folder`` under a content-hashed name (atomic; reused when present)."""
+    data = model.SerializeToString()
+    path = folder / f"{stem}-{hashlib.sha256(data).hexdigest()[:12]}.onnx"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return path
+
+
+def tiny_recognizer_path(seed: int = 0) -> Path:
+    """The tiny recognizer as a file (insightface loads models from files), under the temp dir."""
+    return _write_once(tiny_recognizer_model(seed), Path(tempfile.gettempdir()) / "spfbench-tiny", f"arcface-seed{seed}")
+
+
+def tiny_scrfd_model(seed: int = 0):
+    """A random SCRFD-shaped ONNX detector (1x3x640x640; 9 outputs: strides 8/16/32 x score/box/landmarks,
+    2 anchors per cell) whose outputs are dominated by constants: on any image it finds two faces of the
+    stride-32 map, a big one (box 320 px, centre (256, 256), score ~0.9997) and a smaller one (box 96 px,
+    centre (480, 96), score ~0.9999, so it comes first), each with the ArcFace template landmarks. For tests of the real
+    loading path (:func:`write_tiny_pack`), never a metric result."""
+    from insightface.utils.face_align import arcface_dst
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    inits, nodes, outs = [], [], {"score": [], "bbox": [], "kps": []}
+    template = (arcface_dst - 56.0) / 112.0  # landmarks relative to the box centre, per unit of box side
+    for s in (8, 16, 32):
+        n = 640 // s
+        const = np.zeros((n, n, 2, 15), np.float32)
+        const[..., 0] = -8.0  # no face
+        const[..., 1:5] = 0.5  # boxes of one stride around each cell centre
+        if s == 32:  # (row, col, anchor): half side in strides, logit
+            for (r, c, a), half, logit in (((8, 8, 0), 5.0, 8.0), ((3, 15, 0), 1.5, 9.0)):
+                const[r, c, a, 0] = logit
+                const[r, c, a, 1:5] = half
+                const[r, c, a, 5:] = (template * 2 * half).reshape(-1)
+        w = rng.standard_normal((30, 3, s, s)).astype(np.float32) * 1e-4
+        inits += [
+            _tensor(f"w{s}", w),
+            _tensor(f"k{s}", const.transpose(2, 3, 0, 1).reshape(1, 30, n, n)),
+            helper.make_tensor(f"grid{s}", TensorProto.INT64, [4], [2, 15, n, n]),
+            helper.make_tensor(f"rows{s}", TensorProto.INT64, [2], [n * n * 2, 15]),
+        ]
+        conv = {"kernel_shape": [s, s], "strides": [s, s]}
+        nodes += [
+            helper.make_node("Conv", ["input.1", f"w{s}"], [f"conv{s}"], name=f"conv{s}", **conv),
+            helper.make_node("Add", [f"conv{s}", f"k{s}"], [f"head{s}"], name=f"add{s}"),
+            # (1, 2*15, n, n) -> (n, n, 2, 15) -> rows cell-major then anchor, the order of SCRFD's anchor centres
+            helper.make_node("Reshape", [f"head{s}", f"grid{s}"], [f"g{s}"], name=f"reshape_grid{s}"),
+            helper.make_node("Transpose", [f"g{s}"], [f"t{s}"], name=f"transpose{s}", perm=[2, 3, 0, 1]),
+            helper.make_node("Reshape", [f"t{s}", f"rows{s}"], [f"r{s}"], name=f"reshape_rows{s}"),
+            helper.make_node("Split", [f"r{s}", "splits"], [f"logit{s}", f"bbox{s}", f"kps{s}"], name=f"split{s}", axis=1),
+            helper.make_node("Sigmoid", [f"logit{s}"], [f"score{s}"], name=f"sigmoid{s}"),
+        ]
+        for k, width in (("score", 1), ("bbox", 4), ("kps", 10)):
+            outs[k].append(helper.make_tensor_value_info(f"{k}{s}", TensorProto.FLOAT, [n * n * 2, width]))
+    inits.append(helper.make_tensor("splits", TensorProto.INT64, [3], [1, 4, 10]))
+    graph = helper.make_graph(
+        nodes, "tiny_scrfd", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 640, 640])],
+        outs["score"] + outs["bbox"] + outs["kps"], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="spfbench-tiny")
+    model.ir_version = 8
+    return model
+
+
+def write_tiny_pack(root: str | Path, seed: int = 0) -> Path:
+    """A buffalo_l-shaped folder ``<root>/models/buffalo_l`` with random stand-ins of both files (tests and
+    CPU benchmarks of the real loading path: insightface's SCRFD and ArcFaceONNX on files)."""
+    import onnx
+
+    folder = Path(root) / "models" / PACK
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(tiny_scrfd_model(seed), str(folder / DET_FILE))
+    onnx.save(tiny_recognizer_model(seed), str(folder / REC_FILE))
+    return folder
+
+
+def weight_rows() -> list[dict]:
+    return [
+        {"group": "metric", "name": f"arcface-{name.split('.')[0]}", "what": what, "source": BUFFALO_L_URL,
+         "size": SIZES[name], "present": (pack_dir() / name).is_file(), "path": str(pack_dir() / name)}
+        for name, what in ((DET_FILE, "insightface buffalo_l SCRFD-10G face detector (ID)"),
+                           (REC_FILE, "insightface buffalo_l ArcFace R50 WebFace600K recognizer (ID)"))
+    ]

@@ -1,0 +1,282 @@
+"""``spfbench score``: Table 1 metrics of a folder of customized images against a test set.
+
+Folder contract: the customized image of triple ``ID`` is ``IMAGES/ID.png`` (``.jpg``, ``.jpeg`` and
+``.webp`` are accepted too). Output folder::
+
+    OUT/score.json      what was scored (test set hash, images folder, metric ids, preset, dtype), status
+    OUT/state.pt        checkpoint of every metric's mergeable state (written atomically, resumable)
+    OUT/samples.jsonl   one row per triple: id, category, target text, each metric's value (null when
+                        the triple could not be scored) and the reason for every null
+    OUT/summary.json    one entry per metric: value, n, failures (and metric extras such as ID's
+                        detection rate or FID's n_real), plus counts of missing and unreadable images
+
+A triple whose customized image is missing or unreadable is recorded as a failure of every metric; the
+run goes on. Killed runs resume from the last checkpoint. FID's reference statistics (the originals
+alone) are cached in the test set folder and reused by every scoring of that set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import SpfbenchError
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .metrics import REGISTRY, Backbones, Batch, Metric, create
+from .testset import Triple, load_testset
+
+FORMAT_VERSION = 1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DEFAULT_METRICS = [
+    "fid@inception-2048",
+    "lpips@alex-v0.1",
+    "id@arcface-buffalo-l",
+    "clip-i@vit-l-14",
+    "seg-cons@sam-vit-h",
+    "clip-t@vit-l-14",
+    "hpsv2@v2.1",
+    "mps@overall",
+]
+
+
+def read_image(path: Path) -> Image.Image:
+    """Fully decode an image as RGB; a truncated or corrupt file raises ``OSError``/``ValueError``."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def find_images(folder: Path, ids: list[str]) -> tuple[dict[str, Path], list[str]]:
+    """Map triple id -> image file in ``folder``; also return the names of files matching no triple."""
+    if not folder.is_dir():
+        raise SpfbenchError(f"images folder {folder} does not exist")
+    wanted = set(ids)
+    found: dict[str, Path] = {}
+    stray = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if p.stem not in wanted:
+            stray.append(p.name)
+        elif p.stem in found:
+            raise SpfbenchError(f"two images for triple {p.stem} in {folder}: {found[p.stem].name} and {p.name}; keep one")
+        else:
+            found[p.stem] = p
+    if not found:
+        example = ids[0] if ids else "ID"
+        raise SpfbenchError(
+            f"no image in {folder} is named by a triple id of the test set (expected e.g. {example}.png);"
+            f" {len(stray)} other image files found"
+        )
+    return found, stray
+
+
+def _bytes_sha(data: str) -> str:
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+@dataclass
+class Scorer:
+    testset: Path
+    images: Path
+    out: Path
+    metric_ids: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    preset: str = "real"
+    device: str | None = None
+    dtype: str = "fp32"
+    batch_size: int = 16
+    limit: int | None = None
+    weights: dict[str, str] = field(default_factory=dict)
+    checkpoint_seconds: float = 120.0
+
+    def __post_init__(self):
+        self.testset, self.images, self.out = Path(self.testset), Path(self.images), Path(self.out)
+        unknown = [m for m in self.metric_ids if m not in REGISTRY]
+        if unknown:
+            raise SpfbenchError(f"unknown metric {', '.join(unknown)}; `spfbench metrics` lists them: {', '.join(REGISTRY)}")
+        if len(set(self.metric_ids)) != len(self.metric_ids):
+            raise SpfbenchError("a metric is given twice")
+        if self.batch_size < 1:
+            raise SpfbenchError("--batch-size must be at least 1")
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if self.dtype not in dtypes:
+            raise SpfbenchError(f"unknown dtype {self.dtype!r}; use fp32, fp16 or bf16")
+        self.meta, triples = load_testset(self.testset)
+        if self.meta.get("status") != "complete":
+            raise SpfbenchError(f"test set {self.testset} is not complete: finish it with the same build-testset command first")
+        if self.limit is not None:
+            if self.limit < 1:
+                raise SpfbenchError("--limit must be at least 1")
+            triples = triples[: self.limit]
+        self.triples: list[Triple] = triples
+        self.backbones = Backbones(self.preset, self.device, dtypes[self.dtype], weights=self.weights)
+        self.metrics: dict[str, Metric] = {m: create(m, self.backbones) for m in self.metric_ids}
+
+    # -- the spec of this scoring: a rerun with the same spec resumes, a different one is refused
+    def spec(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "testset": str(self.testset.resolve()),
+            "testset_content_sha256": self.meta["content_sha256"],
+            "images": str(self.images.resolve()),
+            "metrics": list(self.metric_ids),
+            "preset": self.preset,
+            "dtype": self.dtype,
+            "triples": len(self.triples),
+            "triples_sha256": _bytes_sha("\n".join(t.id for t in self.triples)),
+        }
+
+    def _open(self) -> dict:
+        """Create OUT or check that it holds this same scoring; return the saved state (empty if new)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        spec_path, state_path = self.out / "score.json", self.out / "state.pt"
+        if spec_path.is_file():
+            old = json.loads(spec_path.read_text()).get("spec")
+            if old != self.spec():
+                diff = sorted(k for k in self.spec() if (old or {}).get(k) != self.spec()[k])
+                raise SpfbenchError(
+                    f"{self.out} holds a scoring with a different {', '.join(diff)}; use another --out (nothing was changed)"
+                )
+        else:
+            atomic_write_json(spec_path, {"spec": self.spec(), "status": "running"})
+        if state_path.is_file():
+            return torch.load(state_path, map_location="cpu", weights_only=True)
+        return {"done": [], "inputs": {}, "metrics": {}}
+
+    def _save(self, done: list[str], inputs: dict) -> None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save({"done": done, "inputs": inputs, "metrics": {k: m.state() for k, m in self.metrics.items()}}, buf)
+        atomic_write_bytes(self.out / "state.pt", buf.getvalue())
+
+    # -- cached statistics of the originals alone (FID's "real" side), one file per (metric, preset, triples)
+    def _reference(self, metric: Metric, progress: bool) -> None:
+        key = _bytes_sha(f"{self.meta['content_sha256']}|{metric.id}|{self.preset}|{self.spec()['triples_sha256']}")[:16]
+        path = self.testset / "cache" / f"{metric.id}.{self.preset}.{key}.pt"
+        if path.is_file():
+            metric.set_reference(torch.load(path, map_location="cpu", weights_only=True))
+            return
+        from tqdm.auto import tqdm
+
+        for chunk in tqdm(_chunks(self.triples, self.batch_size), desc=f"{metric.id} reference", disable=not progress,
+                          total=-(-len(self.triples) // self.batch_size)):
+            metric.update_reference([t.id for t in chunk], [read_image(self.testset / t.original) for t in chunk])
+        import io
+
+        buf = io.BytesIO()
+        torch.save(metric.reference_state(), buf)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(path, buf.getvalue())
+        except OSError:  # a read-only test set: the statistics are simply not cached
+            pass
+
+    def run(self, progress: bool = True) -> dict:
+        from tqdm.auto import tqdm
+
+        saved = self._open()
+        done: list[str] = list(saved["done"])
+        inputs: dict[str, str] = dict(saved["inputs"])  # triple id -> why its customized image is unusable
+        for k, m in self.metrics.items():
+            if k in saved["metrics"]:
+                m.merge(saved["metrics"][k])
+        found, stray = find_images(self.images, [t.id for t in self.triples])
+        for m in self.metrics.values():
+            if m.has_reference:
+                self._reference(m, progress)
+
+        finished = set(done)
+        todo = [t for t in self.triples if t.id not in finished]
+        last_save = time.monotonic()
+        bar = tqdm(total=len(self.triples), initial=len(finished), desc="scoring", unit="triple", disable=not progress)
+        for chunk in _chunks(todo, self.batch_size):
+            usable = []
+            for t in chunk:
+                reason = None
+                if t.id not in found:
+                    reason = f"no customized image (expected {self.images / (t.id + '.png')})"
+                else:
+                    try:
+                        customized = read_image(found[t.id])
+                    except (OSError, ValueError, Image.DecompressionBombError) as e:
+                        reason = f"unreadable customized image {found[t.id].name}: {e}"
+                if reason:
+                    inputs[t.id] = reason
+                    for m in self.metrics.values():
+                        m.record_failure(t.id, reason)
+                else:
+                    usable.append((t, customized))
+            if usable:
+                batch = Batch(
+                    ids=[t.id for t, _ in usable],
+                    originals=[read_image(self.testset / t.original) for t, _ in usable],
+                    customized=[im for _, im in usable],
+                    target_texts=[t.target_text for t, _ in usable],
+                    prompts=[t.target_caption for t, _ in usable],
+                )
+                for m in self.metrics.values():
+                    m.update(batch)
+            done.extend(t.id for t in chunk)
+            bar.update(len(chunk))
+            if time.monotonic() - last_save > self.checkpoint_seconds:
+                self._save(done, inputs)
+                last_save = time.monotonic()
+        bar.close()
+        self._save(done, inputs)
+        return self._write_outputs(inputs, stray)
+
+    def _write_outputs(self, inputs: dict, stray: list[str]) -> dict:
+        per_sample = {k: m for k, m in self.metrics.items() if m.per_sample}
+        lines = []
+        for t in self.triples:
+            row = {"id": t.id, "category": t.category, "target_text": t.target_text}
+            errors = {}
+            for k, m in per_sample.items():
+                row[k] = m.values.get(t.id)
+                if row[k] is None and t.id in m.reasons:
+                    errors[k] = m.reasons[t.id]
+            if t.id in inputs:
+                errors = {"input": inputs[t.id]}
+            row["errors"] = errors
+            lines.append(json.dumps(row, ensure_ascii=False))
+        atomic_write_text(self.out / "samples.jsonl", "\n".join(lines) + "\n")
+        missing = sum(r.startswith("no customized image") for r in inputs.values())
+        summary = {
+            "testset": str(self.testset),
+            "testset_content_sha256": self.meta["content_sha256"],
+            "images": str(self.images),
+            "preset": self.preset,
+            "triples": len(self.triples),
+            "missing_images": missing,
+            "unreadable_images": len(inputs) - missing,
+            "unmatched_files": len(stray),
+            "metrics": {k: m.compute() for k, m in self.metrics.items()},
+        }
+        atomic_write_json(self.out / "summary.json", summary)
+        atomic_write_json(self.out / "score.json", {"spec": self.spec(), "status": "complete"})
+        return summary
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table: metric id, Table 1 column, arrow, value, n, failures."""
+    rows = [("metric", "column", "", "value", "n", "failures")]
+    for k, r in summary["metrics"].items():
+        v = r.get("value")
+        rows.append((k, r["column"], "↑" if r["higher_is_better"] else "↓", "-" if v is None else f"{v:.4f}", str(r["n"]), str(r["failures"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    notes = [f"{k}: {r['error']}" for k, r in summary["metrics"].items() if r.get("error")]
+    counts = f"{summary['triples']} triples; {summary['missing_images']} missing, {summary['unreadable_images']} unreadable customized images"
+    return "\n".join([text, counts, *notes])
