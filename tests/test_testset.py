@@ -209,8 +209,14 @@ def test_weights_command(cli):
     code, out, _ = cli("weights")
     assert code == 0
     assert "hf://SG161222/Realistic_Vision_V4.0_noVAE/unet/diffusion_pytorch_model.safetensors" in out
-    assert "3.44 GB" in out and "1 of 11 files present locally" in out  # only the LPIPS heads (shipped in the wheel)
-    assert "weights-inception-2015-12-05-6726825d.pth" in out and "hf://timm/vit_large_patch14_clip_224.openai" in out
+    from spfbench.weights import all_weight_rows
+
+    rows = all_weight_rows()
+    assert "3.44 GB" in out and f"1 of {len(rows)} files present locally" in out  # only the LPIPS heads (in the wheel)
+    for expected in ("weights-inception-2015-12-05-6726825d.pth", "hf://timm/vit_large_patch14_clip_224.openai",
+                     "buffalo_l.zip", "sam_vit_h_4b8939.pth", "hf://xswu/HPSv2/HPS_v2.1_compressed.pt"):
+        assert expected in out
+    assert {"fid-inception", "sam-vit-h", "hpsv2", "mps"} <= {r["name"] for r in rows}
 
 
 def test_builder_validates_before_touching_anything(tmp_path):

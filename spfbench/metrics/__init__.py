@@ -19,6 +19,7 @@ REGISTRY = {
     "fid@inception-2048": "spfbench.metrics.fid:Fid",
     "id@arcface-buffalo-l": "spfbench.metrics.id:IdSimilarity",
     "seg-cons@sam-vit-h": "spfbench.metrics.segcons:SegCons",
+    "seg-cons@sam-vit-b": "spfbench.metrics.segcons:SegConsVitB",
     "hpsv2@v2.1": "spfbench.metrics.hpsv2:HpsV2",
     "mps@overall": "spfbench.metrics.mps:Mps",
 }
