@@ -30,9 +30,18 @@ def _quiet_libraries() -> None:
             warnings.filterwarnings("ignore", category=category, module=module)
 
 
-@app.command()
-def weights() -> None:
+weights_app = typer.Typer(
+    help="Table of every weight file the suite can use: what it is, its source, size, and whether it is here.",
+    invoke_without_command=True,
+)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.callback()
+def weights(ctx: typer.Context) -> None:
     """Table of every weight file the suite can use: what it is, its source, size, and whether it is here."""
+    if ctx.invoked_subcommand is not None:
+        return
     from .weights import all_weight_rows, format_table
 
     rows = all_weight_rows()
@@ -44,6 +53,21 @@ def weights() -> None:
     typer.echo("\npresets:")
     for p in describe_presets():
         typer.echo(f"  {p['name']:<20} {p['weights']:<45} {p['description']}")
+
+
+@weights_app.command("convert-mps")
+def convert_mps(
+    src: Path = typer.Argument(..., help="The official MPS_overall_checkpoint.pth (a pickle: it is unpickled once, here)."),
+    dst: Path = typer.Argument(..., help="Output .safetensors (e.g. ~/.cache/spfbench/mps/MPS_overall_checkpoint.safetensors)."),
+) -> None:
+    """Convert the official MPS pickle to safetensors once (keys checked strictly), so scoring never unpickles."""
+    from .metrics.mps import convert_mps as convert
+
+    if not src.is_file():
+        raise SpfbenchError(f"{src} does not exist")
+    if dst.suffix != ".safetensors":
+        raise SpfbenchError(f"{dst}: the output must end in .safetensors")
+    typer.echo(f"written {convert(src, dst)}")
 
 
 def _hf_cache() -> str:
