@@ -18,13 +18,21 @@ $(STAMP): pyproject.toml requirements/lock.txt
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# The embedded default, end to end: for now a `tiny` test set (random-weight model, CPU, seconds).
+# The embedded default, end to end on CPU with small random-weight models (`tiny`): a test set, the
+# original model's answer to every complete caption (same seed, same id: the no-training reference row),
+# and the eight Table 1 metrics of those images. Methods join when trainers land.
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/spfbench build-testset --preset tiny --n 16 --out $(DEMO_OUT)/testset
-	@echo "demo output: $(DEMO_OUT)/testset (testset.json, testset.jsonl, originals/)"
+	$(BIN)/python -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; \
+	  print(''.join(json.dumps(dict(id=r['id'], seed=r['seed'], base_caption=r['target_caption'], target_text=r['target_text'])) + '\n' for r in rows), end='')" \
+	  $(DEMO_OUT)/testset/testset.jsonl > $(DEMO_OUT)/complete-captions.jsonl
+	HF_HUB_OFFLINE=1 $(BIN)/spfbench build-testset --preset tiny --captions $(DEMO_OUT)/complete-captions.jsonl --out $(DEMO_OUT)/original-model
+	HF_HUB_OFFLINE=1 $(BIN)/spfbench score --preset tiny --testset $(DEMO_OUT)/testset --images $(DEMO_OUT)/original-model/originals --out $(DEMO_OUT)/score
+	@echo "demo output: $(DEMO_OUT)/testset, $(DEMO_OUT)/original-model/originals, $(DEMO_OUT)/score (samples.jsonl, summary.json)"
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_build_testset.py --preset tiny
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_metrics.py --preset tiny --out results/metrics_tiny_cpu.json
 
 # Re-resolve pyproject.toml's ranges in a scratch venv and freeze them into requirements/lock.txt.
 lock:
