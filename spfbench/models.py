@@ -314,10 +314,11 @@ def _check_tokenizer(tokenizer, text_encoder, preset: str, source: str) -> None:
 def _single_file_pipeline(p: Preset, path: Path, vae: str | None):
     """A single-file SD1.x checkpoint, converted by diffusers with our embedded SD1.5 configs (offline)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     from .clip_tokenizer import clip_tokenizer
 
-    if path.suffix not in {".safetensors"}:
+    if path.suffix.lower() != ".safetensors":
         raise SpfbenchError(
             f"--model {path}: only .safetensors single-file checkpoints are loaded (pickled .ckpt files can run"
             " arbitrary code); convert it first, e.g. with diffusers' convert_original_stable_diffusion_to_diffusers.py"
@@ -336,8 +337,19 @@ def _single_file_pipeline(p: Preset, path: Path, vae: str | None):
             local_files_only=True,
             **kw,
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise SpfbenchError(f"--model {path}: not a loadable SD1.x single-file checkpoint: {_first_line(e)}") from None
+    # SingleFileComponentError (a plain Exception): a component's weights are not in the file at all.
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as e:
+        why = _first_line(e)
+        if "meta tensor" in why:  # diffusers builds on the meta device: a weight the file lacks has no data
+            why = "weights are missing from the file"
+        raise SpfbenchError(f"--model {path}: not a loadable SD1.x single-file checkpoint: {why}") from None
+    for name in ("unet", "vae", "text_encoder"):  # the text encoder loads even with weights left on meta
+        empty = [k for k, t in getattr(pipe, name).state_dict().items() if t.is_meta]
+        if empty:
+            raise SpfbenchError(
+                f"--model {path}: not a loadable SD1.x single-file checkpoint: {len(empty)} {name} weights are"
+                f" missing from the file (first: {empty[0]})"
+            )
     info = ModelInfo(preset=p.name, source=str(path.resolve()), vae_source=vae, native_size=512)
     return pipe, info
 
