@@ -184,7 +184,8 @@ def test_missing_weights_is_a_one_line_error(tmp_path, monkeypatch):
     assert str(tmp_path / "hub" / "checkpoints") in msg
     from spfbench.metrics.segcons import weight_rows
 
-    (row,) = weight_rows()
+    row, row_b = weight_rows()
+    assert row_b["name"] == "sam-vit-b" and row_b["path"].endswith("sam_vit_b_01ec64.pth") and row_b["present"] is False
     assert row["present"] is False and row["path"] == str(tmp_path / "hub" / "checkpoints" / "sam_vit_h_4b8939.pth")
     assert row["name"] == "sam-vit-h" and row["size"] == "2.56 GB"
 
