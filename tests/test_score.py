@@ -172,3 +172,17 @@ def test_metrics_command_lists_every_id(cli):
     assert code == 0
     for mid in REGISTRY:
         assert mid in out
+
+
+def test_half_precision_option_changes_only_the_transformer_metrics_and_only_slightly(testset, tmp_path):
+    customize(testset, tmp_path / "img", lambda a, i: np.roll(a, 5, axis=0))
+    ids = ["clip-i@vit-l-14", "clip-t@vit-l-14", "hpsv2@v2.1", "mps@overall", "lpips@alex-v0.1", "fid@inception-2048"]
+    full = Scorer(testset, tmp_path / "img", tmp_path / "fp32", ids, preset="tiny", device="cpu").run(progress=False)
+    half = Scorer(testset, tmp_path / "img", tmp_path / "bf16", ids, preset="tiny", device="cpu", dtype="bf16").run(progress=False)
+    for mid in ids:
+        a, b = full["metrics"][mid]["value"], half["metrics"][mid]["value"]
+        if mid.startswith(("lpips", "fid")):  # always fp32
+            assert a == b, mid
+        else:
+            assert b == pytest.approx(a, abs=0.05 * max(1.0, abs(a))), mid
+    assert full["metrics"]["clip-i@vit-l-14"]["value"] != half["metrics"]["clip-i@vit-l-14"]["value"]
