@@ -153,12 +153,15 @@ def test_real_weights_missing_is_a_one_line_error_before_insightface_runs(tmp_pa
     with pytest.raises(MissingWeightsError) as e:
         Backbones("real", "cpu").get("arcface-buffalo-l")
     msg = str(e.value)
-    assert "\n" not in msg and "det_10g.onnx and w600k_r50.onnx" in msg
-    assert idm.BUFFALO_L_URL in msg and str(tmp_path / "models" / "buffalo_l") in msg
-    (tmp_path / "models" / "buffalo_l").mkdir(parents=True)
-    (tmp_path / "models" / "buffalo_l" / "det_10g.onnx").write_bytes(b"")
-    with pytest.raises(MissingWeightsError, match=r"buffalo_l w600k_r50\.onnx not in"):
+    folder = tmp_path / "models" / "buffalo_l"
+    assert "\n" not in msg and f"{folder / 'det_10g.onnx'} and {folder / 'w600k_r50.onnx'}" in msg
+    assert idm.BUFFALO_L_URL in msg and "--weights arcface-det_10g=PATH" in msg
+    folder.mkdir(parents=True)
+    (folder / "det_10g.onnx").write_bytes(b"")
+    with pytest.raises(MissingWeightsError, match=r"buffalo_l \S*w600k_r50\.onnx; download"):
         Backbones("real", "cpu").get("arcface-buffalo-l")
+    with pytest.raises(MissingWeightsError, match=r"elsewhere\.onnx; download"):
+        Backbones("real", "cpu", weights={"arcface-w600k_r50": str(tmp_path / "elsewhere.onnx")}).get("arcface-buffalo-l")
     rows = {r["name"]: r for r in idm.weight_rows()}
     assert rows["arcface-det_10g"]["present"] and not rows["arcface-w600k_r50"]["present"]
 
@@ -177,6 +180,12 @@ def test_real_loading_path_matches_insightface_face_analysis(tmp_path, monkeypat
     models = bb.get("arcface-buffalo-l")
     # insightface 2.1 detects at 128 and 640 unless told: the metric fixes 640 (the tiny pack is static 640)
     assert prepared == [{"input_size": (640, 640), "det_thresh": 0.5}]
+    # the same files given one by one with --weights load the same way
+    moved = Backbones("real", "cpu", weights={"arcface-det_10g": str(folder / "det_10g.onnx"),
+                                              "arcface-w600k_r50": str(folder / "w600k_r50.onnx")})
+    monkeypatch.setenv(idm.ROOT_ENV, str(tmp_path / "nowhere"))
+    assert type(moved.get("arcface-buffalo-l").recognizer).__name__ == "ArcFaceONNX"
+    monkeypatch.setenv(idm.ROOT_ENV, str(tmp_path))
     assert type(models.detector).__name__ == "SCRFD" and type(models.recognizer).__name__ == "ArcFaceONNX"
     o, c = _images(3, 10, size=(320, 320)), _images(3, 11, size=(400, 300))
     m = create(MID, bb)

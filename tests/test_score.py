@@ -186,3 +186,18 @@ def test_half_precision_option_changes_only_the_transformer_metrics_and_only_sli
         else:
             assert b == pytest.approx(a, abs=0.05 * max(1.0, abs(a))), mid
     assert full["metrics"]["clip-i@vit-l-14"]["value"] != half["metrics"]["clip-i@vit-l-14"]["value"]
+
+
+def test_a_customized_image_of_another_size_fails_only_the_pixel_aligned_metrics(testset, tmp_path):
+    triples = customize(testset, tmp_path / "img")
+    odd = triples[0]
+    im = Image.open(tmp_path / "img" / f"{odd.id}.png")
+    im.resize((im.width * 2, im.height * 2)).save(tmp_path / "img" / f"{odd.id}.png")
+    ids = ["lpips@alex-v0.1", "seg-cons@sam-vit-h", "clip-i@vit-l-14", "id@arcface-buffalo-l"]
+    s = Scorer(testset, tmp_path / "img", tmp_path / "s", ids, preset="tiny", device="cpu").run(progress=False)
+    rows = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()}
+    for mid in ("lpips@alex-v0.1", "seg-cons@sam-vit-h"):
+        assert rows[odd.id][mid] is None and "sizes differ" in rows[odd.id]["errors"][mid]
+        assert s["metrics"][mid]["failures"] == 1
+    for mid in ("clip-i@vit-l-14", "id@arcface-buffalo-l"):
+        assert rows[odd.id][mid] is not None and s["metrics"][mid]["failures"] == 0

@@ -124,16 +124,19 @@ def _load_face_models(bb: Backbones) -> FaceModels:
         det = StandInDetector()
     else:
         folder = pack_dir()
-        missing = [f for f in (DET_FILE, REC_FILE) if not (folder / f).is_file()]
+        # `--weights arcface-det_10g=PATH` / `arcface-w600k_r50=PATH` override a file of the pack
+        paths = {f: Path(bb.weight_path(weight_name(f)) or folder / f) for f in (DET_FILE, REC_FILE)}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
         if missing:
             raise MissingWeightsError(
-                f"missing weights: insightface {PACK} {' and '.join(missing)} not in {folder}; download"
-                f" {BUFFALO_L_URL} and unzip it into {folder} (or set {ROOT_ENV} to the folder holding models/{PACK})"
+                f"missing weights: insightface {PACK} {' and '.join(missing)}; download {BUFFALO_L_URL} and unzip it"
+                f" into {folder} (or set {ROOT_ENV} to the folder holding models/{PACK}, or pass --weights"
+                f" {weight_name(DET_FILE)}=PATH --weights {weight_name(REC_FILE)}=PATH)"
             )
-        det = model_zoo.get_model(str(folder / DET_FILE), providers=providers)
-        rec = model_zoo.get_model(str(folder / REC_FILE), providers=providers)
+        det = model_zoo.get_model(str(paths[DET_FILE]), providers=providers)
+        rec = model_zoo.get_model(str(paths[REC_FILE]), providers=providers)
         if getattr(det, "taskname", None) != "detection":
-            raise RuntimeError(f"ID: {folder / DET_FILE} is not an SCRFD face detector")
+            raise RuntimeError(f"ID: {paths[DET_FILE]} is not an SCRFD face detector")
         det.prepare(ctx_id, input_size=DET_SIZE, det_thresh=DET_THRESH)
     if getattr(rec, "taskname", None) != "recognition":
         raise RuntimeError(f"ID: {rec!r} from the {PACK} recognizer file is not an ArcFace model")
@@ -355,9 +358,14 @@ def write_tiny_pack(root: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def weight_name(file: str) -> str:
+    """The file's name in `spfbench weights` and `--weights NAME=PATH`: ``arcface-det_10g``, ``arcface-w600k_r50``."""
+    return f"arcface-{file.split('.')[0]}"
+
+
 def weight_rows() -> list[dict]:
     return [
-        {"group": "metric", "name": f"arcface-{name.split('.')[0]}", "what": what, "source": BUFFALO_L_URL,
+        {"group": "metric", "name": weight_name(name), "what": what, "source": BUFFALO_L_URL,
          "size": SIZES[name], "present": (pack_dir() / name).is_file(), "path": str(pack_dir() / name)}
         for name, what in ((DET_FILE, "insightface buffalo_l SCRFD-10G face detector (ID)"),
                            (REC_FILE, "insightface buffalo_l ArcFace R50 WebFace600K recognizer (ID)"))
