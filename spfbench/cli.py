@@ -200,6 +200,61 @@ def score(
     typer.echo(f"written: {out / 'samples.jsonl'}, {out / 'summary.json'}")
 
 
+@app.command("make-toy-data")
+def make_toy_data(
+    out: Path = typer.Option(..., "--out", help="Folder of the toy portrait set (metadata.jsonl + PNGs)."),
+    n: int = typer.Option(16, "--n", help="Number of portraits."),
+    seed: int = typer.Option(0, help="Seed of the drawn attributes (same seed: byte-identical files)."),
+    size: int = typer.Option(64, help="Image side in pixels (64 = the tiny preset's resolution)."),
+) -> None:
+    """Write a small procedurally drawn portrait set with matching captions (for the demo and tests)."""
+    from .toydata import make_toy_data as make
+
+    result = make(out, n, seed=seed, size=size)
+    typer.echo(f"toy portrait set: {n} images in {out}" if result is None else f"toy portrait set: {result}")
+
+
+@app.command()
+def methods() -> None:
+    """List the customization methods (names for `spfbench train --method`)."""
+    from trainers import REGISTRY, method_class
+
+    for name in REGISTRY:
+        typer.echo(f"{name:<14} {method_class(name).description}")
+
+
+@app.command()
+def train(
+    method: str = typer.Option(..., "--method", help="Method name (see `spfbench methods`)."),
+    data: Path = typer.Option(..., "--data", help="Training set: imagefolder (metadata.jsonl), HF datasets folder or WebDataset shards."),
+    out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, log.jsonl, artifact/); rerun to resume."),
+    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random."),
+    model: Optional[str] = typer.Option(None, help="Real presets: hub id, local diffusers folder, or single-file .safetensors."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides the config's max_train_steps)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON file of the method's hyper-parameters (see its config dataclass)."),
+    weights_seed: int = typer.Option(0, help="Random presets: seed of the random weights."),
+    device: Optional[str] = typer.Option(None, help="cpu to force the CPU (default: accelerate's choice)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train one method on a portrait set; writes OUT/artifact (loadable by generation) and resumes if rerun."""
+    _quiet_libraries()
+    import trainers
+    from trainers.loop import Trainer
+
+    values = trainers.read_config_file(config) if config else {}
+    if max_steps is not None:
+        values["max_train_steps"] = max_steps
+    m = trainers.create(method, values, source=str(config or "--max-steps"))
+    trainer = Trainer(m, data, out, preset=preset, model=model, weights_seed=weights_seed, device=device)
+    try:
+        r = trainer.run(progress=progress)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: checkpoints are kept; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    resumed = f" (resumed from step {r.resumed_from})" if r.resumed_from is not None else ""
+    typer.echo(f"{method}: {r.steps} steps{resumed}; artifact {r.artifact}")
+
+
 def main() -> None:
     try:
         app()

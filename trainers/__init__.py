@@ -1,5 +1,57 @@
 """Customization methods (SPF-Portrait, its ablations and the Table 1 baselines) behind one interface.
 
-The interface, the shared training loop and the registry arrive with the trainer issue; this package
-exists so that ``spfbench`` and ``trainers`` are installed and importable side by side.
+``trainers.base`` holds the interface (:class:`~trainers.base.Method`, its config dataclass) and the
+pieces methods share; ``trainers.loop`` the one training loop; one module per method. Methods are
+found by name in :data:`REGISTRY` and imported on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from spfbench.errors import SpfbenchError
+
+REGISTRY = {
+    "naive": "trainers.naive:Naive",
+    "lora": "trainers.lora:Lora",
+    "adalora": "trainers.adalora:AdaLora",
+}
+
+
+def method_class(name: str):
+    if name not in REGISTRY:
+        raise SpfbenchError(f"unknown method {name!r}; `spfbench methods` lists them: {', '.join(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def create(name: str, config: dict | None = None, source: str = "config"):
+    """A method instance with its config built from ``config`` (unknown keys are an error)."""
+    cls = method_class(name)
+    return cls(cls.Config.from_dict(config or {}, source=source))
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A method config file: JSON object of hyper-parameters (as saved in ``method.json``'s ``config``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpfbenchError(f"config file {path} does not exist")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpfbenchError(f"config file {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(values, dict):
+        raise SpfbenchError(f"config file {path} must hold a JSON object of option: value")
+    return values.get("config", values) if "method" in values else values
+
+
+def load_artifact(folder: str | Path, pipe) -> type:
+    """Load a trained artifact into ``pipe`` (a freshly loaded base pipeline); returns the method class."""
+    from .base import read_artifact_meta
+
+    meta = read_artifact_meta(Path(folder))
+    cls = method_class(meta["method"])
+    cls.apply_artifact(pipe, Path(folder), cls.Config.from_dict(meta["config"], source=str(folder)))
+    return cls

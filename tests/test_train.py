@@ -1,0 +1,169 @@
+"""The shared training loop and the naive method (tiny preset, toy data, CPU)."""
+
+import json
+
+import pytest
+import torch
+
+import trainers
+from spfbench.errors import SpfbenchError
+from spfbench.generation import GenerationSettings, generate
+from spfbench.models import load_pipeline
+from trainers.base import Models, diffusion_loss, encode_batch
+from trainers.loop import Trainer, TrainingDiverged
+from trainers.naive import Naive
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from spfbench.toydata import make_toy_data
+
+    out = tmp_path_factory.mktemp("toy") / "data"
+    make_toy_data(out, 6, seed=0, size=64)
+    return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def naive(**cfg):
+    return trainers.create("naive", {"max_train_steps": STEPS, "train_batch_size": 2, "checkpointing_steps": 2, **cfg})
+
+
+def run(method, data, out, **kw):
+    return Trainer(method, data, out, preset="tiny", device="cpu").run(progress=False)
+
+
+def unet_state(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "artifact" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_naive_trains_only_the_unet_and_its_artifact_generates_like_the_trained_model(toy, tmp_path):
+    r = run(naive(), toy, tmp_path / "run")
+    assert r.steps == STEPS and r.resumed_from is None
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, STEPS + 1))
+    meta = json.loads((r.artifact / "method.json").read_text())
+    assert meta["method"] == "naive" and meta["steps"] == STEPS and meta["config"]["max_train_steps"] == STEPS
+
+    base, _ = load_pipeline("tiny", device="cpu")
+    trained = unet_state(tmp_path / "run")
+    changed = [k for k, v in base.unet.state_dict().items() if not torch.equal(v, trained[k])]
+    assert len(changed) > 0.5 * len(trained)  # the whole UNet trains
+
+    settings = GenerationSettings(steps=3)
+    fresh, _ = load_pipeline("tiny", device="cpu")
+    cls = trainers.load_artifact(r.artifact, fresh)
+    assert cls is Naive
+    for k, v in base.vae.state_dict().items():  # VAE and text encoder are the base model's
+        assert torch.equal(v, fresh.vae.state_dict()[k])
+    captions, seeds = ["A woman, smiling, a hat"], [7]
+    a = generate(fresh, captions, seeds, settings, output_type="np")
+    base.unet.load_state_dict(trained)
+    b = generate(base, captions, seeds, settings, output_type="np")
+    assert abs(a - b).max() < 1e-5
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(toy, tmp_path, monkeypatch):
+    run(naive(), toy, tmp_path / "whole")
+
+    calls = {"n": 0}
+    real_loss = Naive.loss
+
+    def dying(self, models, batch, generator):
+        calls["n"] += 1
+        if calls["n"] == 3:  # during step 3: checkpoint-2 exists
+            raise KeyboardInterrupt
+        return real_loss(self, models, batch, generator)
+
+    monkeypatch.setattr(Naive, "loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(naive(), toy, tmp_path / "split")
+    monkeypatch.setattr(Naive, "loss", real_loss)
+    assert [s for s, _ in Trainer(naive(), toy, tmp_path / "split").checkpoints()] == [2]
+    r = run(naive(), toy, tmp_path / "split")
+    assert r.resumed_from == 2 and r.steps == STEPS
+    whole, split = unet_state(tmp_path / "whole"), unet_state(tmp_path / "split")
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = Naive.loss
+
+    def poisoned(self, models, batch, generator):
+        calls["n"] += 1
+        loss, numbers = real_loss(self, models, batch, generator)
+        return (loss * float("nan") if calls["n"] == 3 else loss), numbers
+
+    monkeypatch.setattr(Naive, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3.*checkpoint-2"):
+        run(naive(), toy, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    monkeypatch.setattr(Naive, "loss", real_loss)
+    r = run(naive(), toy, tmp_path / "run")  # resumes from the good checkpoint
+    assert r.resumed_from == 2
+    assert not ckpt.exists() or {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+
+def test_loss_falls_on_an_overfit_batch(toy):
+    from spfbench.data import PortraitDataset, collate
+
+    pipe, _ = load_pipeline("tiny", device="cpu")
+    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    method = Naive(Naive.Config(learning_rate=1e-3))
+    params = method.setup(models)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    batch = collate([PortraitDataset(toy, resolution=64)[i] for i in range(2)])
+    losses = []
+    for _ in range(25):
+        g = torch.Generator().manual_seed(0)  # same noise and timesteps every step: a fixed target
+        latents, text = encode_batch(models, batch, g)
+        loss = diffusion_loss(models, latents, text, g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bad_input_is_refused_and_changes_nothing(toy, tmp_path, cli):
+    code, _, err = cli("train", "--method", "dreambooth", "--data", toy, "--out", tmp_path / "x", "--preset", "tiny")
+    assert code == 2 and "unknown method 'dreambooth'" in err and "spfbench methods" in err
+    (tmp_path / "cfg.json").write_text(json.dumps({"learning_rat": 1e-4}))
+    code, _, err = cli("train", "--method", "naive", "--data", toy, "--out", tmp_path / "x", "--preset", "tiny", "--config", tmp_path / "cfg.json")
+    assert code == 2 and "unknown option(s) learning_rat" in err
+    (tmp_path / "bad.json").write_text("{nope")
+    code, _, err = cli("train", "--method", "naive", "--data", toy, "--out", tmp_path / "x", "--preset", "tiny", "--config", tmp_path / "bad.json")
+    assert code == 2 and "not valid JSON" in err
+    assert not (tmp_path / "x").exists()
+
+    run(naive(max_train_steps=2), toy, tmp_path / "run")
+    before = {str(p): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    other = trainers.create("naive", {"max_train_steps": 2, "learning_rate": 3e-5})
+    with pytest.raises(SpfbenchError, match="holds a run of a different config"):
+        run(other, toy, tmp_path / "run")
+    assert {str(p): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    with pytest.raises(SpfbenchError, match="not a method artifact"):
+        trainers.load_artifact(tmp_path, load_pipeline("tiny", device="cpu")[0])
+
+
+def test_cli_make_toy_data_train_and_methods(tmp_path, cli):
+    code, out, err = cli("make-toy-data", "--out", tmp_path / "d", "--n", 4)
+    assert code == 0, err
+    code, out, err = cli("train", "--method", "naive", "--data", tmp_path / "d", "--out", tmp_path / "o", "--preset", "tiny",
+                         "--max-steps", 2, "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    assert "naive: 2 steps" in out and (tmp_path / "o" / "artifact" / "method.json").is_file()
+    code, out, _ = cli("methods")
+    assert code == 0 and all(name in out for name in trainers.REGISTRY)

@@ -1,0 +1,204 @@
+"""The interface every customization method implements, and what they share.
+
+A method is a name, a config dataclass of its hyper-parameters (saved beside its artifact, like peft's
+configs), and four hooks the one training loop (:mod:`trainers.loop`) calls:
+
+* ``setup(models)``: freeze what stays fixed, add adapters, and return the parameters to train;
+* ``loss(models, batch, generator)``: the training loss of one micro-batch (and numbers to log);
+* ``after_backward(models, step)``: work on optimizer-sync steps between ``backward`` and ``zero_grad``
+  (AdaLoRA's rank allocation); nothing by default;
+* ``trainable_state(models)`` / ``load_trainable_state(models, state)``: what a checkpoint stores.
+
+and two for the artifact: ``save_artifact(models, folder)`` and ``apply_artifact(pipe, folder)``, which
+loads the trained weights into a pipeline that then generates the customized image of a triple through
+the foundation's :func:`spfbench.generation.generate` (``generate_images``; same seed and noise, the
+complete caption, unless a method conditions differently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from spfbench.errors import SpfbenchError
+
+ARTIFACT_META = "method.json"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of the shared loop; each method's config extends it with its own."""
+
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler names
+    lr_warmup_steps: int = 0
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 1000  # optimizer steps
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    seed: int = 0
+    resolution: int | None = None  # None: the model's native size
+    random_flip: bool = False
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 2
+    cache_encodings: bool = False  # VAE latents and text embeddings computed once (frozen VAE/text encoder only)
+    log_every: int = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SpfbenchError(f"{source}: unknown option(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(known))}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise SpfbenchError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise SpfbenchError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise SpfbenchError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+@dataclass
+class Models:
+    """The pipeline's parts the loop and the methods work on. ``unet`` is what the optimizer trains
+    (possibly wrapped by accelerate); ``vae`` and ``text_encoder`` stay frozen unless a method says
+    otherwise."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object
+    weight_dtype: torch.dtype = torch.float32
+    extra: dict = field(default_factory=dict)  # method-owned modules (e.g. SPF's frozen reference UNet)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Config: ClassVar[type[TrainConfig]] = TrainConfig
+
+    def __init__(self, config: TrainConfig | None = None):
+        self.config = config or self.Config()
+        self.config.validate()
+
+    # -- training hooks ---------------------------------------------------------------------------
+    @abstractmethod
+    def setup(self, models: Models) -> list[torch.nn.Parameter]:
+        """Freeze what stays fixed, add adapters; return the parameters the optimizer trains."""
+
+    def loss(self, models: Models, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Default: the diffusion loss on the complete captions."""
+        latents, text = encode_batch(models, batch, generator)
+        loss = diffusion_loss(models, latents, text, generator)
+        return loss, {"loss_diffusion": loss.detach().item()}
+
+    def after_backward(self, models: Models, step: int) -> None:
+        """Called on optimizer-sync steps after ``backward`` and gradient clipping, before ``optimizer.step``."""
+
+    @abstractmethod
+    def trainable_state(self, models: Models) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint must hold to resume exactly (the trained weights)."""
+
+    @abstractmethod
+    def load_trainable_state(self, models: Models, state: dict[str, torch.Tensor]) -> None: ...
+
+    # -- artifact ---------------------------------------------------------------------------------
+    @abstractmethod
+    def save_artifact(self, models: Models, folder: Path) -> None:
+        """Write the trained weights into ``folder`` (``method.json`` is written by the loop)."""
+
+    @classmethod
+    @abstractmethod
+    def apply_artifact(cls, pipe, folder: Path, config: TrainConfig) -> None:
+        """Load the trained weights of ``folder`` into ``pipe`` (a freshly loaded base pipeline)."""
+
+    @classmethod
+    def generate_images(cls, pipe, triples, settings):
+        """The customized images of ``triples``: the complete caption, each triple's own seed."""
+        from spfbench.generation import generate
+
+        return generate(pipe, [t.target_caption for t in triples], [t.seed for t in triples], settings)
+
+
+# -- shared pieces ----------------------------------------------------------------------------------
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
+
+
+def encode_text(models: Models, captions: list[str]) -> torch.Tensor:
+    ids = tokenize(models.tokenizer, captions).to(models.device)
+    with torch.no_grad():
+        return models.text_encoder(ids)[0]
+
+
+def encode_batch(models: Models, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE latents (scaled) and text embeddings of the complete captions, from the cache when present."""
+    if "latent_mean" in batch:  # cached VAE encodings (TrainConfig.cache_encodings)
+        mean, std = batch["latent_mean"].to(models.device), batch["latent_std"].to(models.device)
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
+        latents = (mean + std * noise) * models.vae.config.scaling_factor
+    else:
+        pixels = batch["pixel_values"].to(models.device, models.weight_dtype)
+        with torch.no_grad():
+            dist = models.vae.encode(pixels).latent_dist
+            latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator, device=generator.device).to(dist.mean)
+        latents = latents.float() * models.vae.config.scaling_factor
+    if "encoder_hidden_states" in batch:
+        text = batch["encoder_hidden_states"].to(models.device)
+    else:
+        text = encode_text(models, batch["caption"])
+    return latents, text
+
+
+def diffusion_loss(models: Models, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """MSE between the UNet's prediction and the target of the scheduler's prediction type."""
+    sched = models.noise_scheduler
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=generator.device)
+    t = t.to(latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    if sched.config.prediction_type == "epsilon":
+        target = noise
+    elif sched.config.prediction_type == "v_prediction":
+        target = sched.get_velocity(latents, noise, t)
+    else:
+        raise SpfbenchError(f"unsupported prediction type {sched.config.prediction_type!r} (epsilon or v_prediction)")
+    pred = models.unet(noisy, t, text).sample
+    return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+def read_artifact_meta(folder: Path) -> dict:
+    path = Path(folder) / ARTIFACT_META
+    if not path.is_file():
+        raise SpfbenchError(f"{folder} is not a method artifact ({ARTIFACT_META} missing)")
+    return json.loads(path.read_text())

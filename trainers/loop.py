@@ -1,0 +1,342 @@
+"""The one training loop every method shares (accelerate; DDP under ``accelerate launch``).
+
+Run folder::
+
+    OUT/run.json                     identity of the run: method, config, base model, data fingerprint
+    OUT/log.jsonl                    one line per logged optimizer step (step, loss, lr, method numbers)
+    OUT/checkpoints/checkpoint-N/    trainable weights (+ EMA) as safetensors, optimizer and LR scheduler
+                                     state (torch.save of tensors and numbers; read with weights_only=True)
+    OUT/artifact/                    method.json + the method's trained weights
+
+Exact resume: the data order of epoch e is a permutation drawn from (seed, e); the noise, timesteps and
+VAE samples of micro-batch m of optimizer step s (process r) come from a generator seeded by
+(seed, s, m, r). A run resumed from checkpoint N therefore skips the batches already seen and continues
+bit-for-bit as the uninterrupted run would. A non-finite loss stops the run with a clear message and
+leaves the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spfbench.errors import SpfbenchError
+from spfbench.io import atomic_write_bytes, atomic_write_json
+
+from .base import ARTIFACT_META, Method, Models
+
+FORMAT_VERSION = 1
+# config fields that may change between a run and its resumption (how long, how often, how logged)
+RESUMABLE_CHANGES = {"max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every"}
+
+
+class TrainingDiverged(SpfbenchError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    artifact: Path
+    steps: int
+    resumed_from: int | None
+    losses: list[float]
+
+
+def _seed_of(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Epoch e visits the items in a permutation drawn from (seed, e): the order survives a restart."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(_seed_of(self.seed, "epoch", self.epoch))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _save_torch(path: Path, obj) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+
+
+class Trainer:
+    def __init__(
+        self,
+        method: Method,
+        data: str | Path,
+        out: str | Path,
+        *,
+        preset: str = "realistic-vision-v4",
+        model: str | None = None,
+        vae: str | None = None,
+        weights_seed: int = 0,
+        device: str | None = None,
+    ):
+        self.method, self.data, self.out = method, Path(data), Path(out)
+        self.cfg = method.config
+        self.model_kwargs = {"preset": preset, "model": model, "vae": vae, "seed": weights_seed}
+        self.device = device
+
+    # -- identity of a run: a rerun resumes only if these match ------------------------------------
+    def identity(self, model_info: dict, fingerprint: str) -> dict:
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+        return {"format_version": FORMAT_VERSION, "method": self.method.name, "config": cfg, "model": model_info,
+                "data_fingerprint": fingerprint}
+
+    def _check_run_folder(self, identity: dict) -> None:
+        path = self.out / "run.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old.get("identity") != identity:
+                what = [k for k in identity if old.get("identity", {}).get(k) != identity[k]]
+                raise SpfbenchError(
+                    f"{self.out} holds a run of a different {', '.join(what)} (method {old.get('identity', {}).get('method')});"
+                    " use another --out (nothing was changed)"
+                )
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        folder = self.out / "checkpoints"
+        found = []
+        for p in folder.glob("checkpoint-*") if folder.is_dir() else []:
+            if (p / "state.json").is_file() and p.name.split("-")[-1].isdigit():
+                found.append((int(p.name.split("-")[-1]), p))
+        return sorted(found)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> TrainResult:
+        from accelerate import Accelerator
+        from diffusers.optimization import get_scheduler
+        from tqdm.auto import tqdm
+
+        from spfbench.data import PortraitDataset, collate, dataset_fingerprint
+        from spfbench.models import load_pipeline
+
+        cfg = self.cfg
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            cpu=self.device == "cpu",
+        )
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+
+        fingerprint = dataset_fingerprint(self.data)  # validates the data first: bad input fails before any model loads
+        pipe, info = load_pipeline(device=accelerator.device, dtype=torch.float32, **self.model_kwargs)
+        identity = self.identity(info.to_dict(), fingerprint)
+        self._check_run_folder(identity)
+        resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        dataset = PortraitDataset(self.data, resolution=resolution, random_flip=cfg.random_flip, seed=cfg.seed)
+
+        models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe), weight_dtype)
+        models.vae.requires_grad_(False)
+        models.text_encoder.requires_grad_(False)
+        for frozen in (models.vae, models.text_encoder):  # frozen parts in the compute dtype, as diffusers' examples
+            torch.nn.Module.to(frozen, dtype=weight_dtype)
+        params = self.method.setup(models)
+        if not params:
+            raise SpfbenchError(f"method {self.method.name} left nothing to train")
+        if cfg.gradient_checkpointing:
+            models.unet.enable_gradient_checkpointing()
+        if cfg.cache_encodings:
+            dataset = self._cached(dataset, models, info, fingerprint, accelerator)
+
+        sampler = EpochSampler(len(dataset), cfg.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate, drop_last=False)
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                     num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+        ema = None
+        if cfg.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(params, decay=cfg.ema_decay)
+        unet, optimizer, loader, lr_scheduler = accelerator.prepare(models.unet, optimizer, loader, lr_scheduler)
+        models.unet = unet
+        if ema is not None:
+            ema.to(accelerator.device)
+
+        # resume from the newest complete checkpoint
+        step, resumed_from = 0, None
+        ckpts = self.checkpoints()
+        if ckpts:
+            resumed_from, path = ckpts[-1]
+            step = self._load_checkpoint(path, models, optimizer, lr_scheduler, ema, identity)
+        if accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "run.json", {"identity": identity, "config": cfg.to_dict(), "status": "running"})
+
+        batches_per_epoch = len(loader)
+        micro = cfg.gradient_accumulation_steps
+        losses: list[float] = []
+        bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {self.method.name}", disable=not (progress and accelerator.is_main_process))
+        done_micro = step * micro
+        epoch, skip = divmod(done_micro, batches_per_epoch)
+        log = open(self.out / "log.jsonl", "a") if accelerator.is_main_process else None
+        t_last = time.perf_counter()
+        try:
+            while step < cfg.max_train_steps:
+                epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+                # accelerate's loaders set their sampler's epoch from their own iteration count when
+                # iterated: give them the true epoch (a resumed run's loaders start counting at 0)
+                epoch_loader.set_epoch(epoch)
+                sampler.set_epoch(epoch)
+                dataset.set_epoch(epoch)  # flips (random_flip) are drawn per (seed, epoch, item)
+                skip = 0
+                m_index = 0
+                for batch in epoch_loader:
+                    gen_device = accelerator.device if accelerator.device.type == "cuda" else torch.device("cpu")
+                    g = torch.Generator(gen_device).manual_seed(_seed_of(cfg.seed, "step", step, m_index % micro, accelerator.process_index))
+                    with accelerator.accumulate(models.unet):
+                        loss, numbers = self.method.loss(models, batch, g)
+                        if not torch.isfinite(loss.detach()).all():
+                            last = self.checkpoints()
+                            raise TrainingDiverged(
+                                f"{self.method.name}: the loss is {loss.item()} at step {step + 1}; stopped. Last good checkpoint:"
+                                f" {last[-1][1] if last else 'none'} (lower the learning rate or use bf16/fp32, then rerun to resume)"
+                            )
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            if cfg.max_grad_norm:
+                                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                            self.method.after_backward(models, step)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    m_index += 1
+                    losses.append(loss.detach().item())
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    if ema is not None:
+                        ema.step(params)
+                    bar.update(1)
+                    if log is not None and step % cfg.log_every == 0:
+                        now = time.perf_counter()
+                        log.write(json.dumps({"step": step, "loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0],
+                                              "seconds": round(now - t_last, 4), **numbers}) + "\n")
+                        log.flush()
+                        t_last = now
+                    if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+                        self._save_checkpoint(step, models, optimizer, lr_scheduler, ema, identity, accelerator)
+                    if step >= cfg.max_train_steps:
+                        break
+                epoch += 1
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+
+        accelerator.wait_for_everyone()
+        artifact = self.out / "artifact"
+        if accelerator.is_main_process:
+            unwrapped = Models(accelerator.unwrap_model(models.unet), models.vae, models.text_encoder, models.tokenizer,
+                               models.noise_scheduler, weight_dtype, models.extra)
+            if ema is not None:
+                ema.copy_to(params)
+            tmp = self.out / ".artifact.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.method.save_artifact(unwrapped, tmp)
+            atomic_write_json(tmp / ARTIFACT_META, {"method": self.method.name, "config": cfg.to_dict(), "steps": step,
+                                                     "model": info.to_dict(), "data": str(self.data.resolve()),
+                                                     "data_fingerprint": fingerprint})
+            shutil.rmtree(artifact, ignore_errors=True)
+            tmp.rename(artifact)
+            atomic_write_json(self.out / "run.json", {"identity": identity, "config": cfg.to_dict(), "status": "complete", "steps": step})
+        accelerator.wait_for_everyone()
+        return TrainResult(self.out, artifact, step, resumed_from, losses)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _save_checkpoint(self, step, models, optimizer, lr_scheduler, ema, identity, accelerator) -> None:
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return
+        unwrapped = Models(accelerator.unwrap_model(models.unet), models.vae, models.text_encoder, models.tokenizer,
+                           models.noise_scheduler, models.weight_dtype, models.extra)
+        folder = self.out / "checkpoints"
+        tmp = folder / f".checkpoint-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _save_tensors(tmp / "trainable.safetensors", self.method.trainable_state(unwrapped))
+        _save_torch(tmp / "optimizer.pt", optimizer.state_dict())
+        _save_torch(tmp / "lr_scheduler.pt", lr_scheduler.state_dict())
+        if ema is not None:
+            _save_torch(tmp / "ema.pt", ema.state_dict())
+        atomic_write_json(tmp / "state.json", {"step": step, "identity": identity})
+        final = folder / f"checkpoint-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        limit = self.cfg.checkpoints_total_limit
+        if limit:
+            for _, old in self.checkpoints()[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, path: Path, models, optimizer, lr_scheduler, ema, identity) -> int:
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "state.json").read_text())
+        if state.get("identity") != identity:
+            raise SpfbenchError(f"checkpoint {path} belongs to a different run (method, config, model or data); use another --out")
+        self.method.load_trainable_state(_unwrap(models), load_file(path / "trainable.safetensors", device=str(models.device)))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=True))
+        if ema is not None and (path / "ema.pt").is_file():
+            ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+        return int(state["step"])
+
+    def _cached(self, dataset, models, info, fingerprint, accelerator):
+        from spfbench.data import cache_encodings
+
+        def encode_image(pixels):  # the latent distribution: training samples from it as without the cache
+            with torch.no_grad():
+                dist = models.vae.encode(pixels.to(models.device, models.weight_dtype)).latent_dist
+            return {"latent_mean": dist.mean.float(), "latent_std": dist.std.float()}
+
+        def encode_text(captions):
+            from .base import encode_text as enc
+
+            return enc(models, captions).float()
+
+        key = json.dumps({"model": info.to_dict(), "dtype": str(models.weight_dtype), "resolution": dataset.resolution}, sort_keys=True)
+        # the main process computes the cache; the others then open what it wrote
+        if accelerator.is_main_process:
+            cache_encodings(dataset, encode_image, encode_text, self.out / "cache", model_key=key)
+        accelerator.wait_for_everyone()
+        return cache_encodings(dataset, encode_image, encode_text, self.out / "cache", model_key=key, progress=False)
+
+
+def _unwrap(models: Models) -> Models:
+    unet = getattr(models.unet, "module", models.unet)
+    return Models(unet, models.vae, models.text_encoder, models.tokenizer, models.noise_scheduler, models.weight_dtype, models.extra)
+
+
+def _training_scheduler(pipe):
+    """The DDPM noise schedule of the model's own scheduler config (betas, prediction type)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
