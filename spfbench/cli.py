@@ -232,6 +232,8 @@ def train(
     model: Optional[str] = typer.Option(None, help="Real presets: hub id, local diffusers folder, or single-file .safetensors."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides the config's max_train_steps)."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON file of the method's hyper-parameters (see its config dataclass)."),
+    rank: Optional[str] = typer.Option(None, "--rank", help="lora: a rank, or several (4,8,16,32) for the rank sweep (Table 1's 'LoRA (Best Rank)')."),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Rank sweep: held-out portrait set of the selection criterion."),
     weights_seed: int = typer.Option(0, help="Random presets: seed of the random weights."),
     device: Optional[str] = typer.Option(None, help="cpu to force the CPU (default: accelerate's choice)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -244,7 +246,20 @@ def train(
     values = trainers.read_config_file(config) if config else {}
     if max_steps is not None:
         values["max_train_steps"] = max_steps
-    m = trainers.create(method, values, source=str(config or "--max-steps"))
+    if rank is not None:
+        from trainers.sweep import lora_rank_sweep, parse_ranks
+
+        ranks = parse_ranks(rank)
+        if method != "lora":
+            raise SpfbenchError(f"--rank applies to the lora method (and its sweep); set {method}'s ranks in --config")
+        if len(ranks) > 1:
+            r = lora_rank_sweep(ranks, data, out, val_data=val_data, config=values, preset=preset, model=model,
+                                weights_seed=weights_seed, device=device, progress=progress)
+            scores = ", ".join(f"r{k}: {v:.5f}" for k, v in r.scores.items())
+            typer.echo(f"lora rank sweep: best rank {r.best_rank} ({scores}); artifact {r.best_artifact}")
+            return
+        values["rank"] = ranks[0]
+    m = trainers.create(method, values, source=str(config or "command line"))
     trainer = Trainer(m, data, out, preset=preset, model=model, weights_seed=weights_seed, device=device)
     try:
         r = trainer.run(progress=progress)

@@ -167,3 +167,31 @@ def test_cli_make_toy_data_train_and_methods(tmp_path, cli):
     assert "naive: 2 steps" in out and (tmp_path / "o" / "artifact" / "method.json").is_file()
     code, out, _ = cli("methods")
     assert code == 0 and all(name in out for name in trainers.REGISTRY)
+
+
+def test_cli_trains_each_method_and_the_lora_rank_sweep(tmp_path, cli):
+    code, _, err = cli("make-toy-data", "--out", tmp_path / "d", "--n", 4)
+    assert code == 0, err
+    code, _, err = cli("make-toy-data", "--out", tmp_path / "v", "--n", 2, "--seed", 1)
+    assert code == 0, err
+    common = ["--data", tmp_path / "d", "--preset", "tiny", "--max-steps", 2, "--device", "cpu", "--no-progress"]
+    for method in ("lora", "adalora"):
+        code, out, err = cli("train", "--method", method, "--out", tmp_path / method, *common)
+        assert code == 0, err
+        assert (tmp_path / method / "artifact" / "method.json").is_file()
+        fresh, _ = load_pipeline("tiny", device="cpu")
+        assert trainers.load_artifact(tmp_path / method / "artifact", fresh).name == method
+    # a run folder of another method is refused, its files untouched
+    before = {str(p): p.read_bytes() for p in (tmp_path / "lora").rglob("*") if p.is_file()}
+    code, _, err = cli("train", "--method", "naive", "--out", tmp_path / "lora", *common)
+    assert code == 2 and "holds a run of a different method" in err
+    assert {str(p): p.read_bytes() for p in (tmp_path / "lora").rglob("*") if p.is_file()} == before
+
+    code, out, err = cli("train", "--method", "lora", "--out", tmp_path / "sweep", "--rank", "2,4", "--val-data", tmp_path / "v", *common)
+    assert code == 0, err
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert f"best rank {sweep['best_rank']}" in out and [r["rank"] for r in sweep["ranks"]] == [2, 4]
+    best = min(sweep["ranks"], key=lambda r: (r["score"], r["rank"]))
+    assert sweep["best_rank"] == best["rank"] and sweep["criterion"] == "heldout_denoising_loss"
+    code, _, err = cli("train", "--method", "naive", "--out", tmp_path / "x", "--rank", "4", *common)
+    assert code == 2 and "--rank applies to the lora method" in err

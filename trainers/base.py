@@ -5,8 +5,9 @@ configs), and four hooks the one training loop (:mod:`trainers.loop`) calls:
 
 * ``setup(models)``: freeze what stays fixed, add adapters, and return the parameters to train;
 * ``loss(models, batch, generator)``: the training loss of one micro-batch (and numbers to log);
-* ``after_backward(models, step)``: work on optimizer-sync steps between ``backward`` and ``zero_grad``
-  (AdaLoRA's rank allocation); nothing by default;
+* ``after_backward(models, step)`` / ``after_step(models, step)``: work on optimizer-sync steps after
+  ``backward`` (before the optimizer step) and after the optimizer step (before ``zero_grad``: AdaLoRA's
+  rank allocation); nothing by default;
 * ``trainable_state(models)`` / ``load_trainable_state(models, state)``: what a checkpoint stores.
 
 and two for the artifact: ``save_artifact(models, folder)`` and ``apply_artifact(pipe, folder)``, which
@@ -104,6 +105,8 @@ class Method(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type[TrainConfig]] = TrainConfig
+    # config fields a resumed run may not change because the method's schedule depends on them
+    schedule_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: TrainConfig | None = None):
         self.config = config or self.Config()
@@ -122,6 +125,10 @@ class Method(ABC):
 
     def after_backward(self, models: Models, step: int) -> None:
         """Called on optimizer-sync steps after ``backward`` and gradient clipping, before ``optimizer.step``."""
+
+    def after_step(self, models: Models, step: int) -> None:
+        """Called on optimizer-sync steps after ``optimizer.step``, before ``zero_grad`` (``step``: 0-based
+        index of the step just taken); peft's AdaLoRA allocates ranks here."""
 
     @abstractmethod
     def trainable_state(self, models: Models) -> dict[str, torch.Tensor]:

@@ -104,7 +104,10 @@ class Trainer:
 
     # -- identity of a run: a rerun resumes only if these match ------------------------------------
     def identity(self, model_info: dict, fingerprint: str) -> dict:
-        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+        resumable = set(RESUMABLE_CHANGES) - set(self.method.schedule_fields)
+        if self.cfg.lr_scheduler not in ("constant", "constant_with_warmup"):
+            resumable.discard("max_train_steps")  # the learning-rate schedule is laid out over it
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in resumable}
         return {"format_version": FORMAT_VERSION, "method": self.method.name, "config": cfg, "model": model_info,
                 "data_fingerprint": fingerprint}
 
@@ -156,6 +159,9 @@ class Trainer:
         models.text_encoder.requires_grad_(False)
         for frozen in (models.vae, models.text_encoder):  # frozen parts in the compute dtype, as diffusers' examples
             torch.nn.Module.to(frozen, dtype=weight_dtype)
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)  # methods' random initialisations (adapters) depend on the run's seed only
         params = self.method.setup(models)
         if not params:
             raise SpfbenchError(f"method {self.method.name} left nothing to train")
@@ -226,6 +232,8 @@ class Trainer:
                             self.method.after_backward(models, step)
                         optimizer.step()
                         lr_scheduler.step()
+                        if accelerator.sync_gradients:
+                            self.method.after_step(models, step)
                         optimizer.zero_grad(set_to_none=True)
                     m_index += 1
                     losses.append(loss.detach().item())
