@@ -1,10 +1,10 @@
 """Training step time (and peak GPU memory) of the shared loop vs a plain hand-written diffusers step.
 
 Per method, on the same model, data, batch size and precision:
-* "plain": the training step of diffusers' ``train_text_to_image*.py`` examples written out by hand
-  (VAE encode, noise, UNet, MSE, backward, clip, AdamW step, zero_grad) over the method's own trainable
-  parameters (``Method.setup``: the whole UNet for naive, the adapters for LoRA/AdaLoRA), no logging,
-  no checkpoints;
+* "plain": a hand-written loop in the shape of diffusers' ``train_text_to_image*.py`` examples (fetch,
+  loss, backward, clip, AdamW step, zero_grad) around the method's own loss and hooks (for naive and
+  LoRA that loss is the examples' VAE encode + noise + UNet + MSE) and trainable parameters
+  (``Method.setup``), one random stream, no accelerate, no logging, no checkpoints;
 * "spfbench": :class:`trainers.loop.Trainer` (accelerate, seeded per-step generators, JSONL log,
   method hooks), step times read from its log, checkpoints off.
 Each side runs ``--steps`` steps after ``--warmup`` untimed ones; the figure is the median step time,
@@ -59,34 +59,29 @@ def plain_steps(method_name, cfg, args, data, device) -> tuple[list[float], floa
     res = pipe.unet.config.sample_size * pipe.vae_scale_factor
     ds = PortraitDataset(data, resolution=res)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
-    sched = models.noise_scheduler
     autocast = torch.autocast(device.type, dtype=wd, enabled=args.precision != "no")
+    g = torch.Generator(device)  # one stream for the whole run
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, step = [], 0
+    sync(device)
+    t = time.perf_counter()
     while step < args.warmup + args.steps:
-        for batch in loader:
-            sync(device)
-            t = time.perf_counter()
-            with torch.no_grad():
-                latents = pipe.vae.encode(batch["pixel_values"].to(device, wd)).latent_dist.sample().float()
-                latents = latents * pipe.vae.config.scaling_factor
-                ids = pipe.tokenizer(batch["caption"], max_length=pipe.tokenizer.model_max_length, padding="max_length",
-                                     truncation=True, return_tensors="pt").input_ids.to(device)
-                text = pipe.text_encoder(ids)[0]
-            noise = torch.randn_like(latents)
-            ts = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
+        for batch in loader:  # the step time includes fetching the batch, as the loop's does
             with autocast:
-                pred = pipe.unet(sched.add_noise(latents, noise, ts), ts, text).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+                loss, _ = method.loss(models, batch, g)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            method.after_backward(models, step)  # the method's own work (AdaLoRA's rank allocation), not the loop's
+            method.after_backward(models, step)
             opt.step()
+            method.after_step(models, step)
             opt.zero_grad(set_to_none=True)
+            loss.item()
             sync(device)
+            now = time.perf_counter()
             if step >= args.warmup:
-                times.append(time.perf_counter() - t)
+                times.append(now - t)
+            t = now
             step += 1
             if step >= args.warmup + args.steps:
                 break
