@@ -195,3 +195,21 @@ def test_cli_trains_each_method_and_the_lora_rank_sweep(tmp_path, cli):
     assert sweep["best_rank"] == best["rank"] and sweep["criterion"] == "heldout_denoising_loss"
     code, _, err = cli("train", "--method", "naive", "--out", tmp_path / "x", "--rank", "4", *common)
     assert code == 2 and "--rank applies to the lora method" in err
+
+
+def test_accelerate_launch_trains_with_two_processes(toy, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "spfbench", "train", "--method", "lora", "--data", str(toy),
+           "--out", str(tmp_path / "ddp"), "--preset", "tiny", "--max-steps", "3", "--no-progress"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3]  # one log, written by the main process
+    assert [s for s, _ in Trainer(naive(), toy, tmp_path / "ddp").checkpoints()] == [3]
+    fresh, _ = load_pipeline("tiny", device="cpu")
+    assert trainers.load_artifact(tmp_path / "ddp" / "artifact", fresh).name == "lora"
