@@ -187,6 +187,15 @@ def encode_batch(models: Models, batch: dict, generator: torch.Generator) -> tup
     return latents, text
 
 
+def diffusion_target(sched, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon) or the velocity (v_prediction)."""
+    if sched.config.prediction_type == "epsilon":
+        return noise
+    if sched.config.prediction_type == "v_prediction":
+        return sched.get_velocity(latents, noise, t)
+    raise SpfbenchError(f"unsupported prediction type {sched.config.prediction_type!r} (epsilon or v_prediction)")
+
+
 def diffusion_loss(models: Models, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """MSE between the UNet's prediction and the target of the scheduler's prediction type."""
     sched = models.noise_scheduler
@@ -194,12 +203,7 @@ def diffusion_loss(models: Models, latents: torch.Tensor, text: torch.Tensor, ge
     t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=generator.device)
     t = t.to(latents.device)
     noisy = sched.add_noise(latents, noise, t)
-    if sched.config.prediction_type == "epsilon":
-        target = noise
-    elif sched.config.prediction_type == "v_prediction":
-        target = sched.get_velocity(latents, noise, t)
-    else:
-        raise SpfbenchError(f"unsupported prediction type {sched.config.prediction_type!r} (epsilon or v_prediction)")
+    target = diffusion_target(sched, latents, noise, t)
     pred = models.unet(noisy, t, text).sample
     return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
 

@@ -34,7 +34,7 @@ import torch
 from spfbench.errors import SpfbenchError
 from spfbench.io import atomic_write_json
 
-from .base import Models, encode_text
+from .base import Models, diffusion_target, encode_text
 from .lora import Lora, LoraConfig
 
 SWEEP_FILE = "sweep.json"
@@ -110,12 +110,7 @@ class HeldOutLoss:
             noise = torch.cat([c[2] for c in chunk])
             t = torch.tensor([c[3] for c in chunk], device=latents.device)
             noisy = sched.add_noise(latents, noise, t)
-            if sched.config.prediction_type == "epsilon":
-                target = noise
-            elif sched.config.prediction_type == "v_prediction":
-                target = sched.get_velocity(latents, noise, t)
-            else:
-                raise SpfbenchError(f"unsupported prediction type {sched.config.prediction_type!r}")
+            target = diffusion_target(sched, latents, noise, t)
             pred = unet(noisy.to(unet.dtype), t, text).sample.float()
             err = ((pred - target.float()) ** 2).mean(dim=(1, 2, 3))
             total += err.sum().item()
