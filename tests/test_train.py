@@ -222,3 +222,23 @@ def test_cached_encodings_train_like_encoding_every_step(toy, tmp_path):
     # the same VAE posterior sampled with the same generator draws; only batching of the encoders differs
     assert cached.losses == pytest.approx(plain.losses, rel=1e-4, abs=1e-6)
     assert not list((tmp_path / "plain").glob("cache"))
+
+
+def test_bad_data_is_refused_before_any_model_loads(toy, tmp_path, cli, monkeypatch):
+    import shutil
+
+    import spfbench.models
+
+    monkeypatch.setattr(spfbench.models, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    broken = tmp_path / "broken"
+    shutil.copytree(toy, broken)
+    png = sorted(broken.rglob("*.png"))[0]
+    png.write_bytes(png.read_bytes()[:100])
+    code, _, err = cli("train", "--method", "naive", "--data", broken, "--out", tmp_path / "o", "--preset", "tiny")
+    assert code == 2 and png.name in err and "\n" not in err.strip()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metadata.jsonl").write_text("")
+    code, _, err = cli("train", "--method", "naive", "--data", empty, "--out", tmp_path / "o", "--preset", "tiny")
+    assert code == 2 and "empty" in err.lower()
+    assert not (tmp_path / "o").exists()
