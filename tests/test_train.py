@@ -242,3 +242,26 @@ def test_bad_data_is_refused_before_any_model_loads(toy, tmp_path, cli, monkeypa
     code, _, err = cli("train", "--method", "naive", "--data", empty, "--out", tmp_path / "o", "--preset", "tiny")
     assert code == 2 and "empty" in err.lower()
     assert not (tmp_path / "o").exists()
+
+
+def test_loop_options_bf16_accumulation_ema_and_checkpointing_run_and_load(toy, tmp_path):
+    cfg = {"mixed_precision": "bf16", "gradient_accumulation_steps": 2, "use_ema": True, "ema_decay": 0.5,
+           "gradient_checkpointing": True, "max_train_steps": 2, "train_batch_size": 1}
+    r = run(trainers.create("naive", cfg), toy, tmp_path / "run")
+    assert r.steps == 2 and len(r.losses) == 4  # two micro-batches per optimizer step
+    ckpt = Trainer(naive(), toy, tmp_path / "run").checkpoints()[-1][1]
+    assert (ckpt / "ema.pt").is_file()
+    ema = torch.load(ckpt / "ema.pt", weights_only=True)
+    trained = unet_state(tmp_path / "run")
+    base, _ = load_pipeline("tiny", device="cpu")
+    # the artifact holds the EMA weights: between the base and the last trained weights, equal to neither
+    key = next(k for k in trained if k.endswith("attn2.to_k.weight"))
+    from safetensors.torch import load_file
+
+    live = load_file(ckpt / "trainable.safetensors")  # the checkpoint holds the live (non-averaged) weights
+    assert not torch.equal(trained[key], base.unet.state_dict()[key]) and not torch.equal(trained[key], live[key])
+    assert ema["optimization_step"] == 2
+    fresh, _ = load_pipeline("tiny", device="cpu")
+    trainers.load_artifact(r.artifact, fresh)
+    img = generate(fresh, ["A man, a hat"], [1], GenerationSettings(steps=2), output_type="np")
+    assert img.shape == (1, 64, 64, 3)
