@@ -17,6 +17,11 @@ REGISTRY = {
     "naive": "trainers.naive:Naive",
     "lora": "trainers.lora:Lora",
     "adalora": "trainers.adalora:AdaLora",
+    "spf": "trainers.spf:Spf",
+    "spf-no-text": "trainers.spf:SpfNoText",
+    "spf-no-fine": "trainers.spf:SpfNoFine",
+    "spf-no-enh": "trainers.spf:SpfNoEnh",
+    "spf-no-sfcm": "trainers.spf:SpfNoSfcm",
 }
 
 

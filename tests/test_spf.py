@@ -1,0 +1,191 @@
+"""SPF-Portrait's stage-2 trainer and its ablations (tiny preset, toy data, CPU)."""
+
+import json
+
+import pytest
+import torch
+
+import trainers
+from spfbench.data import PortraitDataset, collate
+from spfbench.generation import GenerationSettings, generate
+from spfbench.models import load_pipeline
+from trainers.base import Models, diffusion_loss, encode_batch, encode_text
+from trainers.loop import Trainer, _training_scheduler
+from trainers.spf import REFERENCE
+
+ABLATIONS = {"spf-no-text": "loss_text", "spf-no-fine": "loss_fine", "spf-no-enh": "loss_enhanced", "spf-no-sfcm": "m_hat_mean"}
+ALL_PARTS = {"loss_diffusion", "loss_enhanced", "loss_text", "loss_fine", "loss_total", "m_hat_mean"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from spfbench.toydata import make_toy_data
+
+    out = tmp_path_factory.mktemp("toy") / "data"
+    make_toy_data(out, 4, seed=0, size=64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(toy):
+    ds = PortraitDataset(toy, resolution=64)
+    return collate([ds[0], ds[1]])
+
+
+def fresh_models():
+    pipe, _ = load_pipeline("tiny", device="cpu", dtype=torch.float32)
+    return Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe))
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_reference_path_reproduces_the_original_model(batch):
+    original = fresh_models().unet
+    for name in ("spf", "spf-no-sfcm"):  # explicit probabilities (SFCM) / SDPA-only capture
+        models = fresh_models()
+        method = trainers.create(name)
+        method.setup(models)
+        ref = models.extra[REFERENCE]
+        assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+        latents, _ = encode_batch(models, batch, gen())
+        emb = encode_text(models, batch["base_caption"])
+        t = torch.tensor([10, 700])
+        x = models.noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=gen(1)), t)
+        with torch.no_grad():
+            want = original(x, t, emb).sample
+            got = ref(x, t, emb).sample
+        assert len(method.ref_store) > 0  # the capture ran on the reference path
+        if name == "spf-no-sfcm":  # q / k capture only: SDPA as AttnProcessor2_0, bit-identical
+            assert torch.equal(got, want)
+        else:  # explicit probabilities for the SFCM: equal to fp32 rounding (docs/attention.md)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_stage2_steps_train_only_the_response_attn2_and_leave_the_reference_untouched(batch):
+    original = {k: v.clone() for k, v in fresh_models().unet.state_dict().items()}
+    models = fresh_models()
+    method = trainers.create("spf", {"learning_rate": 1e-3})
+    params = method.setup(models)
+    assert params and all(p.requires_grad for p in params)
+    trained = {n for n, p in models.unet.named_parameters() if p.requires_grad}
+    assert trained and all(".attn2." in n for n in trained)
+    assert {n for n in trained} == {n for n, _ in models.unet.named_parameters() if ".attn2." in n}
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for step in range(2):
+        loss, numbers = method.loss(models, batch, gen(step))
+        loss.backward()
+        assert all(p.grad is not None for p in params)
+        opt.step()
+        opt.zero_grad()
+    after = models.unet.state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, original[k])}
+    assert changed and all(".attn2." in k for k in changed)
+    ref = models.extra[REFERENCE].state_dict()
+    assert all(torch.equal(ref[k], original[k]) for k in original)
+    assert set(method.trainable_state(models)) == {k for k in after if ".attn2." in k}
+
+
+def test_zero_lambdas_give_the_response_path_diffusion_loss(batch):
+    models = fresh_models()
+    method = trainers.create("spf", {"lambda1": 0, "lambda2": 0, "lambda3": 0})
+    method.setup(models)
+    loss, numbers = method.loss(models, batch, gen(3))
+    assert {"loss_enhanced", "loss_text", "loss_fine"} <= set(numbers)  # still computed and logged
+    g = gen(3)
+    latents, text = encode_batch(models, batch, g)
+    want = diffusion_loss(models, latents, text, g)
+    assert torch.equal(loss.detach(), want.detach())
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_each_ablation_switches_off_exactly_its_part(batch, name):
+    models = fresh_models()
+    method = trainers.create(name)
+    method.setup(models)
+    loss, numbers = method.loss(models, batch, gen(0))
+    assert torch.isfinite(loss)
+    assert set(numbers) == ALL_PARTS - {ABLATIONS[name]}
+    if name == "spf-no-text":
+        assert not method.res_store.save_key and not method.ref_store.save_key
+    if name == "spf-no-sfcm":
+        assert not method.ref_store.save_probs  # no explicit attention without the map
+
+
+def test_spf_full_loss_has_every_part(batch):
+    models = fresh_models()
+    method = trainers.create("spf")
+    method.setup(models)
+    loss, numbers = method.loss(models, batch, gen(0))
+    assert set(numbers) == ALL_PARTS
+    assert numbers["loss_text"] > 0 and numbers["loss_fine"] > 0 and 0 <= numbers["loss_enhanced"] <= 2
+    total = numbers["loss_diffusion"] + 0.6 * numbers["loss_enhanced"] + 0.2 * numbers["loss_text"] + 0.1 * numbers["loss_fine"]
+    assert loss.item() == pytest.approx(total, rel=1e-5)
+    assert len(method._gamma) == 2  # gamma computed once per caption pair, cached
+
+
+def test_two_stage_run_gives_an_artifact_that_loads_and_generates(toy, tmp_path):
+    from safetensors.torch import load_file
+
+    naive = trainers.create("naive", {"max_train_steps": 2, "train_batch_size": 2, "learning_rate": 1e-3})
+    s1 = Trainer(naive, toy, tmp_path / "stage1", preset="tiny", device="cpu").run(progress=False)
+    spf = trainers.create("spf", {"max_train_steps": 2, "train_batch_size": 2, "learning_rate": 1e-3,
+                                  "stage1_artifact": str(s1.artifact)})
+    r = Trainer(spf, toy, tmp_path / "stage2", preset="tiny", device="cpu").run(progress=False)
+    assert r.steps == 2
+    meta = json.loads((r.artifact / "method.json").read_text())
+    assert meta["method"] == "spf" and meta["config"]["stage1_artifact"] == str(s1.artifact)
+    log = [json.loads(line) for line in (tmp_path / "stage2" / "log.jsonl").read_text().splitlines()]
+    assert {"loss_diffusion", "loss_text", "loss_fine", "loss_enhanced", "m_hat_mean"} <= set(log[-1])
+
+    f = "unet/diffusion_pytorch_model.safetensors"
+    stage1, stage2 = load_file(s1.artifact / f), load_file(r.artifact / f)
+    changed = {k for k in stage1 if not torch.equal(stage1[k], stage2[k])}
+    assert changed and all(".attn2." in k for k in changed)  # stage 2 moved only cross-attention
+
+    pipe, _ = load_pipeline("tiny", device="cpu")
+    cls = trainers.load_artifact(r.artifact, pipe)
+    assert cls.name == "spf"
+    assert all(torch.equal(v, stage2[k]) for k, v in pipe.unet.state_dict().items())
+    images = generate(pipe, ["A woman, smiling, wearing a hat"], [0], GenerationSettings(steps=2))
+    assert len(images) == 1 and images[0].size == (64, 64)
+
+
+def test_cli_trains_spf(cli, toy, tmp_path):
+    code, out, err = cli("train", "--method", "spf", "--data", toy, "--out", tmp_path / "o", "--preset", "tiny",
+                         "--max-steps", "2", "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    assert (tmp_path / "o" / "artifact" / "unet").is_dir()
+    # the documented two-stage procedure: a naive run, then stage 2 from its artifact via --config
+    code, out, err = cli("train", "--method", "naive", "--data", toy, "--out", tmp_path / "s1", "--preset", "tiny",
+                         "--max-steps", "1", "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    (tmp_path / "spf.json").write_text(json.dumps({"stage1_artifact": str(tmp_path / "s1" / "artifact")}))
+    code, out, err = cli("train", "--method", "spf-no-sfcm", "--data", toy, "--out", tmp_path / "s2", "--preset", "tiny",
+                         "--max-steps", "1", "--device", "cpu", "--no-progress", "--config", tmp_path / "spf.json")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "s2" / "artifact" / "method.json").read_text())
+    assert meta["method"] == "spf-no-sfcm" and meta["config"]["stage1_artifact"].endswith("artifact")
+    code, out, err = cli("methods")
+    assert code == 0 and all(n in out for n in ("spf", *ABLATIONS))
+
+
+def test_config_is_validated(tmp_path):
+    from spfbench.errors import SpfbenchError
+
+    with pytest.raises(SpfbenchError, match="stage1_artifact"):
+        trainers.create("spf", {"stage1_artifact": str(tmp_path)})
+    with pytest.raises(SpfbenchError, match="lambda2"):
+        trainers.create("spf", {"lambda2": -1})
+    with pytest.raises(SpfbenchError, match="unknown option"):
+        trainers.create("spf-no-sfcm", {"nope": 1})
+    assert trainers.create("spf-no-sfcm").config.use_sfcm is False

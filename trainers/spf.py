@@ -1,0 +1,317 @@
+"""SPF-Portrait (paper section 3): dual-path contrastive fine-tuning, stage 2, and its ablations.
+
+* **Reference path**: a frozen copy of the *original* UNet (``models.extra["reference_unet"]``, eval, no
+  gradients, optionally half precision), fed E_base only: the base caption encoded alone.
+* **Response path**: ``models.unet``, started from stage 1 (``SpfConfig.stage1_artifact``, a ``naive``
+  artifact; None: from the base model), fed the complete caption [E_base, E_tar] (one encoding of
+  ``join_caption(base, target)``); only its cross-attention (``attn2``) parameters train.
+* Losses from :mod:`trainers.spf_losses` (eq. 3-12), captured Q / K / probabilities from the one capture
+  mechanism (:mod:`trainers.attention`), gamma and L_enhanced in CLIP ViT-L/14 space (the metrics'
+  backbone loader; a tiny random CLIP for the ``tiny`` preset).
+
+Stage 1 is not run inside this method: it is a ``naive`` run whose artifact ``stage1_artifact`` names.
+Every decision is written in ``docs/spf.md`` ("Training procedure").
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spfbench.errors import SpfbenchError
+
+from . import spf_losses as L
+from .attention import AttentionStore, install_capture
+from .base import Method, Models, TrainConfig, diffusion_target, encode_batch, encode_text
+
+REFERENCE = "reference_unet"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class SpfConfig(TrainConfig):
+    # The paper gives no learning rate (sec. 4.1 defers to an appendix we do not have): naive's 1e-5.
+    learning_rate: float = 1e-5
+    lambda1: float = 0.6  # L_enhanced (sec. 4.1)
+    lambda2: float = 0.2  # L_M-text
+    lambda3: float = 0.1  # L_M-fine
+    use_text: bool = True  # L_(M-)text-consistent (spf-no-text: False)
+    use_fine: bool = True  # L_(M-)fine-grained (spf-no-fine: False)
+    use_enhanced: bool = True  # L_enhanced (spf-no-enh: False)
+    use_sfcm: bool = True  # the SFCM M-hat weights the alignment losses (spf-no-sfcm: False = eq. 3/4, M-hat = 0)
+    stage1_artifact: str | None = None  # a naive artifact folder (holding unet/): the response path's start
+    min_timestep: int = 0  # stage-2 timesteps t ~ U{min_timestep .. max_timestep - 1}
+    max_timestep: int | None = None  # None: the scheduler's num_train_timesteps (the same range as L_diff)
+    clip_preset: str = "auto"  # auto | tiny | real ("auto": tiny for the tiny preset's UNet, else real)
+    clip_model: str = "vit-l-14"  # vit-l-14 (the paper) | vit-b-32
+    reference_dtype: str = "auto"  # auto (= the run's compute dtype) | fp32 | fp16 | bf16
+    mask_mode: str = "pool"  # spf_losses.text_consistent_loss
+    norm: str = "mse"  # mse | l2
+    layer_reduction: str = "mean"  # mean | sum
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("lambda1", "lambda2", "lambda3"):
+            if getattr(self, name) < 0:
+                raise SpfbenchError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.clip_preset not in ("auto", "tiny", "real"):
+            raise SpfbenchError(f"clip_preset must be auto, tiny or real, got {self.clip_preset!r}")
+        if self.clip_model not in ("vit-l-14", "vit-b-32"):
+            raise SpfbenchError(f"clip_model must be vit-l-14 or vit-b-32, got {self.clip_model!r}")
+        if self.reference_dtype not in ("auto", *_DTYPES):
+            raise SpfbenchError(f"reference_dtype must be auto, fp32, fp16 or bf16, got {self.reference_dtype!r}")
+        if self.mask_mode not in ("pool", "renorm"):
+            raise SpfbenchError(f"mask_mode must be pool or renorm, got {self.mask_mode!r}")
+        if self.norm not in ("mse", "l2"):
+            raise SpfbenchError(f"norm must be mse or l2, got {self.norm!r}")
+        if self.layer_reduction not in ("mean", "sum"):
+            raise SpfbenchError(f"layer_reduction must be mean or sum, got {self.layer_reduction!r}")
+        if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
+            raise SpfbenchError(f"need 0 <= min_timestep < max_timestep, got {self.min_timestep}, {self.max_timestep}")
+        if self.stage1_artifact is not None and not (Path(self.stage1_artifact) / "unet").is_dir():
+            raise SpfbenchError(f"stage1_artifact {self.stage1_artifact}: no unet/ folder (give a naive artifact, OUT/artifact)")
+
+
+def _is_attn2(name: str) -> bool:
+    return ".attn2." in name
+
+
+class Spf(Method):
+    name = "spf"
+    description = "SPF-Portrait: dual-path contrastive stage 2 (SFCM alignment + response enhancement)"
+    Config = SpfConfig
+
+    def __init__(self, config: SpfConfig | None = None):
+        super().__init__(config)
+        self._gamma: dict[tuple[str, str], torch.Tensor] = {}  # (base caption, target text) -> (P,)
+        self._target_emb: dict[str, torch.Tensor] = {}  # target text -> CLIP text embedding (D,)
+        self._phrases: dict[str, tuple[list[str], list[list[int]], list[int]]] = {}
+        self._clip = None
+
+    # -- what is needed ---------------------------------------------------------------------------
+    @property
+    def _align(self) -> bool:
+        return self.config.use_text or self.config.use_fine
+
+    @property
+    def _map(self) -> bool:
+        return self.config.use_sfcm and self._align
+
+    # -- setup ------------------------------------------------------------------------------------
+    def setup(self, models: Models) -> list[torch.nn.Parameter]:
+        cfg = self.config
+        unet = models.unet
+        ref_dtype = models.weight_dtype if cfg.reference_dtype == "auto" else _DTYPES[cfg.reference_dtype]
+        # The reference path: the ORIGINAL model (copied before stage 1's weights are loaded), frozen.
+        ref = copy.deepcopy(unet)
+        ref.requires_grad_(False)
+        ref.eval()
+        torch.nn.Module.to(ref, dtype=ref_dtype)
+        models.extra[REFERENCE] = ref
+        if cfg.stage1_artifact is not None:
+            load_stage1(unet, cfg.stage1_artifact)
+        unet.requires_grad_(False)
+        params = []
+        for name, p in unet.named_parameters():
+            if _is_attn2(name):
+                p.requires_grad_(True)
+                params.append(p)
+        unet.train()
+        # One capture mechanism on both paths, recording only what the enabled losses read.
+        self.res_store = AttentionStore(query=self._align, key=cfg.use_text, probs=False, keep_grad=True)
+        self.ref_store = AttentionStore(query=self._align, key=cfg.use_text, probs=self._map, keep_grad=False)
+        self._handles = [install_capture(unet, self.res_store), install_capture(ref, self.ref_store)]
+        return params
+
+    # -- CLIP -------------------------------------------------------------------------------------
+    def clip(self, models: Models):
+        if self._clip is None:
+            from spfbench.metrics.base import Backbones
+            import spfbench.metrics.clip  # noqa: F401  (registers the clip-* loaders)
+
+            preset = self.config.clip_preset
+            if preset == "auto":  # the method does not see the preset name: SD1.x UNets attend to 768-d text
+                unet = getattr(models.unet, "module", models.unet)
+                cross = unet.config.cross_attention_dim
+                cross = max(cross) if isinstance(cross, (tuple, list)) else cross
+                preset = "real" if cross >= 768 else "tiny"
+            self._clip = Backbones(preset, device=models.device).get(f"clip-{self.config.clip_model}")
+            self._clip.model.requires_grad_(False)
+        return self._clip
+
+    def _caption_info(self, models: Models, base: str):
+        if base not in self._phrases:
+            tok = models.tokenizer
+            self._phrases[base] = (L.split_base_phrases(base), L.phrase_token_positions(base, tok),
+                                   L.base_token_positions(base, tok))
+        return self._phrases[base]
+
+    def gamma(self, models: Models, base: str, target: str) -> torch.Tensor:
+        """gamma(i) of the base phrases against the target text, computed once per caption pair."""
+        key = (base, target)
+        if key not in self._gamma:
+            phrases = self._caption_info(models, base)[0]
+            clip = self.clip(models)
+            self._gamma[key] = L.phrase_gamma(clip.encode_texts, phrases, target).detach().float().cpu().clone()
+        return self._gamma[key]
+
+    def target_embedding(self, models: Models, target: str) -> torch.Tensor:
+        if target not in self._target_emb:
+            self._target_emb[target] = self.clip(models).encode_texts([target])[0].float().clone()
+        return self._target_emb[target]
+
+    # -- the stage-2 loss -------------------------------------------------------------------------
+    def loss(self, models: Models, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        ref: torch.nn.Module = models.extra[REFERENCE]
+        sched = models.noise_scheduler
+        latents, text = encode_batch(models, batch, generator)  # text: the complete caption, one encoding
+        bases, targets = list(batch["base_caption"]), list(batch["target_text"])
+        text_base = encode_text(models, bases)  # E_base alone: the reference path's only input
+        # same draws, in the same order, as trainers.base.diffusion_loss
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
+        t_max = cfg.max_timestep or sched.config.num_train_timesteps
+        t = torch.randint(cfg.min_timestep, t_max, (latents.shape[0],), generator=generator, device=generator.device)
+        t = t.to(latents.device)
+        noisy = sched.add_noise(latents, noise, t)
+        target = diffusion_target(sched, latents, noise, t)
+
+        out_res = models.unet(noisy, t, text).sample  # response path (captures Q, K with grad)
+        l_diff = torch.nn.functional.mse_loss(out_res.float(), target.float(), reduction="mean")
+        numbers = {}
+        latent_hw = tuple(latents.shape[-2:])
+
+        l_text = l_fine = l_enh = None
+        if self._align:
+            ref_dtype = next(ref.parameters()).dtype
+            with torch.no_grad():
+                out_ref = ref(noisy.to(ref_dtype), t, text_base.to(ref_dtype)).sample.float()
+            names = self.res_store.names()
+            m_hat = None
+            if self._map:
+                info = [self._caption_info(models, b) for b in bases]
+                weights, pmask = L.phrase_token_matrix([i[1] for i in info], n_txt=text_base.shape[1])
+                probs = [self.ref_store[n].probs for n in names]
+                a_base = L.phrase_attention_maps(probs, weights.to(latents.device), latent_hw=latent_hw)
+                gam = torch.ones(pmask.shape)
+                for b, (base, tgt) in enumerate(zip(bases, targets)):
+                    g = self.gamma(models, base, tgt)
+                    gam[b, : g.shape[0]] = g[: gam.shape[1]]
+                m_hat = L.sfcm(out_ref, out_res.detach(), a_base, gam.to(latents.device), phrase_mask=pmask.to(latents.device))
+                numbers["m_hat_mean"] = m_hat.mean().item()
+            q_res = [self.res_store[n].query for n in names]
+            q_ref = [self.ref_store[n].query for n in names]
+            if cfg.use_text:
+                pos = [self._caption_info(models, b)[2] for b in bases]
+                n = max(1, max(len(p) for p in pos))
+                idx = torch.tensor([p + [0] * (n - len(p)) for p in pos], dtype=torch.long, device=latents.device)
+                tmask = torch.tensor([[True] * len(p) + [False] * (n - len(p)) for p in pos], device=latents.device)
+                l_text = L.text_consistent_loss(
+                    q_ref, [self.ref_store[n].key for n in names], q_res, [self.res_store[n].key for n in names],
+                    ref_token_idx=idx, res_token_idx=idx, token_mask=tmask, m_hat=m_hat, mask_mode=cfg.mask_mode,
+                    norm=cfg.norm, layer_reduction=cfg.layer_reduction, latent_hw=latent_hw,
+                )
+            if cfg.use_fine:
+                l_fine = L.fine_grained_loss(q_ref, q_res, m_hat=m_hat, norm=cfg.norm, layer_reduction=cfg.layer_reduction,
+                                             latent_hw=latent_hw)
+        if cfg.use_enhanced:
+            l_enh = self._enhanced(models, batch, noisy, out_res, t, targets)
+        self.res_store.reset()
+        self.ref_store.reset()
+
+        total, parts = L.spf_loss(l_diff, l_enh, l_text, l_fine, cfg.lambda1, cfg.lambda2, cfg.lambda3)
+        names_out = {"diff": "loss_diffusion", "enhanced": "loss_enhanced", "text": "loss_text", "fine": "loss_fine",
+                     "total": "loss_total"}
+        numbers.update({names_out[k]: v.item() for k, v in parts.items()})
+        return total, numbers
+
+    def _enhanced(self, models, batch, noisy, out_res, t, targets) -> torch.Tensor:
+        """L_enhanced: x0-hat decoded by the frozen VAE WITH gradients, CLIP image embedding with gradients."""
+        clip = self.clip(models)
+        vae, sf = models.vae, models.vae.config.scaling_factor
+        vae_dtype = next(vae.parameters()).dtype
+        size = clip.model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        x0_hat = L.predict_x0(noisy, out_res, t, models.noise_scheduler)
+        decoded = vae.decode((x0_hat / sf).to(vae_dtype)).sample.float()
+        emb_pred = clip.model.encode_image(L.clip_preprocess(decoded, size=size).to(clip.dtype))
+        with torch.no_grad():
+            if "pixel_values" in batch:
+                gt = batch["pixel_values"].to(models.device).float()
+            else:  # cached encodings: the ground truth is the decode of the cached posterior mean
+                gt = vae.decode(batch["latent_mean"].to(models.device, vae_dtype)).sample.float()
+            emb_gt = clip.model.encode_image(L.clip_preprocess(gt, size=size).to(clip.dtype))
+        txt = torch.stack([self.target_embedding(models, x) for x in targets]).to(models.device)
+        return L.enhanced_loss(emb_pred, emb_gt, txt)
+
+    # -- checkpoints and artifact -----------------------------------------------------------------
+    def trainable_state(self, models: Models) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in models.unet.state_dict().items() if _is_attn2(k)}
+
+    def load_trainable_state(self, models: Models, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = models.unet.load_state_dict(state, strict=False)
+        bad = [k for k in missing if _is_attn2(k)] + list(unexpected)
+        if bad:
+            raise SpfbenchError(f"{self.name} checkpoint does not match the response path's attn2 weights: {bad[:5]}")
+
+    def save_artifact(self, models: Models, folder: Path) -> None:
+        # The whole response UNet: stage 1 changed every weight, stage 2 the attn2 ones.
+        models.unet.save_pretrained(folder / "unet", safe_serialization=True)
+
+    @classmethod
+    def apply_artifact(cls, pipe, folder: Path, config: TrainConfig) -> None:
+        from .naive import Naive
+
+        Naive.apply_artifact(pipe, folder, config)
+
+
+def load_stage1(unet: torch.nn.Module, folder: str | Path) -> None:
+    """Load a stage-1 (naive) artifact's UNet weights into ``unet`` in place (device and dtype kept)."""
+    from diffusers import UNet2DConditionModel
+
+    src = UNet2DConditionModel.from_pretrained(Path(folder) / "unet", local_files_only=True)
+    missing, unexpected = unet.load_state_dict(src.state_dict(), strict=False)
+    if missing or unexpected:
+        raise SpfbenchError(f"stage1_artifact {folder}: its UNet does not match the base model ({(missing + unexpected)[:5]})")
+
+
+# -- ablations (Table 1's gray rows) -----------------------------------------------------------------
+
+
+@dataclass
+class SpfNoTextConfig(SpfConfig):
+    use_text: bool = False
+
+
+@dataclass
+class SpfNoFineConfig(SpfConfig):
+    use_fine: bool = False
+
+
+@dataclass
+class SpfNoEnhConfig(SpfConfig):
+    use_enhanced: bool = False
+
+
+@dataclass
+class SpfNoSfcmConfig(SpfConfig):
+    use_sfcm: bool = False
+
+
+class SpfNoText(Spf):
+    name, description, Config = "spf-no-text", "SPF-Portrait without L_M-text (ablation)", SpfNoTextConfig
+
+
+class SpfNoFine(Spf):
+    name, description, Config = "spf-no-fine", "SPF-Portrait without L_M-fine (ablation)", SpfNoFineConfig
+
+
+class SpfNoEnh(Spf):
+    name, description, Config = "spf-no-enh", "SPF-Portrait without L_enhanced (ablation)", SpfNoEnhConfig
+
+
+class SpfNoSfcm(Spf):
+    name, description, Config = "spf-no-sfcm", "SPF-Portrait, alignment without the SFCM (ablation)", SpfNoSfcmConfig
