@@ -270,6 +270,79 @@ def train(
     typer.echo(f"{method}: {r.steps} steps{resumed}; artifact {r.artifact}")
 
 
+viz_app = typer.Typer(help="PNG grids of maps: target-text cross-attention over timesteps (Fig. 2), the SFCM (Fig. 3-4).")
+app.add_typer(viz_app, name="viz")
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SpfbenchError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+@viz_app.command("attention")
+def viz_attention(
+    caption: str = typer.Option(..., "--caption", help="The complete caption to generate (base text, then the target text)."),
+    target: str = typer.Option(..., "--target", help="The target text: whole words that occur in --caption; its tokens' maps are shown."),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="A row: 'original' (the base model) or NAME=ARTIFACT (a trained RUN/artifact); repeatable, in order. Default: original."),
+    out: Path = typer.Option(..., "--out", help="Output .png."),
+    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Real presets: hub id, local diffusers folder, or single-file .safetensors."),
+    weights_seed: int = typer.Option(0, help="Random presets: seed of the random weights (must match the runs' --weights-seed)."),
+    seed: int = typer.Option(0, help="Generation seed (same initial noise for every model)."),
+    sampler: str = typer.Option("dpmpp-2m-karras", help="Sampler (see build-testset)."),
+    steps: int = typer.Option(25, help="Sampling steps."),
+    guidance: float = typer.Option(7.0, help="Classifier-free guidance scale (the conditional half's maps are shown)."),
+    columns: int = typer.Option(5, help="Number of denoising steps shown, evenly spaced from the first to the last."),
+    at: Optional[str] = typer.Option(None, "--at", help="Exact 0-based step indices to show, comma-separated (negative: from the end); overrides --columns."),
+    size: int = typer.Option(64, help="Map side: every layer's map is resized to SIZE x SIZE before the layer mean."),
+    normalize: str = typer.Option("panel", help="Display scaling: panel (each map / its max), row (per model), global, none."),
+    cell: int = typer.Option(128, help="Panel side in pixels."),
+    image: bool = typer.Option(False, "--image/--no-image", help="Add the generated image as a last column."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16, bf16 (default: fp16 on cuda, fp32 on cpu)."),
+) -> None:
+    """Target-text cross-attention maps over denoising steps, one row per model (paper Fig. 2)."""
+    _quiet_libraries()
+    from .generation import GenerationSettings
+    from .viz import ModelSpec, run_attention
+
+    specs = [ModelSpec.parse(m) for m in (model or ["original"])]
+    settings = GenerationSettings(sampler=sampler, steps=steps, guidance_scale=guidance)
+    grid = run_attention(specs, caption, target, out, preset=preset, base_model=base_model, weights_seed=weights_seed,
+                         seed=seed, settings=settings, columns=columns, at=_int_list(at, "--at"), size=size,
+                         normalize=normalize, cell=cell, with_image=image, device=device, dtype=dtype)
+    typer.echo(f"written {out} ({grid.size[0]}x{grid.size[1]}; rows: {', '.join(s.name for s in specs)})")
+
+
+@viz_app.command("sfcm")
+def viz_sfcm(
+    data: Path = typer.Option(..., "--data", help="Training set (as for train)."),
+    index: int = typer.Option(0, "--index", help="Item of the training set."),
+    out: Path = typer.Option(..., "--out", help="Output .png."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", help="The response path: an SPF RUN/artifact (default: the base model itself)."),
+    preset: str = typer.Option("realistic-vision-v4", help="Base model preset (the reference path)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Real presets: hub id, local diffusers folder, or single-file .safetensors."),
+    weights_seed: int = typer.Option(0, help="Random presets: seed of the random weights."),
+    timestep: int = typer.Option(500, help="Training timestep t of x_t (0 .. num_train_timesteps - 1)."),
+    seed: int = typer.Option(0, help="Seed of the VAE posterior sample and of the noise."),
+    gamma: Optional[float] = typer.Option(None, help="Force every gamma(i) to this value (1: M-hat = M); default: CLIP cosines."),
+    cell: int = typer.Option(128, help="Panel side in pixels."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+) -> None:
+    """M, the weighted base-phrase maps and M-hat of one training sample (paper Fig. 3-4)."""
+    _quiet_libraries()
+    from .viz import run_sfcm
+
+    grid, view = run_sfcm(data, index, out, artifact=artifact, preset=preset, base_model=base_model,
+                          weights_seed=weights_seed, timestep=timestep, seed=seed, gamma=gamma, cell=cell, device=device)
+    g = ", ".join(f"{p!r}: {x:.2f}" for p, x in zip(view.phrases, view.gamma.tolist()))
+    typer.echo(f"written {out} ({grid.size[0]}x{grid.size[1]}); gamma {g}; M-hat mean {view.m_hat.mean().item():.3f}")
+
+
 def main() -> None:
     try:
         app()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -73,6 +74,18 @@ class SpfConfig(TrainConfig):
             raise SpfbenchError(f"need 0 <= min_timestep < max_timestep, got {self.min_timestep}, {self.max_timestep}")
         if self.stage1_artifact is not None and not (Path(self.stage1_artifact) / "unet").is_dir():
             raise SpfbenchError(f"stage1_artifact {self.stage1_artifact}: no unet/ folder (give a naive artifact, OUT/artifact)")
+
+
+class SfcmParts(NamedTuple):
+    """What :meth:`Spf.sfcm_parts` returns (the ``viz sfcm`` panels)."""
+
+    m_hat: torch.Tensor  # (B, S, S) eq. 7
+    m: torch.Tensor  # (B, S, S) normalised noise difference, eq. 5
+    exclusion: torch.Tensor  # (B, S, S) sum_i A_base[i] (1 - gamma(i)) (padding phrases weigh 0)
+    phrase_maps: torch.Tensor  # (B, P, S, S) A_base, eq. 6, min-max per phrase
+    gamma: torch.Tensor  # (B, P) the gamma used (padding phrases: 1)
+    phrase_mask: torch.Tensor  # (B, P) which phrases exist
+    phrases: list  # list[list[str]] the base phrases of each sample
 
 
 def _is_attn2(name: str) -> bool:
@@ -192,15 +205,8 @@ class Spf(Method):
             names = self.res_store.names()
             m_hat = None
             if self._map:
-                info = [self._caption_info(models, b) for b in bases]
-                weights, pmask = L.phrase_token_matrix([i[1] for i in info], n_txt=text_base.shape[1])
                 probs = [self.ref_store[n].probs for n in names]
-                a_base = L.phrase_attention_maps(probs, weights.to(latents.device), latent_hw=latent_hw)
-                gam = torch.ones(pmask.shape)
-                for b, (base, tgt) in enumerate(zip(bases, targets)):
-                    g = self.gamma(models, base, tgt)
-                    gam[b, : g.shape[0]] = g[: gam.shape[1]]
-                m_hat = L.sfcm(out_ref, out_res.detach(), a_base, gam.to(latents.device), phrase_mask=pmask.to(latents.device))
+                m_hat = self.sfcm_parts(models, bases, targets, out_ref, out_res, probs, latent_hw).m_hat
                 numbers["m_hat_mean"] = m_hat.mean().item()
             q_res = [self.res_store[n].query for n in names]
             q_ref = [self.ref_store[n].query for n in names]
@@ -227,6 +233,24 @@ class Spf(Method):
                      "total": "loss_total"}
         numbers.update({names_out[k]: v.item() for k, v in parts.items()})
         return total, numbers
+
+    def sfcm_parts(self, models: Models, bases, targets, out_ref, out_res, probs, latent_hw, gamma=None) -> "SfcmParts":
+        """The SFCM of a batch and its parts (eq. 5-7), as ``loss`` computes it: the reference path's
+        captured probabilities ``probs`` (one (B, heads, N_img, T) tensor per cross-attention layer), the
+        two paths' outputs, gamma from CLIP (``gamma`` (B, P) overrides it, e.g. all ones)."""
+        info = [self._caption_info(models, b) for b in bases]
+        weights, pmask = L.phrase_token_matrix([i[1] for i in info], n_txt=probs[0].shape[-1])
+        device = out_ref.device
+        a_base = L.phrase_attention_maps(probs, weights.to(device), latent_hw=latent_hw)
+        if gamma is None:
+            gam = torch.ones(pmask.shape)
+            for b, (base, tgt) in enumerate(zip(bases, targets)):
+                g = self.gamma(models, base, tgt)
+                gam[b, : g.shape[0]] = g[: gam.shape[1]]
+        else:
+            gam = torch.as_tensor(gamma, dtype=torch.float32).expand(pmask.shape).clone()
+        parts = L.sfcm(out_ref, out_res.detach(), a_base, gam.to(device), phrase_mask=pmask.to(device), return_parts=True)
+        return SfcmParts(parts.m_hat, parts.m, parts.exclusion, a_base, gam, pmask, [i[0] for i in info])
 
     def _enhanced(self, models, batch, noisy, out_res, t, targets) -> torch.Tensor:
         """L_enhanced: x0-hat decoded by the frozen VAE WITH gradients, CLIP image embedding with gradients."""
