@@ -189,3 +189,24 @@ def test_config_is_validated(tmp_path):
     with pytest.raises(SpfbenchError, match="unknown option"):
         trainers.create("spf-no-sfcm", {"nope": 1})
     assert trainers.create("spf-no-sfcm").config.use_sfcm is False
+
+
+def test_checkpointed_enhancement_gives_the_same_loss_and_gradients(batch, monkeypatch):
+    import torch.utils.checkpoint as ckpt
+
+    calls = []
+    real = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *a, **k: (calls.append(fn.__name__), real(fn, *a, **k))[1])
+    grads = []
+    for checkpointed in (False, True):
+        models = fresh_models()
+        method = trainers.create("spf", {"checkpoint_enhanced": checkpointed})
+        params = method.setup(models)
+        loss, numbers = method.loss(models, batch, gen(5))
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in params]))
+    (l0, g0), (l1, g1) = grads
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g0, g1))
+    assert any(a.abs().sum() > 0 for a in g0)
+    assert calls == ["embed_prediction"]  # the decode + CLIP pass ran under checkpointing only when asked

@@ -52,6 +52,9 @@ class SpfConfig(TrainConfig):
     mask_mode: str = "pool"  # spf_losses.text_consistent_loss
     norm: str = "mse"  # mse | l2
     layer_reduction: str = "mean"  # mean | sum
+    # recompute the VAE decode and the CLIP vision pass of L_enhanced in the backward pass instead of keeping
+    # their activations (the decode is ~64 % of a stage-2 step's FLOPs and most of its activation memory)
+    checkpoint_enhanced: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -260,8 +263,17 @@ class Spf(Method):
         size = clip.model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else int(size)
         x0_hat = L.predict_x0(noisy, out_res, t, models.noise_scheduler)
-        decoded = vae.decode((x0_hat / sf).to(vae_dtype)).sample.float()
-        emb_pred = clip.model.encode_image(L.clip_preprocess(decoded, size=size).to(clip.dtype))
+
+        def embed_prediction(x0: torch.Tensor) -> torch.Tensor:
+            decoded = vae.decode((x0 / sf).to(vae_dtype)).sample.float()
+            return clip.model.encode_image(L.clip_preprocess(decoded, size=size).to(clip.dtype))
+
+        if self.config.checkpoint_enhanced:
+            from torch.utils.checkpoint import checkpoint
+
+            emb_pred = checkpoint(embed_prediction, x0_hat, use_reentrant=False)
+        else:
+            emb_pred = embed_prediction(x0_hat)
         with torch.no_grad():
             if "pixel_values" in batch:
                 gt = batch["pixel_values"].to(models.device).float()
