@@ -140,6 +140,12 @@ class Trainer:
         from spfbench.models import load_pipeline
 
         cfg = self.cfg
+        # One process may train several methods in turn (``spfbench run``), each with its own precision and
+        # accumulation: forget the previous accelerator's settings, keep the process group (PartialState).
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
