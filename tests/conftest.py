@@ -58,3 +58,15 @@ def snapshot(folder) -> dict:
     """Every file under folder (relative path -> bytes)."""
     folder = Path(folder)
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of small-model tests (restored after): tiny models gain nothing from
+    intra-op threads, and on a shared 2-core machine spinning OpenMP threads made forwards 10-50x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

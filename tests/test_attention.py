@@ -13,6 +13,8 @@ from trainers.attention import (
     spatial_size,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, shared cores
+
 ATOL = 1e-5
 T = 7  # text tokens
 
@@ -28,16 +30,6 @@ def _tiny_unet():
         torch.manual_seed(0)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR / "tiny" / "unet"))
     return unet.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny UNet gains nothing from intra-op threads, and on a shared 2-core box OpenMP threads
-    # contending with other processes made a forward 50x slower. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

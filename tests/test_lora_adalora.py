@@ -14,16 +14,10 @@ from trainers.adalora import AdaLora, AdaLoraConfig, load_adapter, orthogonal_re
 from trainers.base import Models, diffusion_loss, encode_batch
 from trainers.lora import Lora, LoraConfig, adapter_init_rng
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, shared cores
+
 SETTINGS = GenerationSettings(steps=3)
 CAPTIONS, SEEDS = ["A woman, smiling, a hat", "A man, glasses"], [7, 8]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

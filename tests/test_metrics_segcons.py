@@ -10,16 +10,9 @@ from spfbench.errors import MissingWeightsError, SpfbenchError
 from spfbench.metrics import Backbones, Batch, create
 from spfbench.metrics.segcons import TINY_GENERATOR_PARAMS, SegConsVitB, seg_consistency, tiny_sam
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, shared cores
+
 VIT_H_LIKE = {"depth": 32, "global_attn_indexes": (7, 15, 23, 31)}  # ViT-H's parameter names, tiny widths
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny SAM's ops are too small to gain from threads; on shared cores threads spin (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _box(shape, rows, cols):

@@ -24,6 +24,8 @@ from spfbench.errors import SpfbenchError
 from spfbench.generation import GenerationSettings, generate
 from spfbench.models import load_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, shared cores
+
 # The SD1.5 architecture, narrowed: widths and the text encoder shrink, the block structure stays.
 SHRINK = {
     "unet": {"block_out_channels": [32, 32, 64, 64], "cross_attention_dim": 32, "sample_size": 8},
@@ -148,16 +150,6 @@ def to_ldm_state_dict(pipe, drop: str | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Models this small gain nothing from a second thread, and on a shared 2-core machine two OpenMP
-    # threads can stall for seconds per forward pass while the other core is busy. Restored after.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,10 @@ from trainers.base import Models, diffusion_loss, encode_batch, encode_text
 from trainers.loop import Trainer, _training_scheduler
 from trainers.spf import REFERENCE
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, shared cores
+
 ABLATIONS = {"spf-no-text": "loss_text", "spf-no-fine": "loss_fine", "spf-no-enh": "loss_enhanced", "spf-no-sfcm": "m_hat_mean"}
 ALL_PARTS = {"loss_diffusion", "loss_enhanced", "loss_text", "loss_fine", "loss_total", "m_hat_mean"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,10 @@ from spfbench.testset import TestsetBuilder, load_testset
 from spfbench.toydata import make_toy_data
 from trainers.loop import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, shared cores
+
 N = 3
 SETTINGS = GenerationSettings(steps=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_two_stage_spf_artifact_is_scored_by_every_metric(tmp_path):

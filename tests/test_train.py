@@ -13,6 +13,8 @@ from trainers.base import Models, diffusion_loss, encode_batch
 from trainers.loop import Trainer, TrainingDiverged
 from trainers.naive import Naive
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, shared cores
+
 STEPS = 4
 
 
@@ -23,14 +25,6 @@ def toy(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "data"
     make_toy_data(out, 6, seed=0, size=64)
     return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def naive(**cfg):

@@ -12,16 +12,10 @@ from spfbench import viz
 from spfbench.generation import GenerationSettings, generate
 from trainers.attention import AttentionStore, capture_cross_attention
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, shared cores
+
 CAPTION = "a woman, smiling, wearing red glasses"
 TARGET = "wearing red glasses"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
