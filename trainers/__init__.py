@@ -15,6 +15,7 @@ from spfbench.errors import SpfbenchError
 
 REGISTRY = {
     "naive": "trainers.naive:Naive",
+    "magnet": "trainers.magnet:Magnet",
     "lora": "trainers.lora:Lora",
     "adalora": "trainers.adalora:AdaLora",
     "spf": "trainers.spf:Spf",
@@ -22,6 +23,7 @@ REGISTRY = {
     "spf-no-fine": "trainers.spf:SpfNoFine",
     "spf-no-enh": "trainers.spf:SpfNoEnh",
     "spf-no-sfcm": "trainers.spf:SpfNoSfcm",
+    "tokencompose": "trainers.tokencompose:TokenCompose",
 }
 
 

@@ -113,6 +113,10 @@ class Method(ABC):
         self.config.validate()
 
     # -- training hooks ---------------------------------------------------------------------------
+    def bind_dataset(self, dataset) -> None:
+        """The loop hands over the training set (a :class:`spfbench.data.PortraitDataset`) before
+        ``setup``: methods that read more than the batch (TokenCompose's masks) keep it."""
+
     @abstractmethod
     def setup(self, models: Models) -> list[torch.nn.Parameter]:
         """Freeze what stays fixed, add adapters; return the parameters the optimizer trains."""

@@ -159,6 +159,7 @@ class Trainer:
         self._check_run_folder(identity)
         resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         dataset = PortraitDataset(self.data, resolution=resolution, random_flip=cfg.random_flip, seed=cfg.seed)
+        self.method.bind_dataset(dataset)
 
         models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe), weight_dtype)
         models.vae.requires_grad_(False)
