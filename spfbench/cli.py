@@ -343,6 +343,24 @@ def viz_sfcm(
     typer.echo(f"written {out} ({grid.size[0]}x{grid.size[1]}); gamma {g}; M-hat mean {view.m_hat.mean().item():.3f}")
 
 
+@app.command()
+def masks(
+    data: Path = typer.Option(..., "--data", help="Imagefolder training set (DIR/metadata.jsonl); masks go to DIR/masks/."),
+    preset: str = typer.Option("real", help="Segmenter: real (CLIPSeg CIDAS/clipseg-rd64-refined, local weights) or tiny (random, tests)."),
+    model: Optional[str] = typer.Option(None, help="real: a local CLIPSeg folder (save_pretrained) or hub id in the HF cache."),
+    threshold: float = typer.Option(0.5, help="Mask = bilinear-upsampled sigmoid(logits) > threshold."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Write a CLIPSeg mask per noun phrase and add TokenCompose's attn_list to metadata.jsonl (resumable)."""
+    _quiet_libraries()
+    from .masks import generate_masks
+
+    r = generate_masks(data, preset, threshold=threshold, model=model, device=device, progress=progress)
+    meta = "metadata.jsonl rewritten" if r.metadata_rewritten else "metadata.jsonl unchanged"
+    typer.echo(f"masks: {r.masks} masks for {r.samples} samples ({r.segmented} segmented now); {meta}")
+
+
 def main() -> None:
     try:
         app()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-PROVIDERS = ["spfbench.models", "spfbench.metrics"]
+PROVIDERS = ["spfbench.models", "spfbench.metrics", "spfbench.masks"]
 COLUMNS = [("name", "file"), ("what", "what"), ("source", "source"), ("size", "size"), ("present", "here")]
 
 

@@ -1,0 +1,228 @@
+"""Noun-phrase masks for TokenCompose from text: ``spfbench masks --data DIR`` (docs/baselines.md).
+
+TokenCompose grounds each noun phrase of the caption on a binary mask (the ``attn_list`` column:
+``[[phrase, mask path | null], ...]``, paths relative to the dataset root). When a training set does not
+supply them, this module produces them with a real text-prompted segmenter, CLIPSeg
+(``CLIPSegForImageSegmentation`` from transformers, hub id :data:`HUB_ID`), and writes them beside the
+data so that training reads them exactly like supplied masks:
+
+* phrases of a sample (:func:`sample_phrases`): the comma-separated phrases of ``base_caption``
+  (:func:`trainers.spf_losses.split_base_phrases`) followed by ``target_text``; for our caption shape
+  these are the noun phrases of the complete caption ``join_caption(base, target)``;
+* mask k of an image ``DIR/<file_name>`` is ``DIR/masks/<file_name without extension>/<k>.png``: an
+  8-bit grey PNG of the image's size, 255 inside and 0 outside;
+* mask = ``bilinear_upsample(sigmoid(logits), image size) > threshold`` (logits: CLIPSeg's 352 x 352
+  output for the real model; bilinear with ``align_corners=False``, :func:`upsample_masks`);
+* all phrases of an image go through CLIPSeg in one call (the image repeated once per phrase);
+* ``metadata.jsonl`` is rewritten atomically with ``attn_list`` added (or replaced) on every row, every
+  other column kept as it was; a sample whose mask files all exist is not segmented again, and a rerun
+  with nothing to do leaves every file untouched.
+
+Only imagefolder sets (``DIR/metadata.jsonl``) are handled; an HF datasets folder or WebDataset shards
+is refused with a message saying to convert it to an imagefolder.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import MissingWeightsError, SpfbenchError
+
+HUB_ID = "CIDAS/clipseg-rd64-refined"
+MASKS_DIR = "masks"
+DEFAULT_THRESHOLD = 0.5
+PRESETS = ("real", "tiny")
+TINY_IMAGE_SIZE = 64  # the tiny CLIPSeg's input side (patch 16 -> 4 x 4 tokens)
+_IMAGENET_MEAN = [0.485, 0.456, 0.406]  # CIDAS/clipseg-rd64-refined preprocessor_config.json
+_IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+# ---------------------------------------------------------------------------------------------- segmenter
+
+
+@dataclass
+class Segmenter:
+    """A CLIPSeg model and its processor on one device."""
+
+    model: torch.nn.Module
+    processor: object
+    device: torch.device
+
+    @torch.inference_mode()
+    def probabilities(self, image, phrases: list[str]) -> torch.Tensor:
+        """(P, h, w) sigmoid of CLIPSeg's logits for the P phrases on one PIL image (one forward)."""
+        inputs = self.processor(text=list(phrases), images=[image] * len(phrases), padding=True, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        logits = self.model(**inputs).logits
+        if logits.ndim == 2:  # CLIPSeg squeezes a batch of one
+            logits = logits[None]
+        return torch.sigmoid(logits.float()).cpu()
+
+
+def upsample_masks(probs: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """(P, h, w) probabilities -> (P, H, W) bool: bilinear (align_corners=False) to size = (H, W), then > threshold."""
+    up = F.interpolate(probs[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return up > threshold
+
+
+def tiny_segmenter(seed: int = 0, device: str | torch.device = "cpu") -> Segmenter:
+    """A small random-weight CLIPSeg of the real class (seeded), with the project's offline CLIP tokenizer
+    and a ViTImageProcessor configured like CIDAS's (bilinear resize, ImageNet mean/std) at 64 px."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor
+
+    from .clip_tokenizer import clip_tokenizer
+
+    config = CLIPSegConfig(
+        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                     "num_attention_heads": 2, "max_position_embeddings": 77},
+        vision_config={"image_size": TINY_IMAGE_SIZE, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 3, "num_attention_heads": 2},
+        projection_dim=32, extract_layers=(1, 2), reduce_dim=16, decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPSegForImageSegmentation(config)
+    image_processor = ViTImageProcessor(
+        do_resize=True, size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, resample=2,
+        do_rescale=True, do_normalize=True, image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD,
+    )
+    processor = CLIPSegProcessor(image_processor=image_processor, tokenizer=clip_tokenizer())
+    dev = torch.device(device)
+    return Segmenter(model.to(dev).eval(), processor, dev)
+
+
+def _missing(where: str) -> str:
+    return (f"missing weights: CLIPSeg {where} not found locally (hub id {HUB_ID}, ~600 MB); get it with "
+            f"`huggingface-cli download {HUB_ID}` on a machine with network (then copy the HF cache), or pass "
+            f"--model DIR holding a save_pretrained() copy of model and processor")
+
+
+def load_segmenter(preset: str = "real", model: str | None = None, device: str | None = None, seed: int = 0) -> Segmenter:
+    """The segmenter of a preset: ``real`` = CLIPSeg ``model`` (a local folder or hub id, default
+    :data:`HUB_ID`) from disk / the HF cache only; ``tiny`` = :func:`tiny_segmenter`."""
+    if preset not in PRESETS:
+        raise SpfbenchError(f"unknown masks preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if preset == "tiny":
+        return tiny_segmenter(seed, dev)
+    from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+    src = model or HUB_ID
+    if model and not Path(model).exists() and ("/" not in model or model.startswith((".", "/"))):
+        raise MissingWeightsError(_missing(repr(model)))
+    try:
+        proc = CLIPSegProcessor.from_pretrained(src, local_files_only=True)
+        net = CLIPSegForImageSegmentation.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError) as e:
+        if model and Path(model).exists():
+            raise SpfbenchError(f"cannot load CLIPSeg from {model}: {str(e).splitlines()[0]}") from None
+        raise MissingWeightsError(_missing(repr(src))) from None
+    return Segmenter(net.to(dev).eval(), proc, dev)
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+def sample_phrases(base_caption: str, target_text: str) -> list[str]:
+    """The noun phrases of ``join_caption(base, target)`` for our caption shape: the comma-separated
+    phrases of the base caption, then the target text."""
+    from trainers.spf_losses import split_base_phrases
+
+    return [*split_base_phrases(base_caption), target_text.strip()]
+
+
+def mask_relpath(file_name: str, k: int) -> str:
+    """``masks/<file_name without extension>/<k>.png`` (POSIX, relative to the dataset root)."""
+    stem = Path(os.path.normpath(file_name)).with_suffix("").as_posix()
+    return f"{MASKS_DIR}/{stem}/{k}.png"
+
+
+@dataclass
+class MasksResult:
+    samples: int
+    segmented: int  # samples segmented in this call (the others already had every mask)
+    masks: int  # mask files in the set
+    metadata_rewritten: bool
+
+
+def generate_masks(
+    data: str | os.PathLike,
+    preset: str = "real",
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    model: str | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    segmenter: Segmenter | None = None,
+) -> MasksResult:
+    """Write a mask per phrase of every sample of the imagefolder ``data`` and add ``attn_list`` to its
+    ``metadata.jsonl`` (see the module docstring). Resumable; a rerun with nothing to do writes nothing."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from .data import METADATA, _ImageFolder, detect_format
+    from .io import atomic_write_bytes, atomic_write_text
+
+    if not 0.0 <= threshold < 1.0:
+        raise SpfbenchError(f"--threshold must be in [0, 1), got {threshold}")
+    fmt = detect_format(data)
+    if fmt != "imagefolder":
+        raise SpfbenchError(
+            f"spfbench masks writes masks beside an imagefolder (DIR/{METADATA}); {os.fspath(data)} is a "
+            f"{'HF datasets folder' if fmt == 'hf' else 'WebDataset'}: convert it to an imagefolder first"
+        )
+    root = Path(data)
+    src = _ImageFolder(root)  # validates every row (captions, image files, extras)
+    meta = root / METADATA
+    text = meta.read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert len(rows) == len(src.records)
+
+    plans = []
+    for row, rec in zip(rows, src.records):
+        phrases = sample_phrases(rec.base_caption, rec.target_text)
+        rels = [mask_relpath(row["file_name"], k) for k in range(len(phrases))]
+        plans.append((phrases, rels))
+    todo = [i for i, (_, rels) in enumerate(plans) if not all((root / r).is_file() for r in rels)]
+
+    if todo:
+        seg = segmenter or load_segmenter(preset, model=model, device=device, seed=seed)
+        for i in tqdm(todo, desc="masks", unit="image", disable=not progress):
+            phrases, rels = plans[i]
+            with Image.open(src.files[i]) as im:
+                image = im.convert("RGB")
+            masks = upsample_masks(seg.probabilities(image, phrases), (image.height, image.width), threshold)
+            for m, rel in zip(masks, rels):
+                png = Image.fromarray(m.numpy().astype(np.uint8) * 255, mode="L")
+                buf = _io.BytesIO()
+                png.save(buf, format="PNG")
+                path = root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, buf.getvalue())
+
+    for row, (phrases, rels) in zip(rows, plans):
+        row["attn_list"] = [[p, r] for p, r in zip(phrases, rels)]
+    new_text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    rewritten = new_text != text
+    if rewritten:
+        atomic_write_text(meta, new_text)
+    return MasksResult(len(rows), len(todo), sum(len(r) for _, r in plans), rewritten)
+
+
+def weight_rows() -> list[dict]:
+    from huggingface_hub import try_to_load_from_cache
+
+    hits = [try_to_load_from_cache(HUB_ID, f) for f in ("model.safetensors", "pytorch_model.bin")]
+    path = next((h for h in hits if isinstance(h, str)), None)
+    return [{"group": "masks", "name": "clipseg-rd64-refined", "what": "CLIPSeg (spfbench masks, TokenCompose)",
+             "source": f"hf://{HUB_ID}", "size": "603 MB", "present": path is not None, "path": path}]
