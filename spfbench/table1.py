@@ -1,0 +1,310 @@
+"""Table 1 of the paper from ``spfbench score`` outputs: ``results.csv``, ``results.md``, ``results.tex``.
+
+``collect({method: score_folder})`` reads each folder's ``summary.json`` (value, n per metric) and
+``samples.jsonl`` (per-triple values) into a :class:`Table`. Per-sample metrics get a 95% percentile
+bootstrap confidence interval over triples (B=1000 resamples of the non-null values, numpy
+``default_rng(seed)`` with seed 0 by default, so outputs are deterministic); set-level FID has a value and
+N but no CI. See docs/table1.md for the layout decisions (ranking, ablations, the ``paper`` block).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SpfbenchError
+from .io import atomic_write_text
+
+# (group, column, higher_is_better, decimals) in the paper's order. The paper prints two decimals everywhere.
+COLUMNS = [
+    ("Preservation", "FID", False, 2),
+    ("Preservation", "LPIPS", False, 2),
+    ("Preservation", "ID", True, 2),
+    ("Preservation", "CLIP-I", True, 2),
+    ("Preservation", "Seg-Cons", True, 2),
+    ("Responsiveness", "CLIP-T", True, 2),
+    ("Overall", "HPSv2", True, 2),
+    ("Overall", "MPS", True, 2),
+]
+COLUMN_NAMES = [c[1] for c in COLUMNS]
+HIGHER = {c[1]: c[2] for c in COLUMNS}
+DECIMALS = {c[1]: c[3] for c in COLUMNS}
+# Metric id preferred for a column when a summary holds several (docs/metrics.md defaults).
+DEFAULT_IDS = {
+    "FID": "fid@inception-2048",
+    "LPIPS": "lpips@alex-v0.1",
+    "ID": "id@arcface-buffalo-l",
+    "CLIP-I": "clip-i@vit-l-14",
+    "Seg-Cons": "seg-cons@sam-vit-h",
+    "CLIP-T": "clip-t@vit-l-14",
+    "HPSv2": "hpsv2@v2.1",
+    "MPS": "mps@overall",
+}
+# Row order of the paper (our method names); unknown methods follow in the order given.
+METHOD_ORDER = ["naive", "adalora", "lora", "tokencompose", "magnet", "spf",
+                "spf-no-text", "spf-no-fine", "spf-no-enh", "spf-no-sfcm"]
+ABLATION_PREFIX = "spf-no-"
+BOOTSTRAP_B = 1000
+BOOTSTRAP_SEED = 0
+
+
+@dataclass
+class Cell:
+    value: float | None
+    n: int | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    metric: str | None = None
+
+
+@dataclass
+class Row:
+    method: str
+    cells: dict[str, Cell]
+    ablation: bool = False
+    source: str = "ours"  # "ours" or "paper"
+
+    @property
+    def label(self) -> str:
+        return self.method if self.source == "ours" else f"{self.method} (paper)"
+
+
+@dataclass
+class Table:
+    rows: list[Row] = field(default_factory=list)
+
+
+def is_ablation(method: str) -> bool:
+    return method.startswith(ABLATION_PREFIX)
+
+
+def bootstrap_ci(values, b: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap CI of the mean of ``values`` (None when empty)."""
+    x = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))], dtype=np.float64)
+    if x.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.empty(b)
+    chunk = max(1, 2_000_000 // x.size)
+    for start in range(0, b, chunk):
+        k = min(chunk, b - start)
+        means[start : start + k] = x[rng.integers(0, x.size, size=(k, x.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    lo, hi = np.percentile(means, [100 * alpha, 100 * (1 - alpha)])
+    return float(lo), float(hi)
+
+
+def _pick_metrics(metrics: dict) -> dict[str, str]:
+    """Column -> metric id in a summary (the default id when present, else the first with that column)."""
+    out: dict[str, str] = {}
+    for col in COLUMN_NAMES:
+        if DEFAULT_IDS[col] in metrics:
+            out[col] = DEFAULT_IDS[col]
+        else:
+            ids = [k for k, r in metrics.items() if r.get("column") == col]
+            if ids:
+                out[col] = ids[0]
+    return out
+
+
+def read_scores(folder: Path, method: str, b: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED) -> Row:
+    folder = Path(folder)
+    summary_path = folder / "summary.json"
+    if not summary_path.is_file():
+        raise SpfbenchError(f"{method}: no summary.json in {folder} (run `spfbench score` first)")
+    metrics = json.loads(summary_path.read_text())["metrics"]
+    samples = []
+    samples_path = folder / "samples.jsonl"
+    if samples_path.is_file():
+        samples = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
+    cells = {}
+    for col, mid in _pick_metrics(metrics).items():
+        r = metrics[mid]
+        value = r.get("value")
+        cell = Cell(value=None if value is None else float(value), n=r.get("n"), metric=mid)
+        if r.get("per_sample", col != "FID") and samples:
+            vals = [s.get(mid) for s in samples]
+            ci = bootstrap_ci(vals, b=b, seed=seed)
+            if ci is not None:
+                cell.ci_low, cell.ci_high = ci
+                if cell.value is None:  # summary without a value: the mean of the per-sample values
+                    cell.value = float(np.mean([v for v in vals if v is not None]))
+                if cell.n is None:
+                    cell.n = sum(v is not None for v in vals)
+        cells[col] = cell
+    return Row(method=method, cells=cells, ablation=is_ablation(method))
+
+
+def _order(rows: list[Row]) -> list[Row]:
+    def key(ir):
+        i, r = ir
+        known = METHOD_ORDER.index(r.method) if r.method in METHOD_ORDER else len(METHOD_ORDER)
+        return (r.source != "ours", r.ablation, known, i)
+
+    return [r for _, r in sorted(enumerate(rows), key=key)]
+
+
+def collect(scores: dict[str, Path], b: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED) -> Table:
+    """Method name -> ``spfbench score`` output folder; rows in the paper's order, ablations last."""
+    return Table(rows=_order([read_scores(Path(p), m, b=b, seed=seed) for m, p in scores.items()]))
+
+
+def load_paper() -> dict:
+    """The paper's published Table 1 (``spfbench/paper/table1.json``) with its source."""
+    return json.loads(resources.files("spfbench.paper").joinpath("table1.json").read_text(encoding="utf-8"))
+
+
+def paper_rows() -> list[Row]:
+    data = load_paper()
+    return [Row(method=r["method"], cells={c: Cell(value=v) for c, v in r["values"].items()},
+                ablation=r["ablation"], source="paper") for r in data["rows"]]
+
+
+def _rows(table: Table, paper: bool) -> list[Row]:
+    rows = [r for r in table.rows if r.source == "ours"]
+    return _order(rows + (paper_rows() if paper else []))
+
+
+def fmt(value: float | None, col: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{DECIMALS[col]}f}"
+
+
+def ranks(rows: list[Row]) -> dict[tuple[int, str], int]:
+    """(row index, column) -> 1 (best) or 2 (second), per block (ours / paper) among non-ablation rows.
+
+    Ranked on the displayed (rounded) value, so ties in print are ties in bold.
+    """
+    out = {}
+    for source in ("ours", "paper"):
+        idx = [i for i, r in enumerate(rows) if r.source == source and not r.ablation]
+        for col in COLUMN_NAMES:
+            shown = {}
+            for i in idx:
+                c = rows[i].cells.get(col)
+                if c is not None and fmt(c.value, col) != "-":
+                    shown[i] = float(fmt(c.value, col))
+            distinct = sorted(set(shown.values()), reverse=HIGHER[col])
+            for rank, v in enumerate(distinct[:2], start=1):
+                for i, s in shown.items():
+                    if s == v:
+                        out[(i, col)] = rank
+    return out
+
+
+def to_csv(table: Table, paper: bool = False) -> str:
+    """One row per method; per column: value, N, ci_low, ci_high, metric id (full precision)."""
+    header = ["method", "source", "ablation"]
+    for col in COLUMN_NAMES:
+        header += [col, f"{col} N", f"{col} ci_low", f"{col} ci_high", f"{col} metric"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in _rows(table, paper):
+        line = [r.method, r.source, r.ablation]
+        for col in COLUMN_NAMES:
+            c = r.cells.get(col, Cell(None))
+            line += ["" if x is None else x for x in (c.value, c.n, c.ci_low, c.ci_high, c.metric)]
+        w.writerow(line)
+    return buf.getvalue()
+
+
+def _arrow(col: str, latex: bool) -> str:
+    if latex:
+        return r"$\uparrow$" if HIGHER[col] else r"$\downarrow$"
+    return "↑" if HIGHER[col] else "↓"
+
+
+def to_markdown(table: Table, paper: bool = False) -> str:
+    """Values with 95% CI in brackets (per-sample metrics) and N; **best**, <u>second</u>."""
+    rows = _rows(table, paper)
+    rk = ranks(rows)
+    groups = "; ".join(f"{g}: " + ", ".join(c for gg, c, _, _ in COLUMNS if gg == g) for g in ("Preservation", "Responsiveness", "Overall"))
+    lines = [f"Groups: {groups}. Best per column in **bold**, second <u>underlined</u> (non-ablation rows, ours and paper ranked apart).", ""]
+    lines.append("| Method | " + " | ".join(f"{col} ({_arrow(col, False)})" for col in COLUMN_NAMES) + " |")
+    lines.append("|---|" + "---:|" * len(COLUMN_NAMES))
+    prev = None
+    for i, r in enumerate(rows):
+        group = (r.source, r.ablation)
+        if prev is not None and group != prev:
+            lines.append("| " + ("*paper, ablations*" if r.source == "paper" and r.ablation else "*paper*" if r.source == "paper" else "*ablations*") + " |" + " |" * len(COLUMN_NAMES))
+        prev = group
+        cells = []
+        for col in COLUMN_NAMES:
+            c = r.cells.get(col, Cell(None))
+            s = fmt(c.value, col)
+            if rk.get((i, col)) == 1:
+                s = f"**{s}**"
+            elif rk.get((i, col)) == 2:
+                s = f"<u>{s}</u>"
+            if s != "-":
+                if c.ci_low is not None:
+                    s += f" [{fmt(c.ci_low, col)}, {fmt(c.ci_high, col)}]"
+                if c.n is not None:
+                    s += f" (N={c.n})"
+            cells.append(s)
+        lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_TEX_ESCAPE = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(s: str) -> str:
+    return "".join(_TEX_ESCAPE.get(ch, ch) for ch in s)
+
+
+def to_latex(table: Table, paper: bool = False) -> str:
+    """A booktabs tabular laid out like the paper's Table 1 (values only; CIs and N are in the CSV)."""
+    rows = _rows(table, paper)
+    rk = ranks(rows)
+    ncol = 1 + len(COLUMN_NAMES)
+    out = [
+        "% Requires \\usepackage{booktabs}. Generated by spfbench table1.",
+        "\\begin{tabular}{l" + "c" * len(COLUMN_NAMES) + "}",
+        "\\toprule",
+        "Method & \\multicolumn{5}{c}{Preservation} & \\multicolumn{1}{c}{Responsiveness} & \\multicolumn{2}{c}{Overall} \\\\",
+        "\\cmidrule(lr){2-6} \\cmidrule(lr){7-7} \\cmidrule(lr){8-9}",
+        " & " + " & ".join(f"{tex_escape(col)} ({_arrow(col, True)})" for col in COLUMN_NAMES) + " \\\\",
+        "\\midrule",
+    ]
+    prev = None
+    for i, r in enumerate(rows):
+        group = (r.source, r.ablation)
+        if prev is not None and group != prev:
+            out.append("\\midrule")
+            if r.source == "paper" and prev[0] == "ours":
+                out.append(f"\\multicolumn{{{ncol}}}{{l}}{{\\textit{{Published values (paper Table 1)}}}} \\\\")
+                out.append("\\midrule")
+        prev = group
+        cells = []
+        for col in COLUMN_NAMES:
+            s = fmt(r.cells.get(col, Cell(None)).value, col)
+            if rk.get((i, col)) == 1:
+                s = f"\\textbf{{{s}}}"
+            elif rk.get((i, col)) == 2:
+                s = f"\\underline{{{s}}}"
+            cells.append(s)
+        out.append(tex_escape(r.label) + " & " + " & ".join(cells) + " \\\\")
+    out += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+def write(table: Table, out: Path, paper: bool = False) -> dict[str, Path]:
+    """``results.csv``, ``results.md``, ``results.tex`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "results.csv", "md": out / "results.md", "tex": out / "results.tex"}
+    atomic_write_text(paths["csv"], to_csv(table, paper))
+    atomic_write_text(paths["md"], to_markdown(table, paper))
+    atomic_write_text(paths["tex"], to_latex(table, paper))
+    return paths

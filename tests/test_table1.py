@@ -1,0 +1,172 @@
+"""Table 1 outputs (spfbench.table1): bootstrap CIs, ranking, layout, CSV, paper data."""
+
+import io
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spfbench import table1 as t1
+
+IDS = {"FID": "fid@inception-2048", "LPIPS": "lpips@alex-v0.1", "ID": "id@arcface-buffalo-l",
+       "CLIP-I": "clip-i@vit-l-14", "Seg-Cons": "seg-cons@sam-vit-h", "CLIP-T": "clip-t@vit-l-14",
+       "HPSv2": "hpsv2@v2.1", "MPS": "mps@overall"}
+
+
+def write_scores(folder, per_sample: dict[str, list], fid=None, nulls=()):
+    """A fake ``spfbench score`` folder: per-sample values per column, FID value (set level)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(next(iter(per_sample.values())))
+    metrics = {}
+    for col, mid in IDS.items():
+        hib = t1.HIGHER[col]
+        if col == "FID":
+            metrics[mid] = {"id": mid, "column": col, "higher_is_better": hib, "value": fid, "n": n, "failures": 0}
+        elif col in per_sample:
+            vals = [v for v in per_sample[col] if v is not None]
+            value = None if col in nulls or not vals else float(np.mean(vals))
+            metrics[mid] = {"id": mid, "column": col, "higher_is_better": hib, "value": value, "n": len(vals), "failures": n - len(vals)}
+    (folder / "summary.json").write_text(json.dumps({"metrics": metrics, "triples": n}))
+    rows = []
+    for i in range(n):
+        row = {"id": f"t{i}", "category": "hair", "target_text": "x"}
+        for col, vals in per_sample.items():
+            row[IDS[col]] = vals[i]
+        row["errors"] = {}
+        rows.append(json.dumps(row))
+    (folder / "samples.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def const(v, n=5):
+    return {c: [v] * n for c in t1.COLUMN_NAMES if c != "FID"}
+
+
+def test_bootstrap_contains_mean_and_deterministic():
+    x = np.random.default_rng(1).normal(0.5, 0.1, 200).tolist()
+    ci = t1.bootstrap_ci(x)
+    assert ci[0] < np.mean(x) < ci[1]
+    assert t1.bootstrap_ci(x) == ci
+    assert t1.bootstrap_ci(x + [None]) == ci  # nulls dropped
+    assert t1.bootstrap_ci([]) is None
+
+
+def test_ci_shrinks_with_n():
+    rng = np.random.default_rng(2)
+    widths = []
+    for n in (20, 200, 2000):
+        lo, hi = t1.bootstrap_ci(rng.normal(0, 1, n).tolist())
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_collect_reads_summary_and_samples(tmp_path):
+    vals = np.linspace(0.2, 0.4, 50).tolist()
+    d = write_scores(tmp_path / "a", {"LPIPS": vals, "CLIP-T": vals[:-1] + [None]}, fid=5.0)
+    row = t1.collect({"naive": d}).rows[0]
+    fid = row.cells["FID"]
+    assert (fid.value, fid.n, fid.ci_low, fid.ci_high) == (5.0, 50, None, None)
+    lp = row.cells["LPIPS"]
+    assert lp.n == 50 and lp.ci_low < lp.value < lp.ci_high
+    assert row.cells["CLIP-T"].n == 49
+    assert "ID" not in row.cells
+
+
+def _table(tmp_path):
+    # LPIPS lower is better, CLIP-T higher; FID set level.
+    scores = {
+        "spf-no-sfcm": write_scores(tmp_path / "e", {"LPIPS": [0.05] * 4, "CLIP-T": [0.9] * 4}, fid=1.0),
+        "naive": write_scores(tmp_path / "a", {"LPIPS": [0.5] * 4, "CLIP-T": [0.2] * 4}, fid=20.0),
+        "lora": write_scores(tmp_path / "b", {"LPIPS": [0.3] * 4, "CLIP-T": [0.25] * 4}, fid=9.0),
+        "spf": write_scores(tmp_path / "c", {"LPIPS": [0.2] * 4, "CLIP-T": [0.3] * 4}, fid=4.0),
+    }
+    return t1.collect(scores)
+
+
+def test_order_and_ranks(tmp_path):
+    table = _table(tmp_path)
+    assert [r.method for r in table.rows] == ["naive", "lora", "spf", "spf-no-sfcm"]
+    assert table.rows[-1].ablation
+    rk = t1.ranks(table.rows)
+    # ablation never ranked even though it is best everywhere
+    assert not any(i == 3 for i, _ in rk)
+    assert rk[(2, "LPIPS")] == 1 and rk[(1, "LPIPS")] == 2 and (0, "LPIPS") not in rk
+    assert rk[(2, "CLIP-T")] == 1 and rk[(1, "CLIP-T")] == 2
+    assert rk[(2, "FID")] == 1 and rk[(1, "FID")] == 2
+
+
+def test_markdown_bold_underline_and_nulls(tmp_path):
+    md = t1.to_markdown(_table(tmp_path))
+    spf = next(line for line in md.splitlines() if line.startswith("| spf |"))
+    lora = next(line for line in md.splitlines() if line.startswith("| lora |"))
+    assert "**0.20**" in spf and "<u>0.30</u>" in lora and "**4.00** (N=4)" in spf
+    assert "| - |" in spf  # ID not scored
+    assert "LPIPS (↓)" in md and "CLIP-T (↑)" in md
+    lines = md.splitlines()
+    assert lines.index(next(x for x in lines if "*ablations*" in x)) < lines.index(next(x for x in lines if x.startswith("| spf-no-sfcm")))
+
+
+def test_null_value_renders_dash(tmp_path):
+    d = write_scores(tmp_path / "a", {"LPIPS": [0.1] * 3}, fid=None, nulls=("LPIPS",))
+    table = t1.collect({"naive": d})
+    assert table.rows[0].cells["FID"].value is None
+    tex = t1.to_latex(table)
+    row = next(x for x in tex.splitlines() if x.startswith("naive"))
+    assert row.split(" & ")[1] == "-"
+
+
+def _check_latex(tex):
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    assert tex.count("{") == tex.count("}")
+    assert tex.count("\\begin{tabular}") == tex.count("\\end{tabular}") == 1
+    body = tex.split("\\toprule", 1)[1].split("\\bottomrule")[0]
+    for line in body.splitlines():
+        if not line.strip().endswith("\\\\"):
+            continue
+        spans = sum(int(k) for k in re.findall(r"\\multicolumn\{(\d+)\}", line))
+        ncells = line.count("&") + 1 - len(re.findall(r"\\multicolumn", line)) + spans
+        assert ncells == 9, line
+
+
+def test_latex_structure(tmp_path):
+    tex = t1.to_latex(_table(tmp_path))
+    _check_latex(tex)
+    assert "\\textbf{0.20}" in tex and "\\underline{0.30}" in tex and "$\\downarrow$" in tex
+    lines = tex.splitlines()
+    i_abl = next(i for i, x in enumerate(lines) if x.startswith("spf-no-sfcm"))
+    assert lines[i_abl - 1] == "\\midrule"
+    tex_p = t1.to_latex(_table(tmp_path), paper=True)
+    _check_latex(tex_p)
+    assert "naive (paper)" in tex_p and "\\textbf{75.74}" in tex_p  # the paper's own best Seg-Cons
+
+
+def test_csv_roundtrip(tmp_path):
+    df = pd.read_csv(io.StringIO(t1.to_csv(_table(tmp_path))))
+    assert list(df["method"]) == ["naive", "lora", "spf", "spf-no-sfcm"]
+    for col in t1.COLUMN_NAMES:
+        for suffix in ("", " N", " ci_low", " ci_high", " metric"):
+            assert col + suffix in df.columns
+    assert df.loc[2, "LPIPS"] == pytest.approx(0.2) and df.loc[2, "FID N"] == 4
+    assert pd.isna(df.loc[2, "FID ci_low"])
+    dfp = pd.read_csv(io.StringIO(t1.to_csv(_table(tmp_path), paper=True)))
+    assert (dfp["source"] == "paper").sum() == 10
+
+
+def test_paper_data():
+    data = t1.load_paper()
+    assert data["source"]["table"].startswith("Table 1") and data["source"]["note"]
+    assert data["columns"] == t1.COLUMN_NAMES
+    assert len(data["rows"]) == 10
+    for r in data["rows"]:
+        assert set(r["values"]) == set(t1.COLUMN_NAMES)
+        assert r["ablation"] == t1.is_ablation(r["method"])
+    spf = next(r for r in data["rows"] if r["method"] == "spf")["values"]
+    assert spf == {"FID": 4.50, "LPIPS": 0.35, "ID": 0.55, "CLIP-I": 0.83, "Seg-Cons": 75.74, "CLIP-T": 0.30, "HPSv2": 0.28, "MPS": 1.49}
+
+
+def test_write(tmp_path):
+    paths = t1.write(_table(tmp_path), tmp_path / "run", paper=True)
+    assert all(p.is_file() for p in paths.values())
+    assert {p.name for p in paths.values()} == {"results.csv", "results.md", "results.tex"}
