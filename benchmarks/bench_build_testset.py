@@ -16,7 +16,6 @@ Target: ratio (spfbench images/s / plain images/s) >= 1.0.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -28,14 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import sync, write_result  # noqa: E402
+
 from spfbench.generation import GenerationSettings, use_sampler  # noqa: E402
 from spfbench.models import dtype_name, load_pipeline, resolve_device, resolve_dtype  # noqa: E402
 from spfbench.testset import Shard, TestsetBuilder, plan_triples  # noqa: E402
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def plain_loop(pipe, triples, settings, batch_size, out: Path, device):
@@ -124,9 +121,7 @@ def main():
     print(f"  plain diffusers loop: {ips['plain']:.3f} img/s   spfbench build-testset: {ips['spfbench']:.3f} img/s")
     print(f"  ratio spfbench/plain (median of {len(pair_ratios)} paired runs): {ratio:.3f}  (target >= 1.0);"
           f" pairs: {', '.join(f'{r:.3f}' for r in pair_ratios)}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.json, result)
 
 
 if __name__ == "__main__":

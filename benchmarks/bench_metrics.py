@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import warnings
-import json
 import os
 import statistics
 import sys
@@ -36,13 +35,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import sync, write_result  # noqa: E402
+
 from spfbench.metrics import Backbones, Batch, create  # noqa: E402
 from spfbench.scoring import DEFAULT_METRICS  # noqa: E402
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_pairs(n: int, size: int, seed: int = 0) -> Batch:
@@ -211,10 +208,7 @@ def main() -> None:
         "all": {"ours_s": total_ours, "naive_s": total_naive, "speedup": total_naive / total_ours},
         "fid_features_vs_torchmetrics": fid_ratio,
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import sync, write_result  # noqa: E402
+
 import trainers  # noqa: E402
 from spfbench.data import PortraitDataset, collate  # noqa: E402
 from spfbench.models import load_pipeline  # noqa: E402
@@ -54,10 +55,6 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPF_REFERENCE_TFLOP_PER_SAMPLE = 7.95  # REFERENCE.md section 5: SD1.5, 512 px
 NAIVE_REFERENCE_TFLOP_PER_SAMPLE = 2.41  # UNet fwd+bwd, all trainable (the naive step also runs the VAE encoder: +1.12)
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_clip(device):
@@ -213,10 +210,7 @@ def main() -> None:
         "methods": rows, "flop_ratio": b["tflop_per_step"] / a["tflop_per_step"], "step_time_ratio": b["step_s"] / a["step_s"],
         "achieved_flops_ratio": ratio, "target": 0.85,
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

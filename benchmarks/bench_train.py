@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import sync, write_result  # noqa: E402
+
 import trainers  # noqa: E402
 from spfbench.data import PortraitDataset, collate  # noqa: E402
 from spfbench.models import load_pipeline  # noqa: E402
@@ -39,10 +41,6 @@ from trainers.loop import Trainer, _training_scheduler  # noqa: E402
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def plain_steps(method_name, cfg, args, data, device) -> tuple[list[float], float | None]:
@@ -141,10 +139,7 @@ def main() -> None:
               "precision": args.precision, "device": str(device), "cpu_threads": torch.get_num_threads(),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats, "methods": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
