@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: install test demo bench lock clean
+.PHONY: install test demo bench lock clean browser
 
 install: $(STAMP)
 
@@ -15,20 +15,22 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e ".[test]"
 	touch $(STAMP)
 
-test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+test: install browser
+	HF_HUB_OFFLINE=1 SPFBENCH_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
 
-# The embedded default, end to end on CPU with small random-weight models (`tiny`): a test set, the
-# original model's answer to every complete caption (same seed, same id: the no-training reference row),
-# and the eight Table 1 metrics of those images. Methods join when trainers land.
+# Debian's headless Chromium + chromedriver for the HTML report test (tests/test_report_html.py); apt only when missing.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
+
+# The embedded default, end to end on CPU with small random-weight models (`tiny`): a drawn portrait set,
+# a test set of 16 triples, then naive, LoRA and SPF-Portrait fitted, generated and scored with the
+# eight Table 1 metrics; ends with Table 1 and the path of the HTML report. Rerun: resumes / reuses.
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/spfbench build-testset --preset tiny --n 16 --out $(DEMO_OUT)/testset
-	$(BIN)/python -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; \
-	  print(''.join(json.dumps(dict(id=r['id'], seed=r['seed'], base_caption=r['target_caption'], target_text=r['target_text'])) + '\n' for r in rows), end='')" \
-	  $(DEMO_OUT)/testset/testset.jsonl > $(DEMO_OUT)/complete-captions.jsonl
-	HF_HUB_OFFLINE=1 $(BIN)/spfbench build-testset --preset tiny --captions $(DEMO_OUT)/complete-captions.jsonl --out $(DEMO_OUT)/original-model
-	HF_HUB_OFFLINE=1 $(BIN)/spfbench score --preset tiny --testset $(DEMO_OUT)/testset --images $(DEMO_OUT)/original-model/originals --out $(DEMO_OUT)/score
-	@echo "demo output: $(DEMO_OUT)/testset, $(DEMO_OUT)/original-model/originals, $(DEMO_OUT)/score (samples.jsonl, summary.json)"
+	HF_HUB_OFFLINE=1 $(BIN)/spfbench make-toy-data --out $(DEMO_OUT)/data --n 32
+	HF_HUB_OFFLINE=1 $(BIN)/spfbench build-testset --preset tiny --n 16 --steps 10 --out $(DEMO_OUT)/testset
+	HF_HUB_OFFLINE=1 $(BIN)/spfbench run --testset $(DEMO_OUT)/testset --data $(DEMO_OUT)/data --out $(DEMO_OUT)/run \
+	  --method naive --method lora --method spf --config spfbench/configs/run/demo.json --retention
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_build_testset.py --preset tiny

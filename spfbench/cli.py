@@ -108,9 +108,11 @@ def build_testset(
     sh = Shard.parse(shard)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # accelerate launch / torchrun: every process takes its own share of this shard
+        import torch
         from accelerate import PartialState
 
-        state = PartialState()
+        # without cpu=True accelerate treats CPU processes as one (DistributedType.NO)
+        state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
         sh = sh.split(state.process_index, state.num_processes)
         device = device or str(state.device)
     settings = GenerationSettings(sampler, steps, guidance, height, width, negative_prompt)
@@ -267,7 +269,67 @@ def train(
         typer.echo("interrupted: checkpoints are kept; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
     resumed = f" (resumed from step {r.resumed_from})" if r.resumed_from is not None else ""
+    if r.reused:
+        resumed = " (already finished with this config and data: reused)"
     typer.echo(f"{method}: {r.steps} steps{resumed}; artifact {r.artifact}")
+
+
+@app.command()
+def run(
+    testset: Path = typer.Option(..., "--testset", help="A complete test set folder (build-testset): its base model and sampler make every image."),
+    data: Path = typer.Option(..., "--data", help="Training set of every method (imagefolder, HF datasets folder or WebDataset shards)."),
+    out: Path = typer.Option(..., "--out", help="Run folder; rerun the same command to resume (methods can be added later)."),
+    method: list[str] = typer.Option(..., "--method", help="Method name (repeatable; `spfbench methods`). Required methods (SPF's stage 1) are fitted too."),
+    preset: Optional[str] = typer.Option(None, help="Metric backbones: real or tiny (default: tiny for a tiny test set, else real)."),
+    config: Optional[Path] = typer.Option(None, "--config", help='JSON: {"all": {...}, "naive": {...}, "spf": {...}}, each a method\'s hyper-parameters.'),
+    limit: Optional[int] = typer.Option(None, help="Only the first N triples (smoke runs)."),
+    metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric id (repeatable; default: the eight of Table 1)."),
+    paper: bool = typer.Option(False, "--paper", help="Put the paper's published Table 1 beside ours."),
+    retention: bool = typer.Option(False, "--retention", help="Also generate from the base text only and score preservation (paper sec. 4.4, Fig. 9)."),
+    curve: Optional[int] = typer.Option(None, "--curve", help="Checkpoint every N steps and plot CLIP-T and HPSv2 over them (Fig. 5)."),
+    curve_limit: int = typer.Option(100, help="Triples generated per checkpoint for --curve."),
+    weights: Optional[list[str]] = typer.Option(None, "--weights", help="NAME=PATH: a local metric weight file (names as in `spfbench weights`)."),
+    batch_size: int = typer.Option(16, help="Scoring batch size (generation uses the test set's own batch size)."),
+    device: Optional[str] = typer.Option(None, help="cpu to force the CPU (default: accelerate's choice)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Fit every method, generate the customized image of every triple, score it, and write Table 1 and the report."""
+    _quiet_libraries()
+    from .run import Runner, read_config
+
+    runner = Runner(testset, data, out, list(method), preset=preset, config=read_config(config), limit=limit,
+                    metric_ids=list(metric) if metric else None, retention=retention, curve=curve, curve_limit=curve_limit,
+                    paper=paper, device=device, score_batch_size=batch_size, weights=_weights_option(weights or []),
+                    progress=progress)
+    try:
+        outcomes = runner.run()
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished images, scores and checkpoints are kept; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        typer.echo((out / "results.md").read_text())
+        failed = [o for o in outcomes.values() if o.status != "complete"]
+        for o in failed:
+            typer.echo(f"{o.method}: failed at {o.stage}: {o.error}")
+        typer.echo(f"written: {out / 'results.csv'}, {out / 'results.tex'}, {out / 'results.json'}")
+        typer.echo(f"report: {(out / 'index.html').resolve()}")
+        if failed:
+            raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder (spfbench run --out)."),
+    paper: Optional[bool] = typer.Option(None, "--paper/--no-paper", help="Put the paper's Table 1 beside ours (default: as the run was made)."),
+) -> None:
+    """Rebuild results.{json,csv,md,tex}, retention.* and index.html from the stored samples (nothing is recomputed)."""
+    from .run import write_reports
+
+    paths = write_reports(run_dir, paper=paper)
+    typer.echo((run_dir / "results.md").read_text())
+    typer.echo("written: " + ", ".join(str(p) for p in paths.values()))
 
 
 viz_app = typer.Typer(help="PNG grids of maps: target-text cross-attention over timesteps (Fig. 2), the SFCM (Fig. 3-4).")

@@ -132,10 +132,10 @@ class Scorer:
             "triples_sha256": _bytes_sha("\n".join(t.id for t in self.triples)),
         }
 
-    def _open(self) -> dict:
-        """Create OUT or check that it holds this same scoring; return the saved state (empty if new)."""
+    def _open(self) -> None:
+        """Create OUT or check that it holds this same scoring."""
         self.out.mkdir(parents=True, exist_ok=True)
-        spec_path, state_path = self.out / "score.json", self.out / "state.pt"
+        spec_path = self.out / "score.json"
         if spec_path.is_file():
             old = json.loads(spec_path.read_text()).get("spec")
             if old != self.spec():
@@ -145,16 +145,40 @@ class Scorer:
                 )
         else:
             atomic_write_json(spec_path, {"spec": self.spec(), "status": "running"})
-        if state_path.is_file():
-            return torch.load(state_path, map_location="cpu", weights_only=True)
-        return {"done": [], "inputs": {}, "metrics": {}}
 
-    def _save(self, done: list[str], inputs: dict) -> None:
+    def _state(self, done: list[str], inputs: dict) -> dict:
+        return {"done": done, "inputs": inputs, "metrics": {k: m.state() for k, m in self.metrics.items()}}
+
+    def _write_state(self, path: Path, state: dict) -> None:
         import io
 
         buf = io.BytesIO()
-        torch.save({"done": done, "inputs": inputs, "metrics": {k: m.state() for k, m in self.metrics.items()}}, buf)
-        atomic_write_bytes(self.out / "state.pt", buf.getvalue())
+        torch.save(state, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+    def _consolidate(self) -> tuple[list[str], dict]:
+        """Merge ``state.pt`` and every process's ``state.part-R.pt`` into the metrics (reset first) and
+        into one ``state.pt``; the part files go. Parts hold disjoint triples, so a resumed run may use any
+        number of processes."""
+        done: list[str] = []
+        inputs: dict[str, str] = {}
+        for m in self.metrics.values():
+            m.reset()
+        paths = [self.out / "state.pt"] + sorted(self.out.glob("state.part-*.pt"))
+        for path in paths:
+            if not path.is_file():
+                continue
+            st = torch.load(path, map_location="cpu", weights_only=True)
+            seen = set(done)
+            done.extend(t for t in st["done"] if t not in seen)
+            inputs.update(st["inputs"])
+            for k, m in self.metrics.items():
+                if k in st["metrics"]:
+                    m.merge(st["metrics"][k])
+        self._write_state(self.out / "state.pt", self._state(done, inputs))
+        for path in paths[1:]:
+            path.unlink(missing_ok=True)
+        return done, inputs
 
     # -- cached statistics of the originals alone (FID's "real" side), one file per (metric, preset, triples)
     def _reference(self, metric: Metric, progress: bool) -> None:
@@ -179,23 +203,38 @@ class Scorer:
             pass
 
     def run(self, progress: bool = True) -> dict:
+        """Score (or resume). Under ``accelerate launch`` every process scores its share of the triples not
+        yet done and keeps its own ``state.part-R.pt``; the main process then merges the gathered metric
+        states (FID from the summed feature statistics) and writes the outputs."""
+        from accelerate import PartialState
         from tqdm.auto import tqdm
 
-        saved = self._open()
-        done: list[str] = list(saved["done"])
-        inputs: dict[str, str] = dict(saved["inputs"])  # triple id -> why its customized image is unusable
-        for k, m in self.metrics.items():
-            if k in saved["metrics"]:
-                m.merge(saved["metrics"][k])
-        found, stray = find_images(self.images, [t.id for t in self.triples])
+        ps = PartialState()
+        rank, world, main = ps.process_index, ps.num_processes, ps.is_main_process
+        if main:
+            self._open()
+            self._consolidate()
+        ps.wait_for_everyone()
+        saved = torch.load(self.out / "state.pt", map_location="cpu", weights_only=True)
         for m in self.metrics.values():
-            if m.has_reference:
+            m.reset()
+        found, stray = find_images(self.images, [t.id for t in self.triples])
+        references = [m for m in self.metrics.values() if m.has_reference]
+        if main:  # the main process computes (or loads) the cached reference first; the others then load it
+            for m in references:
                 self._reference(m, progress)
+        ps.wait_for_everyone()
+        if not main:
+            for m in references:
+                self._reference(m, False)
 
-        finished = set(done)
-        todo = [t for t in self.triples if t.id not in finished]
+        finished = set(saved["done"])
+        todo = [t for t in self.triples if t.id not in finished][rank::world]
+        done: list[str] = []
+        inputs: dict[str, str] = {}  # triple id -> why its customized image is unusable
+        part = self.out / f"state.part-{rank}.pt"
         last_save = time.monotonic()
-        bar = tqdm(total=len(self.triples), initial=len(finished), desc="scoring", unit="triple", disable=not progress)
+        bar = tqdm(total=len(self.triples), initial=len(finished), desc="scoring", unit="triple", disable=not (progress and main))
         for chunk in _chunks(todo, self.batch_size):
             usable = []
             for t in chunk:
@@ -224,13 +263,19 @@ class Scorer:
                 for m in self.metrics.values():
                     m.update(batch)
             done.extend(t.id for t in chunk)
-            bar.update(len(chunk))
+            bar.update(len(chunk) * world)
             if time.monotonic() - last_save > self.checkpoint_seconds:
-                self._save(done, inputs)
+                self._write_state(part, self._state(done, inputs))
                 last_save = time.monotonic()
         bar.close()
-        self._save(done, inputs)
-        return self._write_outputs(inputs, stray)
+        self._write_state(part, self._state(done, inputs))
+        ps.wait_for_everyone()
+        summary = None
+        if main:
+            _, inputs = self._consolidate()
+            summary = self._write_outputs(inputs, stray)
+        ps.wait_for_everyone()
+        return summary if summary is not None else json.loads((self.out / "summary.json").read_text())
 
     def _write_outputs(self, inputs: dict, stray: list[str]) -> dict:
         per_sample = {k: m for k, m in self.metrics.items() if m.per_sample}

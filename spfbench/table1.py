@@ -70,6 +70,7 @@ class Row:
     cells: dict[str, Cell]
     ablation: bool = False
     source: str = "ours"  # "ours" or "paper"
+    error: str | None = None  # a method that failed: its row has no values, only this
 
     @property
     def label(self) -> str:
@@ -205,6 +206,7 @@ def to_csv(table: Table, paper: bool = False) -> str:
     header = ["method", "source", "ablation"]
     for col in COLUMN_NAMES:
         header += [col, f"{col} N", f"{col} ci_low", f"{col} ci_high", f"{col} metric"]
+    header.append("error")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -213,6 +215,7 @@ def to_csv(table: Table, paper: bool = False) -> str:
         for col in COLUMN_NAMES:
             c = r.cells.get(col, Cell(None))
             line += ["" if x is None else x for x in (c.value, c.n, c.ci_low, c.ci_high, c.metric)]
+        line.append(r.error or "")
         w.writerow(line)
     return buf.getvalue()
 
@@ -251,6 +254,8 @@ def to_markdown(table: Table, paper: bool = False) -> str:
                 if c.n is not None:
                     s += f" (N={c.n})"
             cells.append(s)
+        if r.error:
+            cells = [f"failed: {r.error}".replace("|", "\\|").replace("\n", " ")] + [""] * (len(COLUMN_NAMES) - 1)
         lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -286,6 +291,9 @@ def to_latex(table: Table, paper: bool = False) -> str:
                 out.append(f"\\multicolumn{{{ncol}}}{{l}}{{\\textit{{Published values (paper Table 1)}}}} \\\\")
                 out.append("\\midrule")
         prev = group
+        if r.error:  # no values: a comment keeps the table honest about what is missing
+            out.append(f"% {r.label}: failed ({' '.join(r.error.split())})")
+            continue
         cells = []
         for col in COLUMN_NAMES:
             s = fmt(r.cells.get(col, Cell(None)).value, col)
@@ -299,11 +307,11 @@ def to_latex(table: Table, paper: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(table: Table, out: Path, paper: bool = False) -> dict[str, Path]:
-    """``results.csv``, ``results.md``, ``results.tex`` in ``out``."""
+def write(table: Table, out: Path, paper: bool = False, stem: str = "results") -> dict[str, Path]:
+    """``STEM.csv``, ``STEM.md``, ``STEM.tex`` in ``out`` (stem ``results``: Table 1)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "results.csv", "md": out / "results.md", "tex": out / "results.tex"}
+    paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "tex": out / f"{stem}.tex"}
     atomic_write_text(paths["csv"], to_csv(table, paper))
     atomic_write_text(paths["md"], to_markdown(table, paper))
     atomic_write_text(paths["tex"], to_latex(table, paper))

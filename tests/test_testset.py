@@ -118,11 +118,17 @@ def test_two_shards_equal_one_run(cli, tmp_path):
 def test_accelerate_launch_shares_the_work(tmp_path):
     out = tmp_path / "acc"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # two CPU processes: accelerate's --cpu launches a single process; --multi_gpu starts torchrun's workers
+    # (on a machine without CUDA spfbench makes them one MULTI_CPU group)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "spfbench", "build-testset", "--preset", "tiny",
            "--n", "5", "--batch-size", "2", "--out", str(out), *FAST]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    # two processes really ran (a single one would print one line): each reports its shard ("shard I/2 done") or,
+    # when it found the set finished, "test set complete"
+    lines = r.stdout.splitlines()
+    assert sum(x.startswith("shard ") and "/2 done" in x or x.startswith("test set complete") for x in lines) == 2
     ref = tmp_path / "ref"
     # accelerate runs each CPU process with one thread; CPU float results depend on the thread count
     subprocess.run([sys.executable, "-m", "spfbench", "build-testset", "--preset", "tiny", "--n", "5", "--batch-size", "2",

@@ -40,6 +40,11 @@ def create(name: str, config: dict | None = None, source: str = "config"):
     return cls(cls.Config.from_dict(config or {}, source=source))
 
 
+def fit(name: str, config: dict, data, out, *, progress: bool = True, source: str = "config", **trainer_kwargs) -> Path:
+    """Fit method ``name`` with ``config`` on ``data`` into the run folder ``out``; returns its artifact folder."""
+    return method_class(name).fit(dict(config), data, Path(out), progress=progress, source=source, **trainer_kwargs)
+
+
 def read_config_file(path: str | Path) -> dict:
     """A method config file: JSON object of hyper-parameters (as saved in ``method.json``'s ``config``)."""
     path = Path(path)

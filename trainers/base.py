@@ -107,10 +107,23 @@ class Method(ABC):
     Config: ClassVar[type[TrainConfig]] = TrainConfig
     # config fields a resumed run may not change because the method's schedule depends on them
     schedule_fields: ClassVar[tuple[str, ...]] = ()
+    # config field -> method whose artifact folder fills it when it is unset: ``spfbench run`` fits that
+    # method first (once, shared with its own Table 1 row) and passes its artifact (SPF's stage 1: naive)
+    requires: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: TrainConfig | None = None):
         self.config = config or self.Config()
         self.config.validate()
+
+    @classmethod
+    def fit(cls, config: dict, data, out: Path, *, progress: bool = True, source: str = "config", **trainer_kwargs) -> Path:
+        """Train on ``data`` into the run folder ``out`` (resumed or reused when it already holds this run)
+        and return the artifact folder. ``trainer_kwargs`` go to :class:`trainers.loop.Trainer` (preset,
+        model, vae, weights_seed, device). Methods that fit differently (a rank sweep, no training) override."""
+        from .loop import Trainer
+
+        method = cls(cls.Config.from_dict(dict(config), source=source))
+        return Trainer(method, data, out, **trainer_kwargs).run(progress=progress).artifact
 
     # -- training hooks ---------------------------------------------------------------------------
     def bind_dataset(self, dataset) -> None:
@@ -157,6 +170,12 @@ class Method(ABC):
         from spfbench.generation import generate
 
         return generate(pipe, [t.target_caption for t in triples], [t.seed for t in triples], settings)
+
+    @classmethod
+    def generation_notes(cls) -> list[dict] | None:
+        """What the latest ``generate_images`` call did per triple, when a method has something to say
+        (Magnet: which object/attribute pairs it edited or why it fell back); ``None``: nothing."""
+        return None
 
 
 # -- shared pieces ----------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class TrainResult:
     steps: int
     resumed_from: int | None
     losses: list[float]
+    reused: bool = False  # the folder already held this finished run: nothing was loaded or trained
 
 
 def _seed_of(*parts) -> int:
@@ -122,6 +123,21 @@ class Trainer:
                     " use another --out (nothing was changed)"
                 )
 
+    def request(self, fingerprint: str) -> dict:
+        """What was asked of a run, known before any model loads: a finished run with the same request
+        is reused as it is (``spfbench run`` reuses artifacts whose config and data match)."""
+        return {"format_version": FORMAT_VERSION, "method": self.method.name, "config": self.cfg.to_dict(),
+                "model": self.model_kwargs, "data_fingerprint": fingerprint}
+
+    def finished(self, fingerprint: str) -> TrainResult | None:
+        path, artifact = self.out / "run.json", self.out / "artifact"
+        if not path.is_file() or not (artifact / ARTIFACT_META).is_file():
+            return None
+        record = json.loads(path.read_text())
+        if record.get("status") != "complete" or record.get("request") != self.request(fingerprint):
+            return None
+        return TrainResult(self.out, artifact, int(record["steps"]), int(record["steps"]), [], reused=True)
+
     def checkpoints(self) -> list[tuple[int, Path]]:
         folder = self.out / "checkpoints"
         found = []
@@ -140,6 +156,10 @@ class Trainer:
         from spfbench.models import load_pipeline
 
         cfg = self.cfg
+        fingerprint = dataset_fingerprint(self.data)  # validates the data first: bad input fails before any model loads
+        done = self.finished(fingerprint)
+        if done is not None:
+            return done
         # One process may train several methods in turn (``spfbench run``), each with its own precision and
         # accumulation: forget the previous accelerator's settings, keep the process group (PartialState).
         from accelerate.state import AcceleratorState, GradientState
@@ -153,7 +173,6 @@ class Trainer:
         )
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
 
-        fingerprint = dataset_fingerprint(self.data)  # validates the data first: bad input fails before any model loads
         pipe, info = load_pipeline(device=accelerator.device, dtype=torch.float32, **self.model_kwargs)
         identity = self.identity(info.to_dict(), fingerprint)
         self._check_run_folder(identity)
@@ -282,7 +301,8 @@ class Trainer:
                                                      "data_fingerprint": fingerprint})
             shutil.rmtree(artifact, ignore_errors=True)
             tmp.rename(artifact)
-            atomic_write_json(self.out / "run.json", {"identity": identity, "config": cfg.to_dict(), "status": "complete", "steps": step})
+            atomic_write_json(self.out / "run.json", {"identity": identity, "config": cfg.to_dict(), "status": "complete", "steps": step,
+                                                      "request": self.request(fingerprint)})
         accelerator.wait_for_everyone()
         return TrainResult(self.out, artifact, step, resumed_from, losses)
 

@@ -95,6 +95,22 @@ class Lora(Method):
     description = "peft LoRA on the UNet attention projections (to_q, to_k, to_v, to_out.0)"
     Config = LoraConfig
 
+    @classmethod
+    def fit(cls, config: dict, data, out: Path, *, progress: bool = True, source: str = "config", **trainer_kwargs) -> Path:
+        """``"ranks": [4, 8, 16, 32]`` (with ``"val_data"``: a held-out portrait set) in the config runs the
+        rank sweep of Table 1's "LoRA (Best Rank)" into ``out`` and returns the chosen rank's artifact."""
+        config = dict(config)
+        ranks, val_data = config.pop("ranks", None), config.pop("val_data", None)
+        if ranks is None:
+            if val_data is not None:
+                raise SpfbenchError(f"{source}: val_data is the rank sweep's held-out set; give ranks too")
+            return super().fit(config, data, out, progress=progress, source=source, **trainer_kwargs)
+        from .sweep import lora_rank_sweep
+
+        kw = dict(trainer_kwargs)
+        seed = kw.pop("weights_seed", 0)
+        return lora_rank_sweep(ranks, data, out, val_data=val_data, config=config, progress=progress, weights_seed=seed, **kw).best_artifact
+
     def setup(self, models: Models) -> list[torch.nn.Parameter]:
         unet = models.unet
         unet.requires_grad_(False)

@@ -14,8 +14,10 @@ Magnet is training-free: it edits only the object-noun token embeddings of the p
 SOT, every other word, EOT, padding and the unconditional embedding are unchanged.
 
 The trained part is naive fine-tuning (``base="naive"``, the default): ``spfbench train --method magnet``
-trains the full UNet exactly as ``naive`` and the artifact is that UNet plus the Magnet config. With
-``base="original"`` nothing trains: write the artifact with :meth:`Magnet.write_original_artifact`.
+trains the full UNet exactly as ``naive`` and the artifact is that UNet plus the Magnet config, unless
+``naive_artifact`` names a finished naive artifact: then nothing trains and that UNet is used
+(``spfbench run`` fills it with the run's own naive fit, so Table 1's Naive and Magnet rows share one
+UNet and it is trained once). With ``base="original"`` nothing trains either (the base model's UNet).
 Why and the deviations from the official code: docs/_fragments/magnet.md.
 
 Per caption what happened is recorded in :attr:`Magnet.last_records` (the records of the latest
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from spfbench.errors import SpfbenchError
+from spfbench.io import atomic_write_json
 
 from .base import ARTIFACT_META, Models, TrainConfig
 from .naive import Naive, NaiveConfig
@@ -119,6 +122,7 @@ def parse_pairs(caption: str, nouns=None, vocab: str = "v1") -> list[Pair]:
 @dataclass
 class MagnetConfig(NaiveConfig):
     base: str = "naive"  # naive: Magnet on the naive fine-tuned UNet (trained here); original: the base model's UNet
+    naive_artifact: str | None = None  # base="naive": a finished naive artifact to use instead of training one
     top_k: int = 5  # official K
     lam: float = 0.6  # official lambda
 
@@ -128,6 +132,11 @@ class MagnetConfig(NaiveConfig):
             raise SpfbenchError(f"base must be naive or original, got {self.base!r}")
         if self.top_k < 1:
             raise SpfbenchError(f"top_k must be at least 1, got {self.top_k}")
+        if self.naive_artifact is not None:
+            if self.base != "naive":
+                raise SpfbenchError("naive_artifact applies to base='naive' only")
+            if not (Path(self.naive_artifact) / "unet").is_dir():
+                raise SpfbenchError(f"naive_artifact {self.naive_artifact}: no unet/ folder (give a naive artifact, OUT/artifact)")
 
 
 # -- embeddings -------------------------------------------------------------------------------------
@@ -220,7 +229,22 @@ class Magnet(Naive):
     name = "magnet"
     description = "Magnet (training-free object-embedding edit) at generation time on the naive fine-tuned UNet"
     Config = MagnetConfig
+    requires = {"naive_artifact": "naive"}
     last_records: ClassVar[list[dict]] = []
+
+    @classmethod
+    def fit(cls, config: dict, data, out: Path, *, progress: bool = True, source: str = "config", **trainer_kwargs) -> Path:
+        cfg = cls.Config.from_dict(dict(config), source=source)
+        if cfg.base == "original" or cfg.naive_artifact is not None:  # nothing to train
+            folder = Path(out) / "artifact"
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder / ARTIFACT_META, {"method": cls.name, "config": cfg.to_dict(), "steps": 0})
+            return folder
+        return super().fit(config, data, out, progress=progress, source=source, **trainer_kwargs)
+
+    @classmethod
+    def generation_notes(cls) -> list[dict] | None:
+        return list(cls.last_records)
 
     def setup(self, models: Models) -> list[torch.nn.Parameter]:
         if self.config.base == "original":
@@ -243,7 +267,7 @@ class Magnet(Naive):
     @classmethod
     def apply_artifact(cls, pipe, folder: Path, config: TrainConfig) -> None:
         if config.base == "naive":
-            Naive.apply_artifact(pipe, folder, config)
+            Naive.apply_artifact(pipe, Path(config.naive_artifact or folder), config)
         pipe._spfbench_magnet_config = config
 
     @classmethod

@@ -99,6 +99,7 @@ class Spf(Method):
     name = "spf"
     description = "SPF-Portrait: dual-path contrastive stage 2 (SFCM alignment + response enhancement)"
     Config = SpfConfig
+    requires = {"stage1_artifact": "naive"}  # stage 1 is the naive run (sec. 3.1)
 
     def __init__(self, config: SpfConfig | None = None):
         super().__init__(config)

@@ -1,0 +1,453 @@
+"""``spfbench run``: methods -> customized images -> the eight metrics -> Table 1, in one resumable folder.
+
+Run folder (every step writes as it finishes; a killed run rerun with the same command resumes)::
+
+    RUN/run.json                        spec (test set, data, metrics, preset, limit), methods, environment, status
+    RUN/methods/M/config.json           the method's resolved config (file values + artifacts of the methods it requires)
+    RUN/methods/M/status.json           running | complete | failed (stage, error, traceback), artifact
+    RUN/methods/M/train/                the training run folder (trainers.loop; a finished run is reused as is)
+    RUN/methods/M/generation.json       what made the images: the artifact's method.json, base model, sampler
+    RUN/methods/M/images/ID.png         customized image of triple ID: complete caption, the triple's seed
+    RUN/methods/M/notes/ID.json         what the method did for that triple, if it says (Magnet's edits/fallbacks)
+    RUN/methods/M/score/                spfbench score output (samples.jsonl per triple, summary.json)
+    RUN/methods/M/retention/            --retention: images from the base text only, preservation scores
+    RUN/methods/M/curve/                --curve: CLIP-T and image fidelity over checkpoints (curve.png)
+    RUN/results.{json,csv,md,tex}       Table 1 (retention.{csv,md,tex} with --retention)
+    RUN/index.html                      the report
+
+The unit of work is (method, triple): an image file written atomically; scoring resumes from its own
+checkpointed state. A method that raises is recorded (stage, error, traceback) and the others go on.
+The runner knows no method by name: what a method needs from another (SPF's stage 1, Magnet's UNet) is
+declared by its class (``Method.requires``) and fitted first, once.
+
+Under ``accelerate launch`` training is DDP (trainers.loop), generation splits the missing batches
+between processes, and scoring splits the triples and merges the metric states (FID from the summed
+feature statistics). Definitions: docs/run.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SpfbenchError
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_png, remove_stale_tmp
+
+FORMAT_VERSION = 1
+PRESERVATION = ("FID", "LPIPS", "ID", "CLIP-I", "Seg-Cons")
+ALL_METHODS_KEY = "all"  # config file section applied to every method (before its own section)
+CURVE_METRICS = ("clip-t@vit-l-14", "hpsv2@v2.1")  # Fig. 5: CLIP-T and an image-fidelity score (ImageReward there)
+
+
+@dataclass
+class MethodOutcome:
+    method: str
+    status: str
+    stage: str | None = None
+    error: str | None = None
+    artifact: str | None = None
+
+
+@dataclass
+class Runner:
+    testset: Path
+    data: Path
+    out: Path
+    methods: list[str]
+    preset: str | None = None  # metric backbones: real | tiny (None: tiny for a tiny test set, else real)
+    config: dict = field(default_factory=dict)  # {"all": {...}, "naive": {...}, ...}
+    limit: int | None = None
+    metric_ids: list[str] | None = None
+    retention: bool = False
+    curve: int | None = None  # checkpoint every N steps and score them (Fig. 5)
+    curve_limit: int = 100  # triples generated per checkpoint for the curve
+    paper: bool = False
+    device: str | None = None
+    score_batch_size: int = 16
+    weights: dict[str, str] = field(default_factory=dict)  # metric weight files (NAME=PATH)
+    progress: bool = True
+
+    def __post_init__(self):
+        import trainers
+
+        from .scoring import DEFAULT_METRICS
+        from .testset import load_testset
+
+        self.testset, self.data, self.out = Path(self.testset), Path(self.data), Path(self.out)
+        if not self.methods:
+            raise SpfbenchError("give at least one --method (`spfbench methods` lists them)")
+        if len(set(self.methods)) != len(self.methods):
+            raise SpfbenchError("a method is given twice")
+        for m in self.methods:
+            trainers.method_class(m)  # unknown names fail here, before anything runs
+        unknown = sorted(set(self.config) - set(trainers.REGISTRY) - {ALL_METHODS_KEY})
+        if unknown:
+            raise SpfbenchError(f"config sections {', '.join(unknown)} name no method; use method names or {ALL_METHODS_KEY!r}")
+        self.meta, triples = load_testset(self.testset)
+        if self.meta.get("status") != "complete":
+            raise SpfbenchError(f"test set {self.testset} is not complete: finish it with the same build-testset command first")
+        if self.limit is not None:
+            if self.limit < 1:
+                raise SpfbenchError("--limit must be at least 1")
+            triples = triples[: self.limit]
+        self.triples = triples
+        spec = self.meta["spec"]
+        if self.preset is None:
+            self.preset = "tiny" if spec["preset"] == "tiny" else "real"
+        self.metric_ids = list(self.metric_ids or DEFAULT_METRICS)
+        if self.curve is not None and self.curve < 1:
+            raise SpfbenchError("--curve takes a step interval of at least 1")
+        # The customized images are made by the test set's own base model, sampler, batch size and dtype, so
+        # that every difference from an original is the method's doing.
+        self.load_kwargs = {"preset": spec["preset"], "model": spec.get("model"), "vae": spec.get("vae"),
+                            "revision": spec.get("revision"), "seed": spec.get("weights_seed", 0)}
+        from .generation import GenerationSettings
+
+        self.settings = GenerationSettings(**self.meta["generation"])
+        self.gen_batch = int(spec.get("batch_size", 4))
+        self.dtype = spec.get("dtype")
+
+    # -- plan ----------------------------------------------------------------------------------------
+    def order(self) -> list[str]:
+        """The requested methods and every method they require, each after what it requires."""
+        from trainers import method_class
+
+        order: list[str] = []
+
+        def visit(name: str, chain: tuple[str, ...]) -> None:
+            if name in chain:
+                raise SpfbenchError(f"methods require each other in a cycle: {' -> '.join(chain + (name,))}")
+            for dep in method_class(name).requires.values():
+                visit(dep, chain + (name,))
+            if name not in order:
+                order.append(name)
+
+        for m in self.methods:
+            visit(m, ())
+        return order
+
+    def method_config(self, name: str) -> dict:
+        return {**self.config.get(ALL_METHODS_KEY, {}), **self.config.get(name, {})}
+
+    def spec(self) -> dict:
+        from .data import dataset_fingerprint
+        from .scoring import _bytes_sha
+
+        return {
+            "format_version": FORMAT_VERSION,
+            "testset": str(self.testset.resolve()),
+            "testset_content_sha256": self.meta["content_sha256"],
+            "data": str(self.data.resolve()),
+            "data_fingerprint": dataset_fingerprint(self.data),
+            "metrics": list(self.metric_ids),
+            "preset": self.preset,
+            "limit": self.limit,
+            "triples": len(self.triples),
+            "triples_sha256": _bytes_sha("\n".join(t.id for t in self.triples)),
+        }
+
+    def _open(self, spec: dict, state) -> dict:
+        path = self.out / "run.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        old = record.get("spec")
+        if old is not None and old != spec:
+            diff = sorted(k for k in spec if old.get(k) != spec[k])
+            raise SpfbenchError(f"{self.out} holds a run with a different {', '.join(diff)}; use another --out (nothing was changed)")
+        methods = list(record.get("methods", []))
+        methods += [m for m in self.methods if m not in methods]
+        record = {"format_version": FORMAT_VERSION, "spec": spec, "methods": methods,
+                  "options": {"paper": self.paper, "retention": self.retention or record.get("options", {}).get("retention", False),
+                              "curve": self.curve, "config": self.config},
+                  "environment": environment(state), "status": "running"}
+        if state.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, record)
+        return record
+
+    # -- run -----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, MethodOutcome]:
+        import torch
+        from accelerate import PartialState
+
+        # cpu=True also makes CPU processes of torchrun / accelerate launch one distributed group (MULTI_CPU)
+        state = PartialState(cpu=self.device == "cpu" or not torch.cuda.is_available())
+        record = self._open(self.spec(), state)
+        state.wait_for_everyone()
+        artifacts: dict[str, Path] = {}
+        outcomes: dict[str, MethodOutcome] = {}
+        for name in self.order():
+            outcomes[name] = self._method(name, artifacts, outcomes, state, table_row=name in self.methods)
+        if state.is_main_process:
+            record["status"] = "complete"
+            atomic_write_json(self.out / "run.json", record)
+            write_reports(self.out)
+        state.wait_for_everyone()
+        return outcomes
+
+    def _method(self, name: str, artifacts: dict, outcomes: dict, state, table_row: bool) -> MethodOutcome:
+        import trainers
+
+        folder = self.out / "methods" / name
+        stage = "fit"
+        outcome = MethodOutcome(name, "running", stage)
+        try:
+            values = self.method_config(name)
+            for key, dep in trainers.method_class(name).requires.items():
+                if values.get(key) is not None:
+                    continue
+                if outcomes[dep].status != "complete":
+                    raise SpfbenchError(f"it needs {dep}'s artifact for {key}, and {dep} failed")
+                values[key] = str(artifacts[dep].resolve())
+            if self.curve is not None and table_row:
+                values = {**values, "checkpointing_steps": self.curve, "checkpoints_total_limit": None}
+            self._check_config(folder, values, state)
+            self._status(folder, outcome, values, state)
+            artifact = trainers.fit(name, values, self.data, folder / "train", progress=self.progress,
+                                    source=f"{name} config", device=self.device, weights_seed=self.load_kwargs["seed"],
+                                    **{k: self.load_kwargs[k] for k in ("preset", "model", "vae")})
+            artifacts[name] = artifact
+            outcome.artifact = str(Path(artifact).resolve())
+            if table_row:
+                stage = outcome.stage = "generate"
+                self._status(folder, outcome, values, state)
+                self._generate(artifact, self.triples, folder / "images", folder, state)
+                stage = outcome.stage = "score"
+                self._status(folder, outcome, values, state)
+                self._score(folder / "images", folder / "score", self.metric_ids)
+                if self.retention:
+                    stage = outcome.stage = "retention"
+                    self._status(folder, outcome, values, state)
+                    base_only = [dataclasses.replace(t, target_caption=t.base_caption) for t in self.triples]
+                    self._generate(artifact, base_only, folder / "retention" / "images", folder / "retention", state)
+                    keep = [m for m in self.metric_ids if _column(m) in PRESERVATION]
+                    self._score(folder / "retention" / "images", folder / "retention" / "score", keep)
+                if self.curve is not None:
+                    stage = outcome.stage = "curve"
+                    self._status(folder, outcome, values, state)
+                    self._curve(name, values, folder, state)
+            outcome.status, outcome.stage = "complete", None
+            self._status(folder, outcome, values, state)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # recorded; the other methods go on
+            outcome.status, outcome.stage = "failed", stage
+            outcome.error = str(e) if isinstance(e, SpfbenchError) else f"{type(e).__name__}: {e}"
+            self._status(folder, outcome, None, state, tb=traceback.format_exc())
+            if state.is_main_process:
+                print(f"error: method {name} failed at {stage}: {outcome.error} (recorded in {folder / 'status.json'})", flush=True)
+        return outcome
+
+    def _check_config(self, folder: Path, values: dict, state) -> None:
+        path = folder / "config.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old != values:
+                diff = sorted(k for k in set(old) | set(values) if old.get(k) != values.get(k))
+                raise SpfbenchError(f"{folder} was run with a different config ({', '.join(diff)}); use another --out,"
+                                    f" or remove {folder} to redo this method")
+        elif state.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, values)
+
+    def _status(self, folder: Path, outcome: MethodOutcome, values: dict | None, state, tb: str | None = None) -> None:
+        if not state.is_main_process:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "status.json", {**dataclasses.asdict(outcome), "traceback": tb})
+
+    # -- generation: one PNG per (method, triple), written as each batch finishes ----------------------
+    def _generate(self, artifact: Path, triples, images: Path, folder: Path, state, settings=None) -> int:
+        from tqdm.auto import tqdm
+
+        import trainers
+        from trainers.base import read_artifact_meta
+
+        from .models import load_pipeline
+
+        settings = settings or self.settings
+        made_by = {"artifact": str(Path(artifact).resolve()), "method": read_artifact_meta(artifact),
+                   "model": self.load_kwargs, "generation": settings.to_dict(), "dtype": self.dtype,
+                   "batch_size": self.gen_batch}
+        record = folder / "generation.json"
+        if record.is_file() and json.loads(record.read_text()) != made_by:
+            raise SpfbenchError(f"{images} holds images of a different artifact or sampler (see {record});"
+                                f" remove {images} and {record} to regenerate, or use another --out")
+        # fixed batches over the whole list (as the test set builder): the same batches whatever was done before
+        batches = [triples[i:i + self.gen_batch] for i in range(0, len(triples), self.gen_batch)]
+        todo = [b for b in batches if not all((images / f"{t.id}.png").is_file() for t in b)]
+        if state.is_main_process:
+            images.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(images)
+            atomic_write_json(record, made_by)
+        state.wait_for_everyone()
+        if not todo:
+            return 0
+        pipe, _ = load_pipeline(device=state.device, dtype=self.dtype, **self.load_kwargs)
+        cls = trainers.load_artifact(artifact, pipe)
+        made = 0
+        with state.split_between_processes(todo) as mine:
+            bar = tqdm(total=sum(len(b) for b in todo), desc=f"generate {images.parent.name if images.name == 'images' else images}",
+                       unit="img", disable=not (self.progress and state.is_main_process))
+            for batch in mine:
+                out = cls.generate_images(pipe, batch, settings)
+                notes = cls.generation_notes()
+                for i, (t, img) in enumerate(zip(batch, out)):
+                    path = images / f"{t.id}.png"
+                    if path.is_file():  # a finished image is never rewritten
+                        continue
+                    if notes is not None:  # the note first: an image on disk means its unit is done
+                        (folder / "notes").mkdir(exist_ok=True)
+                        atomic_write_json(folder / "notes" / f"{t.id}.json", notes[i])
+                    atomic_write_bytes(path, encode_png(img))
+                    made += 1
+                bar.update(len(batch) * state.num_processes)
+            bar.close()
+        state.wait_for_everyone()
+        return made
+
+    def _score(self, images: Path, out: Path, metric_ids: list[str]) -> dict:
+        from accelerate import PartialState
+
+        from .scoring import Scorer
+
+        device = str(PartialState().device) if self.device != "cpu" else "cpu"
+        scorer = Scorer(self.testset, images, out, metric_ids, preset=self.preset, device=device,
+                        batch_size=self.score_batch_size, limit=self.limit, weights=self.weights)
+        return scorer.run(progress=self.progress)
+
+    def _curve(self, name: str, values: dict, folder: Path, state) -> None:
+        from .curve import training_curve
+
+        if state.is_main_process:  # a few images per checkpoint: one process is enough
+            training_curve(folder / "train", name, values, self.testset, self.triples[: self.curve_limit], folder / "curve",
+                           load_kwargs=self.load_kwargs, metrics_preset=self.preset, metric_ids=list(CURVE_METRICS), settings=self.settings,
+                           batch_size=self.gen_batch, device=str(state.device), dtype=self.dtype, progress=self.progress)
+        state.wait_for_everyone()
+
+
+def _column(metric_id: str) -> str:
+    from .metrics import metric_class
+
+    return metric_class(metric_id).column
+
+
+# -- environment ------------------------------------------------------------------------------------
+
+
+def git_revision() -> dict:
+    """The suite's git commit (and whether its tree had uncommitted changes), when it runs from a clone."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return {"commit": None}
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}
+
+
+def environment(state=None) -> dict:
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    versions = {}
+    for pkg in ("spfbench", "torch", "torchvision", "diffusers", "transformers", "accelerate", "peft", "open_clip_torch",
+                "torchmetrics", "lpips", "insightface", "onnxruntime", "segment_anything", "numpy", "pandas"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    env = {"python": platform.python_version(), "platform": platform.platform(), "packages": versions, "git": git_revision()}
+    if state is not None:
+        env["processes"] = state.num_processes
+        env["device"] = str(state.device)
+        if state.device.type == "cuda":
+            env["device_name"] = torch.cuda.get_device_name(state.device)
+            env["cuda"] = torch.version.cuda
+        else:
+            env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+# -- outputs: everything below is rebuilt from the stored samples by `spfbench report` -----------------
+
+
+def _statuses(run: Path) -> tuple[dict, dict[str, dict]]:
+    path = run / "run.json"
+    if not path.is_file():
+        raise SpfbenchError(f"{run} is not a run folder (run.json missing)")
+    record = json.loads(path.read_text())
+    statuses = {}
+    for m in record["methods"]:
+        p = run / "methods" / m / "status.json"
+        statuses[m] = json.loads(p.read_text()) if p.is_file() else {"method": m, "status": "not started"}
+    return record, statuses
+
+
+def build_table(run: Path, kind: str = "score"):
+    """Table 1 of a run (``kind="score"``) or its retention table (``"retention/score"``): one row per
+    requested method; a failed method is a row with its error."""
+    from . import table1
+
+    record, statuses = _statuses(run)
+    rows = []
+    for m, st in statuses.items():
+        folder = run / "methods" / m / kind
+        if st["status"] == "complete" and (folder / "summary.json").is_file():
+            rows.append(table1.read_scores(folder, m))
+        elif st["status"] == "failed":
+            rows.append(table1.Row(method=m, cells={}, ablation=table1.is_ablation(m), error=f"{st.get('stage')}: {st.get('error')}"))
+        else:
+            rows.append(table1.Row(method=m, cells={}, ablation=table1.is_ablation(m), error=f"not finished ({st['status']})"))
+    return table1.Table(rows=table1._order(rows))
+
+
+def to_json(table, record: dict) -> str:
+    rows = []
+    for r in table.rows:
+        rows.append({"method": r.method, "ablation": r.ablation, "status": "failed" if r.error else "complete", "error": r.error,
+                     "metrics": {col: dataclasses.asdict(c) for col, c in r.cells.items()}})
+    return json.dumps({"spec": record["spec"], "environment": record.get("environment"), "rows": rows}, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_reports(run: Path, paper: bool | None = None) -> dict[str, Path]:
+    """results.{json,csv,md,tex}, retention.* when present, and index.html, from the stored samples only."""
+    from . import table1
+    from .report import write_html
+
+    run = Path(run)
+    record, _ = _statuses(run)
+    paper = record.get("options", {}).get("paper", False) if paper is None else paper
+    table = build_table(run)
+    paths = table1.write(table, run, paper=paper)
+    atomic_write_text(run / "results.json", to_json(table, record))
+    paths["json"] = run / "results.json"
+    if any((run / "methods" / m / "retention" / "score" / "summary.json").is_file() for m in record["methods"]):
+        retention = build_table(run, "retention/score")
+        paths.update({f"retention_{k}": v for k, v in table1.write(retention, run, stem="retention").items()})
+    paths["html"] = write_html(run, table, paper=paper)
+    return paths
+
+
+def read_config(path: Path | None) -> dict:
+    """A run config file: ``{"all": {...}, "naive": {...}, "spf": {...}}`` (each a method's hyper-parameters)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise SpfbenchError(f"config file {path} does not exist")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpfbenchError(f"config file {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+        raise SpfbenchError(f"config file {path} must map method names (or {ALL_METHODS_KEY!r}) to objects of option: value")
+    return values
