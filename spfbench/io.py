@@ -78,3 +78,19 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_json_object(path: str | os.PathLike, what: str = "config file") -> dict:
+    """A JSON file that must hold an object; a missing file or bad JSON is one clear error."""
+    from .errors import SpfbenchError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpfbenchError(f"{what} {path} does not exist")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpfbenchError(f"{what} {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(values, dict):
+        raise SpfbenchError(f"{what} {path} must hold a JSON object")
+    return values

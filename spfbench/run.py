@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SpfbenchError
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_png, remove_stale_tmp
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_png, read_json_object, remove_stale_tmp
 
 FORMAT_VERSION = 1
 PRESERVATION = ("FID", "LPIPS", "ID", "CLIP-I", "Seg-Cons")
@@ -441,13 +441,7 @@ def read_config(path: Path | None) -> dict:
     """A run config file: ``{"all": {...}, "naive": {...}, "spf": {...}}`` (each a method's hyper-parameters)."""
     if path is None:
         return {}
-    path = Path(path)
-    if not path.is_file():
-        raise SpfbenchError(f"config file {path} does not exist")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SpfbenchError(f"config file {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
-    if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+    values = read_json_object(path)
+    if not all(isinstance(v, dict) for v in values.values()):
         raise SpfbenchError(f"config file {path} must map method names (or {ALL_METHODS_KEY!r}) to objects of option: value")
     return values

@@ -292,3 +292,21 @@ def test_accelerate_launch_shards_generation_and_scoring(world, full_run, tmp_pa
     assert fid[0]["n"] == fid[1]["n"] == 8 and fid[0]["value"] == pytest.approx(fid[1]["value"], rel=1e-6, abs=1e-9)
     assert not list((out / "methods" / "naive" / "score").glob("state.part-*.pt"))  # merged into state.pt
     assert json.loads((out / "run.json").read_text())["environment"]["processes"] == 2
+
+
+def test_lora_best_rank_through_the_config(world, tmp_path):
+    """{"lora": {"ranks": [...], "val_data": ...}}: the fit runs the rank sweep and returns the chosen rank's
+    artifact (what sweep.json names), so a run's LoRA row is Table 1's "LoRA (Best Rank)"."""
+    import trainers
+    from spfbench.toydata import make_toy_data
+    from trainers.base import read_artifact_meta
+    from trainers.sweep import read_sweep
+
+    make_toy_data(tmp_path / "val", 4, seed=1, size=64)
+    art = trainers.fit("lora", {"ranks": [2, 4], "val_data": str(tmp_path / "val"), "max_train_steps": 1}, world / "data",
+                       tmp_path / "sweep", progress=False, preset="tiny", device="cpu")
+    sweep = read_sweep(tmp_path / "sweep")
+    assert art == tmp_path / "sweep" / sweep["best_artifact"]
+    assert read_artifact_meta(art)["config"]["rank"] == sweep["best_rank"]
+    with pytest.raises(Exception, match="val_data is the rank sweep's held-out set"):
+        trainers.fit("lora", {"val_data": str(tmp_path / "val")}, world / "data", tmp_path / "x", preset="tiny")

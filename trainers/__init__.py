@@ -8,7 +8,6 @@ found by name in :data:`REGISTRY` and imported on first use.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 from spfbench.errors import SpfbenchError
@@ -47,15 +46,9 @@ def fit(name: str, config: dict, data, out, *, progress: bool = True, source: st
 
 def read_config_file(path: str | Path) -> dict:
     """A method config file: JSON object of hyper-parameters (as saved in ``method.json``'s ``config``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpfbenchError(f"config file {path} does not exist")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SpfbenchError(f"config file {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
-    if not isinstance(values, dict):
-        raise SpfbenchError(f"config file {path} must hold a JSON object of option: value")
+    from spfbench.io import read_json_object
+
+    values = read_json_object(path)
     return values.get("config", values) if "method" in values else values
 
 
