@@ -24,6 +24,7 @@ import torch
 from .errors import MissingWeightsError, SpfbenchError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+WORLD_MODEL_DIR = Path(__file__).parent / "world" / "weights" / "model"  # Portrait World's original model (docs/world.md)
 DEFAULT_PRESET = "realistic-vision-v4"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,6 +52,7 @@ PRESETS: dict[str, Preset] = {
         Preset("sd15", "Stable Diffusion v1.5", repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
         Preset("tiny", "tiny SD-shaped model, seeded random weights, 64 px (CPU tests)", config="tiny", native_size=64),
         Preset("sd15-random", "full SD1.5 architecture, seeded random weights (GPU speed/memory work)", config="sd15"),
+        Preset("world", "Portrait World's original model: 64 px SD-architecture model trained on world renders", native_size=64),
     ]
 }
 
@@ -139,7 +141,11 @@ def load_pipeline(
     p = get_preset(preset)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
-    if p.config is not None:
+    if p.name == "world":
+        if vae:
+            raise SpfbenchError("preset 'world' has its own VAE; --vae applies to the hub presets only")
+        pipe, info = _world_pipeline(p, model)
+    elif p.config is not None:
         if model or vae:
             raise SpfbenchError(f"preset {preset!r} has random weights; --model/--vae apply to real presets only")
         pipe, info = _random_pipeline(p, seed, dev)
@@ -202,6 +208,17 @@ def _random_pipeline(p: Preset, seed: int, device: torch.device):
     info = ModelInfo(preset=p.name, source="random-init", seed=seed, native_size=p.native_size)
     info.components = {k: f"{p.config} config, seed {seed + i}" for i, k in enumerate(["unet", "vae", "text_encoder"])}
     return pipe, info
+
+
+def _world_pipeline(p: Preset, model: str | None):
+    """The shipped Portrait World model (or a folder trained the same way, ``--model``): a local diffusers folder."""
+    folder = Path(model) if model else WORLD_MODEL_DIR
+    if not (folder / "model_index.json").is_file():
+        raise MissingWeightsError(
+            f"missing weights: the Portrait World original model is not at {folder}; train it with"
+            f" `python -m spfbench.world.model train --out {folder}` (docs/world.md, \"Original model\")"
+        )
+    return _real_pipeline(p, str(folder), None, None)
 
 
 # --------------------------------------------------------------------------- real weights
@@ -382,7 +399,8 @@ def weight_rows() -> list[dict]:
 def describe_presets() -> list[dict]:
     out = []
     for p in PRESETS.values():
-        out.append({"name": p.name, "weights": "random (seeded)" if p.config else p.repo_id, "description": p.description})
+        weights = "random (seeded)" if p.config else p.repo_id or str(WORLD_MODEL_DIR.relative_to(Path(__file__).parent.parent))
+        out.append({"name": p.name, "weights": weights, "description": p.description})
     return out
 
 

@@ -204,7 +204,7 @@ def _categories_html(data: dict) -> str:
 def render(data: dict, table: table1.Table, paper: bool = False) -> str:
     run = data["run"]
     sections = [f"<h1>spfbench run <code>{escape(run.name)}</code></h1>", _header_html(data),
-                "<h2>Table 1</h2>", _table1_html(table, paper, table1.COLUMN_NAMES)]
+                "<h2>Table 1</h2>", _table1_html(table, paper, table1.columns(table.rows))]
     links = [f"<a href='{n}'>{n}</a>" for n in ("results.md", "results.csv", "results.tex", "results.json",
                                                                "retention.md", "retention.csv", "retention.tex") if (run / n).is_file()]
     if links:
@@ -213,7 +213,7 @@ def render(data: dict, table: table1.Table, paper: bool = False) -> str:
                  if m["status"] == "complete" and (m["folder"] / "retention" / "score" / "summary.json").is_file()}
     if retention:
         rt = table1.collect(retention)
-        cols = [c for c in table1.COLUMN_NAMES if any(c in r.cells for r in rt.rows)]
+        cols = [c for c in table1.columns(rt.rows) if any(c in r.cells for r in rt.rows)]
         sections += ["<h2>Retention (image from the base text only)</h2>", _table1_html(rt, False, cols)]
     sections += ["<h2>Per category</h2><p>Mean of the per-sample values (non-null) per method; N = triples with a value.</p>",
                  _categories_html(data)]

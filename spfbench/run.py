@@ -225,7 +225,9 @@ class Runner:
                     self._generate(artifact, base_only, folder / "retention" / "images", folder / "retention", state)
                     keep = [m for m in self.metric_ids if _column(m) in PRESERVATION]
                     self._score(folder / "retention" / "images", folder / "retention" / "score", keep)
-                if self.curve is not None:
+                if self.curve is not None and (folder / "train" / "checkpoints").is_dir():
+                    # (a method that trained nothing here, Magnet on the shared naive UNet or a LoRA rank
+                    # sweep with its own rank folders, has no checkpoints of its own: no curve)
                     stage = outcome.stage = "curve"
                     self._status(folder, outcome, values, state)
                     self._curve(name, values, folder, state)

@@ -34,8 +34,15 @@ COLUMNS = [
     ("Overall", "MPS", True, 2),
 ]
 COLUMN_NAMES = [c[1] for c in COLUMNS]
-HIGHER = {c[1]: c[2] for c in COLUMNS}
-DECIMALS = {c[1]: c[3] for c in COLUMNS}
+# Columns beside the paper's, shown only when some row has them: Portrait World's ground truth (rates 0-1).
+EXTRA_COLUMNS = [
+    ("Ground truth", "GT-Target", True, 3),
+    ("Ground truth", "GT-Preserve", True, 3),
+]
+GROUPS = ["Preservation", "Responsiveness", "Overall", "Ground truth"]
+HIGHER = {c[1]: c[2] for c in COLUMNS + EXTRA_COLUMNS}
+DECIMALS = {c[1]: c[3] for c in COLUMNS + EXTRA_COLUMNS}
+GROUP_OF = {c[1]: c[0] for c in COLUMNS + EXTRA_COLUMNS}
 # Metric id preferred for a column when a summary holds several (docs/metrics.md defaults).
 DEFAULT_IDS = {
     "FID": "fid@inception-2048",
@@ -46,6 +53,8 @@ DEFAULT_IDS = {
     "CLIP-T": "clip-t@vit-l-14",
     "HPSv2": "hpsv2@v2.1",
     "MPS": "mps@overall",
+    "GT-Target": "gt-target@world-reader",
+    "GT-Preserve": "gt-preserve@world-reader",
 }
 # Row order of the paper (our method names); unknown methods follow in the order given.
 METHOD_ORDER = ["naive", "adalora", "lora", "tokencompose", "magnet", "spf",
@@ -105,7 +114,7 @@ def bootstrap_ci(values, b: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED, level
 def _pick_metrics(metrics: dict) -> dict[str, str]:
     """Column -> metric id in a summary (the default id when present, else the first with that column)."""
     out: dict[str, str] = {}
-    for col in COLUMN_NAMES:
+    for col in HIGHER:
         if DEFAULT_IDS[col] in metrics:
             out[col] = DEFAULT_IDS[col]
         else:
@@ -173,6 +182,16 @@ def _rows(table: Table, paper: bool) -> list[Row]:
     return _order(rows + (paper_rows() if paper else []))
 
 
+def columns(rows: list[Row]) -> list[str]:
+    """The paper's eight columns, then any extra column some row has."""
+    return COLUMN_NAMES + [c for _, c, _, _ in EXTRA_COLUMNS if any(c in r.cells for r in rows)]
+
+
+def _groups(cols: list[str]) -> list[tuple[str, int]]:
+    """(group, number of columns) in order, for the header."""
+    return [(g, n) for g in GROUPS if (n := sum(GROUP_OF[c] == g for c in cols))]
+
+
 def fmt(value: float | None, col: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -187,7 +206,7 @@ def ranks(rows: list[Row]) -> dict[tuple[int, str], int]:
     out = {}
     for source in ("ours", "paper"):
         idx = [i for i, r in enumerate(rows) if r.source == source and not r.ablation]
-        for col in COLUMN_NAMES:
+        for col in columns(rows):
             shown = {}
             for i in idx:
                 c = rows[i].cells.get(col)
@@ -203,16 +222,18 @@ def ranks(rows: list[Row]) -> dict[tuple[int, str], int]:
 
 def to_csv(table: Table, paper: bool = False) -> str:
     """One row per method; per column: value, N, ci_low, ci_high, metric id (full precision)."""
+    rows = _rows(table, paper)
+    cols = columns(rows)
     header = ["method", "source", "ablation"]
-    for col in COLUMN_NAMES:
+    for col in cols:
         header += [col, f"{col} N", f"{col} ci_low", f"{col} ci_high", f"{col} metric"]
     header.append("error")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
-    for r in _rows(table, paper):
+    for r in rows:
         line = [r.method, r.source, r.ablation]
-        for col in COLUMN_NAMES:
+        for col in cols:
             c = r.cells.get(col, Cell(None))
             line += ["" if x is None else x for x in (c.value, c.n, c.ci_low, c.ci_high, c.metric)]
         line.append(r.error or "")
@@ -230,18 +251,19 @@ def to_markdown(table: Table, paper: bool = False) -> str:
     """Values with 95% CI in brackets (per-sample metrics) and N; **best**, <u>second</u>."""
     rows = _rows(table, paper)
     rk = ranks(rows)
-    groups = "; ".join(f"{g}: " + ", ".join(c for gg, c, _, _ in COLUMNS if gg == g) for g in ("Preservation", "Responsiveness", "Overall"))
+    cols = columns(rows)
+    groups = "; ".join(f"{g}: " + ", ".join(c for c in cols if GROUP_OF[c] == g) for g, _ in _groups(cols))
     lines = [f"Groups: {groups}. Best per column in **bold**, second <u>underlined</u> (non-ablation rows, ours and paper ranked apart).", ""]
-    lines.append("| Method | " + " | ".join(f"{col} ({_arrow(col, False)})" for col in COLUMN_NAMES) + " |")
-    lines.append("|---|" + "---:|" * len(COLUMN_NAMES))
+    lines.append("| Method | " + " | ".join(f"{col} ({_arrow(col, False)})" for col in cols) + " |")
+    lines.append("|---|" + "---:|" * len(cols))
     prev = None
     for i, r in enumerate(rows):
         group = (r.source, r.ablation)
         if prev is not None and group != prev:
-            lines.append("| " + ("*paper, ablations*" if r.source == "paper" and r.ablation else "*paper*" if r.source == "paper" else "*ablations*") + " |" + " |" * len(COLUMN_NAMES))
+            lines.append("| " + ("*paper, ablations*" if r.source == "paper" and r.ablation else "*paper*" if r.source == "paper" else "*ablations*") + " |" + " |" * len(cols))
         prev = group
         cells = []
-        for col in COLUMN_NAMES:
+        for col in cols:
             c = r.cells.get(col, Cell(None))
             s = fmt(c.value, col)
             if rk.get((i, col)) == 1:
@@ -255,7 +277,7 @@ def to_markdown(table: Table, paper: bool = False) -> str:
                     s += f" (N={c.n})"
             cells.append(s)
         if r.error:
-            cells = [f"failed: {r.error}".replace("|", "\\|").replace("\n", " ")] + [""] * (len(COLUMN_NAMES) - 1)
+            cells = [f"failed: {r.error}".replace("|", "\\|").replace("\n", " ")] + [""] * (len(cols) - 1)
         lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -272,14 +294,20 @@ def to_latex(table: Table, paper: bool = False) -> str:
     """A booktabs tabular laid out like the paper's Table 1 (values only; CIs and N are in the CSV)."""
     rows = _rows(table, paper)
     rk = ranks(rows)
-    ncol = 1 + len(COLUMN_NAMES)
+    cols = columns(rows)
+    ncol = 1 + len(cols)
+    spans, rules, start = [], [], 2
+    for g, n in _groups(cols):
+        spans.append(f"\\multicolumn{{{n}}}{{c}}{{{g}}}")
+        rules.append(f"\\cmidrule(lr){{{start}-{start + n - 1}}}")
+        start += n
     out = [
         "% Requires \\usepackage{booktabs}. Generated by spfbench table1.",
-        "\\begin{tabular}{l" + "c" * len(COLUMN_NAMES) + "}",
+        "\\begin{tabular}{l" + "c" * len(cols) + "}",
         "\\toprule",
-        "Method & \\multicolumn{5}{c}{Preservation} & \\multicolumn{1}{c}{Responsiveness} & \\multicolumn{2}{c}{Overall} \\\\",
-        "\\cmidrule(lr){2-6} \\cmidrule(lr){7-7} \\cmidrule(lr){8-9}",
-        " & " + " & ".join(f"{tex_escape(col)} ({_arrow(col, True)})" for col in COLUMN_NAMES) + " \\\\",
+        "Method & " + " & ".join(spans) + " \\\\",
+        " ".join(rules),
+        " & " + " & ".join(f"{tex_escape(col)} ({_arrow(col, True)})" for col in cols) + " \\\\",
         "\\midrule",
     ]
     prev = None
@@ -295,7 +323,7 @@ def to_latex(table: Table, paper: bool = False) -> str:
             out.append(f"% {r.label}: failed ({' '.join(r.error.split())})")
             continue
         cells = []
-        for col in COLUMN_NAMES:
+        for col in cols:
             s = fmt(r.cells.get(col, Cell(None)).value, col)
             if rk.get((i, col)) == 1:
                 s = f"\\textbf{{{s}}}"

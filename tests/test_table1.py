@@ -202,3 +202,27 @@ def test_failed_row_in_every_format(tmp_path):
     assert "% tokencompose: failed (fit: masks | missing)" in tex and "\ntokencompose &" not in tex
     # a failed row takes no rank: the best LPIPS is still spf's
     assert "\\textbf{0.20}" in tex
+
+
+def test_ground_truth_columns_appear_only_when_scored(tmp_path):
+    vals = {"LPIPS": [0.2] * 4, "CLIP-T": [0.3] * 4}
+    plain = t1.collect({"naive": write_scores(tmp_path / "a", vals, fid=3.0)})
+    assert t1.columns(plain.rows) == t1.COLUMN_NAMES and "GT-" not in t1.to_csv(plain)
+    d = write_scores(tmp_path / "b", vals, fid=3.0)
+    summary = json.loads((d / "summary.json").read_text())
+    rows = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()]
+    for mid, col, v in (("gt-target@world-reader", "GT-Target", [1, 1, 0, 1]), ("gt-preserve@world-reader", "GT-Preserve", [0.9] * 4)):
+        summary["metrics"][mid] = {"id": mid, "column": col, "higher_is_better": True, "value": float(np.mean(v)), "n": 4, "failures": 0}
+        for r, x in zip(rows, v):
+            r[mid] = float(x)
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = t1.collect({"naive": d, "spf": write_scores(tmp_path / "c", vals, fid=2.0)})
+    assert t1.columns(table.rows) == t1.COLUMN_NAMES + ["GT-Target", "GT-Preserve"]
+    tex = t1.to_latex(table)
+    assert "\\multicolumn{2}{c}{Ground truth}" in tex and "\\cmidrule(lr){10-11}" in tex
+    line = next(x for x in tex.splitlines() if x.startswith("naive"))
+    assert line.count("&") == 10 and "\\textbf{0.750}" in line
+    assert "GT-Target (↑)" in t1.to_markdown(table)
+    df = pd.read_csv(io.StringIO(t1.to_csv(table))).set_index("method")
+    assert df.loc["naive", "GT-Target"] == 0.75 and pd.isna(df.loc["spf", "GT-Target"])

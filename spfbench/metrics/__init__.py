@@ -22,6 +22,9 @@ REGISTRY = {
     "seg-cons@sam-vit-b": "spfbench.metrics.segcons:SegConsVitB",
     "hpsv2@v2.1": "spfbench.metrics.hpsv2:HpsV2",
     "mps@overall": "spfbench.metrics.mps:Mps",
+    # Portrait World's ground truth (docs/world.md), read by the world's attribute reader
+    "gt-target@world-reader": "spfbench.metrics.world:GtTarget",
+    "gt-preserve@world-reader": "spfbench.metrics.world:GtPreserve",
 }
 
 

@@ -1,0 +1,20 @@
+"""Portrait World: a procedurally rendered portrait world where pollution is measurable exactly.
+
+``attributes`` (schema, samplers, captions), ``render`` (the drawing), ``datasets`` (imagefolder
+sets and test-set caption rows), ``reader`` (the attribute reader CNN). Definitions: docs/world.md.
+"""
+
+from .attributes import (  # noqa: F401
+    ATTRIBUTES,
+    CAPTIONED,
+    SCHEMA,
+    SPLITS,
+    TARGET_ATTRIBUTES,
+    TARGET_TEXTS,
+    UNCAPTIONED,
+    base_caption,
+    distribution,
+    sample,
+    target_text,
+)
+from .render import render  # noqa: F401

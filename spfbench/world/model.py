@@ -1,0 +1,771 @@
+"""Portrait World's "original model": a small SD-architecture text-to-image pipeline trained from scratch.
+
+A real diffusers ``StableDiffusionPipeline`` (``UNet2DConditionModel`` with cross-attention blocks,
+``AutoencoderKL``, transformers ``CLIPTextModel``, the real CLIP BPE tokenizer, SD1.5's scheduler
+config) at 64 x 64 px, pretrained on ``pretrain`` renders with their base captions only: the novel
+target attributes (hat, glasses, sunglasses, freckles, pencil drawing) were never shown to the UNet.
+Configs: ``spfbench/configs/world/``. Definitions and numbers: docs/world.md, "Original model".
+
+Training (two stages, both resumable; the command records itself in the card)::
+
+    python -m spfbench.world.model train --out spfbench/world/weights/model --work runs/world-model
+
+* :func:`train_vae`: the autoencoder (downsample 4: 64 px -> 16 x 16 x 4 latents) on a render mix
+  (index mod 10: 0-6 pretrain, 7-8 finetune, 9 the reader's uniform stream) so it also reconstructs
+  the targets fine-tuning will need; loss L1 + ``kl_weight`` x KL; then ``scaling_factor = 1 / std``
+  of the posterior means of renders.
+* :func:`train_unet`: text encoder + UNet jointly from scratch on cached latents of ``pretrain``
+  renders with ``base_caption`` (empty caption with probability ``caption_dropout``, for CFG);
+  epsilon loss with the scheduler config's DDPM noise schedule; AdamW, warmup + cosine LR, EMA;
+  periodic atomic checkpoints (a killed run continues where its last checkpoint left it).
+* :func:`save_pipeline`: the diffusers folder (fp16 safetensors, tokenizer included).
+* :func:`evaluate`: generate for held-out captions, read the images back with the attribute reader.
+
+Evaluate a model folder::
+
+    python -m spfbench.world.model evaluate --model spfbench/world/weights/model --n 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..errors import SpfbenchError
+from .attributes import CAPTIONED, SCHEMA, TARGET_ATTRIBUTES, UNCAPTIONED, base_caption, distribution, sample
+from .render import render
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "world"
+DEFAULT_OUT = Path(__file__).parent / "weights" / "model"
+DEFAULT_WORK = Path("runs") / "world-model"
+CARD = "world_model.json"
+FORMAT = "spfbench-world-model/1"
+RESOLUTION = 64
+
+# What the original model must reach (evaluate(): the reader's reading of its generations).
+QUALITY_BAR = {
+    "captioned_min": 0.85,  # every captioned attribute matches its caption at least this often
+    "uncaptioned_tv_max": 0.15,  # every uncaptioned attribute's distribution within this TV of pretrain
+    "spurious_max": 0.03,  # images showing any target attribute (never trained) at most this often
+}
+
+
+# ------------------------------------------------------------------------------------------ components
+
+
+def build_components(seed: int = 0, overrides: dict | None = None) -> dict:
+    """Seeded random ``unet``, ``vae``, ``text_encoder`` from ``spfbench/configs/world`` (``overrides``:
+    component -> config keys to replace, e.g. micro sizes for tests)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    overrides = overrides or {}
+    comps = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cfg = dict(UNet2DConditionModel.load_config(CONFIG / "unet"), **overrides.get("unet", {}))
+        comps["unet"] = UNet2DConditionModel.from_config(cfg)
+        torch.manual_seed(seed + 1)
+        cfg = dict(AutoencoderKL.load_config(CONFIG / "vae"), **overrides.get("vae", {}))
+        comps["vae"] = AutoencoderKL.from_config(cfg)
+        torch.manual_seed(seed + 2)
+        tcfg = CLIPTextConfig.from_pretrained(CONFIG / "text_encoder")
+        for k, v in overrides.get("text_encoder", {}).items():
+            setattr(tcfg, k, v)
+        comps["text_encoder"] = CLIPTextModel(tcfg)
+    return comps
+
+
+def parameter_counts(comps: dict) -> dict:
+    return {k: sum(p.numel() for p in m.parameters()) for k, m in comps.items() if hasattr(m, "parameters")}
+
+
+def scheduler_config() -> dict:
+    return json.loads((CONFIG / "scheduler" / "scheduler_config.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def vae_mix(index: int, seed: int) -> dict:
+    """The VAE's training mix by index mod 10: 0-6 pretrain, 7-8 finetune (one target each, shifted
+    attributes), 9 the reader's uniform stream (every attribute uniform, targets possibly combined)."""
+    from .reader import sample_uniform
+
+    r = index % 10
+    if r < 7:
+        return sample("pretrain", index, seed)
+    if r < 9:
+        return sample("finetune", index, seed)
+    return sample_uniform(index, seed)
+
+
+def render_batch(attrs_list: list[dict], variants: list[int]):
+    """uint8 tensor (N, 3, 64, 64) of renders."""
+    import numpy as np
+    import torch
+
+    x = np.stack([np.asarray(render(a, RESOLUTION, variant=v), dtype=np.uint8) for a, v in zip(attrs_list, variants)])
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def _to_float(x_uint8):
+    return x_uint8.float() / 127.5 - 1.0
+
+
+def _tokenize(captions: list[str]):
+    """(N, 77) token ids exactly as the pipeline's ``encode_prompt`` makes them (unique captions once)."""
+    import torch
+
+    from ..clip_tokenizer import clip_tokenizer
+
+    tok = clip_tokenizer()
+    uniq = sorted(set(captions))
+    ids = tok(uniq, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    row = {c: i for i, c in enumerate(uniq)}
+    return ids[torch.tensor([row[c] for c in captions])].to(torch.int32)
+
+
+# ------------------------------------------------------------------------------------------ training helpers
+
+
+def _lr_lambda(warmup: int, total: int, schedule: str):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))  # cosine down to 10%
+
+    return f
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _append_log(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint a resumed run starts from."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    from ..io import atomic_write_text
+
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _check_args(ckpt_args: dict, args: dict, what: str, path: Path) -> None:
+    diffs = [k for k in args if k not in ("stop_at", "threads", "progress") and ckpt_args.get(k) != args[k]]
+    if diffs:
+        detail = "; ".join(f"{k}: {ckpt_args.get(k)!r} there, {args[k]!r} now" for k in diffs[:4])
+        raise SpfbenchError(f"{path} holds a {what} checkpoint of another training ({detail}); use another folder or the same arguments")
+
+
+class _EMA:
+    def __init__(self, modules, decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    def update(self, step: int) -> None:
+        import torch
+
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    def copy_to(self, modules) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, s in zip([p for m in modules for p in m.parameters()], self.shadow):
+                p.copy_(s)
+
+
+# ------------------------------------------------------------------------------------------ VAE
+
+
+def train_vae(
+    out: str | os.PathLike,
+    n: int = 20000,
+    steps: int = 3000,
+    batch_size: int = 32,
+    seed: int = 0,
+    threads: int = 2,
+    lr: float = 5e-4,
+    kl_weight: float = 1e-6,
+    warmup: int = 100,
+    ckpt_every: int = 250,
+    log_every: int = 25,
+    overrides: dict | None = None,
+    stop_at: int | None = None,
+    n_val: int = 512,
+    progress: bool = True,
+    log=print,
+):
+    """Train the autoencoder; saves ``OUT/`` (diffusers ``AutoencoderKL`` folder, fp32, with the measured
+    ``scaling_factor``) and ``OUT/vae_card.json``. Returns the ``AutoencoderKL``.
+
+    Loss per batch: mean L1 over pixels (images in [-1, 1]) + ``kl_weight`` x the KL to N(0, I) summed
+    over the latent elements and averaged over the batch (a weak KL: it keeps the latents bounded and
+    smooth; the scale is then fixed by ``scaling_factor``).
+    ``stop_at`` stops (with a checkpoint) after that step, as if killed: the next call continues.
+    Finished folders (card present with the same arguments) are returned as they are."""
+    import torch
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+
+    args = dict(n=n, steps=steps, batch_size=batch_size, seed=seed, lr=lr, kl_weight=kl_weight, warmup=warmup, overrides=overrides or {})
+    out = Path(out)
+    card_path = out / "vae_card.json"
+    if card_path.is_file():
+        card = json.loads(card_path.read_text())
+        _check_args(card.get("args", {}), args, "VAE", out)
+        return AutoencoderKL.from_pretrained(out)
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    vae = build_components(seed, overrides)["vae"]
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps, "cosine"))
+    g = torch.Generator().manual_seed(seed)
+    step, seconds_before = 0, 0.0
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, weights_only=False)
+        _check_args(ck["args"], args, "VAE", out)
+        vae.load_state_dict(ck["vae"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        g.set_state(ck["rng"])
+        step, seconds_before = ck["step"], ck["seconds"]
+        _trim_log(log_path, step)
+        log(f"resuming VAE training at step {step}")
+    elif log_path.exists():
+        log_path.unlink()
+    log(f"rendering {n} VAE training images ...")
+    x_all = render_batch([vae_mix(i, seed) for i in range(n)], list(range(n)))
+
+    def save_ckpt():
+        _atomic_torch_save(
+            {"args": args, "step": step, "seconds": seconds_before + time.time() - t0, "vae": vae.state_dict(),
+             "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": g.get_state()},
+            ckpt_path,
+        )
+
+    end = steps if stop_at is None else min(steps, stop_at)
+    bar = tqdm(total=steps, initial=step, desc="vae", disable=not progress)
+    run = []
+    while step < end:
+        idx = torch.randint(0, n, (batch_size,), generator=g)
+        x = _to_float(x_all[idx])
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        kl = post.kl().mean()  # summed over latent elements, averaged over the batch
+        loss = l1 + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        run.append((l1.item(), kl.item()))
+        bar.update(1)
+        if step % log_every == 0 or step == end:
+            row = {"step": step, "l1": sum(r[0] for r in run) / len(run), "kl": sum(r[1] for r in run) / len(run),
+                   "lr": sched.get_last_lr()[0], "seconds": round(seconds_before + time.time() - t0, 1)}
+            _append_log(log_path, row)
+            bar.set_postfix(l1=f"{row['l1']:.4f}")
+            run = []
+        if step % ckpt_every == 0 or step == end:
+            save_ckpt()
+    bar.close()
+    if step < steps:
+        log(f"stopped at step {step} of {steps} (checkpoint {ckpt_path}); run again to continue")
+        return vae
+    vae.eval()
+    card = _finish_vae(vae, out, args, seed, seconds_before + time.time() - t0, threads, n_val)
+    log(f"VAE done: scaling_factor {card['scaling_factor']:.4f}, val L1 {card['val_l1']:.4f}, PSNR {card['val_psnr']:.1f} dB")
+    return vae
+
+
+def _finish_vae(vae, out: Path, args: dict, seed: int, seconds: float, threads: int, n_val: int = 512) -> dict:
+    """Measure the latent std (scaling factor) and validation reconstruction; save the folder + card."""
+    import torch
+
+    from ..io import atomic_write_json
+
+    val_seed = seed + 1000
+    attrs = [vae_mix(i, val_seed) for i in range(n_val)]
+    x = _to_float(render_batch(attrs, [i + 7_000_001 for i in range(n_val)]))
+    with torch.no_grad():
+        means, recs = [], []
+        for s in range(0, n_val, 128):
+            m = vae.encode(x[s : s + 128]).latent_dist.mean
+            means.append(m)
+            recs.append(vae.decode(m).sample.clamp(-1, 1))
+    means, recs = torch.cat(means), torch.cat(recs)
+    std = means.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    mse = ((recs - x) / 2).pow(2).mean().item()
+    card = {
+        "args": args,
+        "scaling_factor": 1.0 / std,
+        "latent_mean": means.mean().item(),
+        "latent_std": std,
+        "val_n": n_val,
+        "val_mix": "index mod 10: 0-6 pretrain, 7-8 finetune, 9 uniform; seed + 1000",
+        "val_l1": (recs - x).abs().mean().item(),
+        "val_psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
+        "seconds": round(seconds, 1),
+        "threads": threads,
+        "parameters": sum(p.numel() for p in vae.parameters()),
+    }
+    try:  # how well the reader reads reconstructions (what fine-tuning/evaluation can resolve at best)
+        from PIL import Image
+
+        from .reader import load_reader
+
+        reader = load_reader()
+        imgs = [Image.fromarray(((r.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()) for r in recs]
+        got = reader.read(imgs)
+        card["reader_accuracy_on_reconstructions"] = {a: round(sum(g[a] == t[a] for g, t in zip(got, attrs)) / n_val, 4) for a in SCHEMA}
+    except SpfbenchError:
+        pass
+    vae.save_pretrained(out, safe_serialization=True)
+    atomic_write_json(out / "vae_card.json", card)
+    ck = out / "checkpoint.pt"
+    if ck.exists():
+        ck.unlink()
+    return card
+
+
+# ------------------------------------------------------------------------------------------ UNet + text encoder
+
+
+def encode_latents(vae, x_uint8, batch_size: int = 256):
+    """Posterior means x scaling_factor of uint8 renders (N, 4, 16, 16) float32."""
+    import torch
+
+    sf = vae.config.scaling_factor
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(x_uint8), batch_size):
+            out.append(vae.encode(_to_float(x_uint8[s : s + batch_size])).latent_dist.mean * sf)
+    return torch.cat(out)
+
+
+def _latent_cache(out: Path, vae, n: int, seed: int, log):
+    """(latents, token ids) of the first ``n`` pretrain renders; cached in ``OUT/latents.pt``."""
+    import torch
+
+    path = out / "latents.pt"
+    key = {"n": n, "seed": seed, "scaling_factor": float(vae.config.scaling_factor), "vae_sum": float(sum(p.detach().double().sum() for p in vae.parameters()))}
+    if path.is_file():
+        c = torch.load(path, weights_only=False)
+        if c["key"] == key:
+            return c["latents"], c["ids"]
+    log(f"rendering and encoding {n} pretrain images ...")
+    attrs = [sample("pretrain", i, seed) for i in range(n)]
+    vae.eval()
+    lat = []
+    for s in range(0, n, 2048):
+        lat.append(encode_latents(vae, render_batch(attrs[s : s + 2048], list(range(s, min(n, s + 2048))))))
+    latents = torch.cat(lat)
+    ids = _tokenize([base_caption(a) for a in attrs])
+    _atomic_torch_save({"key": key, "latents": latents, "ids": ids}, path)
+    return latents, ids
+
+
+def _load_vae(vae):
+    from diffusers import AutoencoderKL
+
+    if isinstance(vae, (str, os.PathLike)):
+        vae = AutoencoderKL.from_pretrained(vae)
+    return vae.float().eval()
+
+
+def train_unet(
+    out: str | os.PathLike,
+    vae,
+    n: int = 30000,
+    steps: int = 20000,
+    batch_size: int = 64,
+    lr: float = 3e-4,
+    seed: int = 0,
+    threads: int = 2,
+    caption_dropout: float = 0.1,
+    ema_decay: float = 0.999,
+    warmup: int = 500,
+    lr_schedule: str = "cosine",
+    ckpt_every: int = 500,
+    log_every: int = 50,
+    overrides: dict | None = None,
+    stop_at: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Train text encoder + UNet jointly from scratch on ``n`` pretrain renders; returns
+    ``{"unet", "text_encoder", "step", "done"}`` (EMA weights when ``ema_decay`` > 0 and done).
+
+    ``vae``: an ``AutoencoderKL`` or its folder. State in ``OUT/``: ``latents.pt`` (cached latents and
+    token ids), ``checkpoint.pt`` (atomic, every ``ckpt_every`` steps and at the end: weights, EMA,
+    optimizer, LR schedule, RNG state; a rerun with the same arguments continues from it, giving the
+    same weights as an uninterrupted run), ``log.jsonl`` (step, loss, lr, seconds).
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    if lr_schedule not in ("cosine", "constant"):
+        raise SpfbenchError(f"lr_schedule must be cosine or constant, got {lr_schedule!r}")
+    args = dict(n=n, steps=steps, batch_size=batch_size, lr=lr, seed=seed, caption_dropout=caption_dropout, ema_decay=ema_decay,
+                warmup=warmup, lr_schedule=lr_schedule, overrides=overrides or {})
+    torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    vae = _load_vae(vae)
+    latents, ids = _latent_cache(out, vae, n, seed, log)
+    empty_ids = _tokenize([""])[0]
+    comps = build_components(seed + 10, overrides)
+    unet, te = comps["unet"], comps["text_encoder"]
+    unet.train()
+    te.train()
+    modules = [unet, te]
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps, lr_schedule))
+    ema = _EMA(modules, ema_decay) if ema_decay > 0 else None
+    g = torch.Generator().manual_seed(seed)
+    from diffusers import DDPMScheduler
+
+    alphas = DDPMScheduler.from_config(scheduler_config()).alphas_cumprod.float()
+    n_train_t = len(alphas)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    step, seconds_before = 0, 0.0
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, weights_only=False)
+        _check_args(ck["args"], args, "UNet", out)
+        unet.load_state_dict(ck["unet"])
+        te.load_state_dict(ck["text_encoder"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        g.set_state(ck["rng"])
+        if ema is not None:
+            ema.shadow = [s.clone() for s in ck["ema"]]
+        step, seconds_before = ck["step"], ck["seconds"]
+        _trim_log(log_path, step)
+        log(f"resuming UNet training at step {step}")
+    elif log_path.exists():
+        log_path.unlink()
+
+    def save_ckpt():
+        _atomic_torch_save(
+            {"args": args, "step": step, "seconds": seconds_before + time.time() - t0, "unet": unet.state_dict(),
+             "text_encoder": te.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": g.get_state(),
+             "ema": ema.shadow if ema is not None else None},
+            ckpt_path,
+        )
+
+    end = steps if stop_at is None else min(steps, stop_at)
+    bar = tqdm(total=steps, initial=step, desc="unet", disable=not progress)
+    run = []
+    while step < end:
+        idx = torch.randint(0, n, (batch_size,), generator=g)
+        x0 = latents[idx]
+        tok = ids[idx].long()
+        drop = torch.rand(batch_size, generator=g) < caption_dropout
+        tok[drop] = empty_ids.long()
+        t = torch.randint(0, n_train_t, (batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        h = te(tok)[0]
+        pred = unet(xt, t, h).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update(step)
+        step += 1
+        run.append(loss.item())
+        bar.update(1)
+        if step % log_every == 0 or step == end:
+            row = {"step": step, "loss": sum(run) / len(run), "lr": sched.get_last_lr()[0], "seconds": round(seconds_before + time.time() - t0, 1)}
+            _append_log(log_path, row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            run = []
+        if step % ckpt_every == 0 or step == end:
+            save_ckpt()
+    bar.close()
+    done = step >= steps
+    if not done:
+        log(f"stopped at step {step} of {steps} (checkpoint {ckpt_path}); run again to continue")
+    if ema is not None and done:
+        ema.copy_to(modules)
+    unet.eval()
+    te.eval()
+    return {"unet": unet, "text_encoder": te, "step": step, "done": done, "seconds": seconds_before + time.time() - t0}
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+
+def make_pipeline(unet, vae, text_encoder):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from ..clip_tokenizer import clip_tokenizer
+
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        scheduler=PNDMScheduler.from_config(scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(out_dir: str | os.PathLike, unet, vae, text_encoder, card: dict | None = None) -> Path:
+    """Write the diffusers folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``,
+    fp16 safetensors; the real CLIP tokenizer files are saved too, so the folder loads on its own with
+    ``StableDiffusionPipeline.from_pretrained(dir)``) plus ``world_model.json`` (``card``). The folder
+    is built next to ``out_dir`` and swapped in, so a crash never leaves a half-written model."""
+    import torch
+
+    from ..io import atomic_write_json
+
+    out_dir = Path(out_dir)
+    comps = {k: torch.nn.Module.to(copy.deepcopy(m), torch.float16) for k, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    pipe = make_pipeline(**comps)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if card is not None:
+        atomic_write_json(tmp / CARD, card)
+    for f in tmp.rglob("*"):  # shipped in the repo: world-readable (safetensors writes 0600)
+        os.chmod(f, 0o755 if f.is_dir() else 0o644)
+    old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return out_dir
+
+
+def folder_bytes(path: str | os.PathLike) -> dict:
+    """Bytes of the weight files per component and in total."""
+    path = Path(path)
+    sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in path.iterdir() if d.is_dir()}
+    sizes["total"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return sizes
+
+
+def load_world_pipeline(path: str | os.PathLike = DEFAULT_OUT, device: str = "cpu"):
+    """A saved folder as a float32 ``StableDiffusionPipeline`` (offline)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise SpfbenchError(f"no Portrait World model at {path}; train it: python -m spfbench.world.model train --out {path}")
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 25, settings=None, reader=None, progress: bool = False) -> dict:
+    """Generate ``n`` images for held-out base captions (``world_captions(n, seed)``: the heldout stream,
+    each row's own seed; suite's ``generate`` with ``settings``, default dpmpp-2m-karras 25 steps CFG 7)
+    and read them back with the attribute reader. Keys:
+
+    * ``captioned_accuracy``: attribute -> rate at which the reader finds the caption's value;
+      ``captioned_mean``; ``all_captioned``: rate with all five right;
+    * ``uncaptioned_distribution``: attribute -> value -> frequency; ``uncaptioned_tv``: attribute ->
+      total variation distance to the pretrain distribution (``uncaptioned_tv_max``);
+    * ``spurious_target_rate``: target attribute -> rate of a non-absent reading; ``spurious_any``;
+    * ``quality_bar`` (the thresholds, :data:`QUALITY_BAR`), ``passed`` (bool), ``n``, ``seed``,
+      ``settings``, ``seconds``.
+    """
+    from tqdm import tqdm
+
+    from ..generation import GenerationSettings, generate
+    from .datasets import world_captions
+    from .reader import load_reader
+
+    t0 = time.time()
+    settings = settings or GenerationSettings()
+    reader = reader or load_reader()
+    rows = world_captions(n, seed)
+    images = []
+    for s in tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress):
+        chunk = rows[s : s + batch_size]
+        images += generate(pipe, [r["base_caption"] for r in chunk], [r["seed"] for r in chunk], settings)
+    got = reader.read(images)
+    acc = {a: sum(g[a] == r["base_attributes"][a] for g, r in zip(got, rows)) / n for a in CAPTIONED}
+    all_ok = sum(all(g[a] == r["base_attributes"][a] for a in CAPTIONED) for g, r in zip(got, rows)) / n
+    ref = distribution("pretrain")
+    dist = {a: {v: sum(g[a] == v for g in got) / n for v in SCHEMA[a]} for a in UNCAPTIONED}
+    tv = {a: 0.5 * sum(abs(dist[a][v] - ref[a][v]) for v in SCHEMA[a]) for a in UNCAPTIONED}
+    absent = {a: SCHEMA[a][0] for a in TARGET_ATTRIBUTES}
+    spurious = {a: sum(g[a] != absent[a] for g in got) / n for a in TARGET_ATTRIBUTES}
+    spurious_any = sum(any(g[a] != absent[a] for a in TARGET_ATTRIBUTES) for g in got) / n
+    passed = (
+        min(acc.values()) >= QUALITY_BAR["captioned_min"]
+        and max(tv.values()) <= QUALITY_BAR["uncaptioned_tv_max"]
+        and spurious_any <= QUALITY_BAR["spurious_max"]
+    )
+    r4 = lambda v: round(v, 4)  # noqa: E731
+    return {
+        "n": n,
+        "seed": seed,
+        "settings": settings.to_dict(),
+        "captioned_accuracy": {a: r4(v) for a, v in acc.items()},
+        "captioned_mean": r4(sum(acc.values()) / len(acc)),
+        "all_captioned": r4(all_ok),
+        "uncaptioned_distribution": {a: {v: r4(p) for v, p in d.items()} for a, d in dist.items()},
+        "uncaptioned_tv": {a: r4(v) for a, v in tv.items()},
+        "uncaptioned_tv_max": r4(max(tv.values())),
+        "spurious_target_rate": {a: r4(v) for a, v in spurious.items()},
+        "spurious_any": r4(spurious_any),
+        "quality_bar": dict(QUALITY_BAR),
+        "passed": bool(passed),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def train(
+    out: str | os.PathLike = DEFAULT_OUT,
+    work: str | os.PathLike = DEFAULT_WORK,
+    vae_n: int = 20000,
+    vae_steps: int = 3000,
+    vae_batch_size: int = 32,
+    unet_n: int = 30000,
+    unet_steps: int = 20000,
+    batch_size: int = 64,
+    lr: float = 3e-4,
+    seed: int = 0,
+    threads: int = 2,
+    eval_n: int = 200,
+    command: str | None = None,
+    overrides: dict | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict | None:
+    """Both stages, then the pipeline folder at ``out`` with its card (and evaluation when ``eval_n``)."""
+    from ..io import atomic_write_json
+
+    work = Path(work)
+    vae = train_vae(work / "vae", vae_n, vae_steps, vae_batch_size, seed, threads, overrides=overrides, progress=progress, log=log)
+    if not (work / "vae" / "vae_card.json").is_file():
+        return None
+    vae_card = json.loads((work / "vae" / "vae_card.json").read_text())
+    res = train_unet(work / "unet", vae, unet_n, unet_steps, batch_size, lr, seed, threads, overrides=overrides, progress=progress, log=log)
+    if not res["done"]:
+        return None
+    import torch
+
+    card = {
+        "format": FORMAT,
+        "training": {
+            "command": command or f"python -m spfbench.world.model train --out {out} --work {work}",
+            "vae": vae_card,
+            "unet": {"n": unet_n, "steps": unet_steps, "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads,
+                     "seconds": round(res["seconds"], 1), "caption_dropout": 0.1, "ema_decay": 0.999,
+                     "data": "pretrain renders (seed, variant = index) with base_caption"},
+            "torch": torch.__version__,
+        },
+        "parameters": parameter_counts({"unet": res["unet"], "vae": vae, "text_encoder": res["text_encoder"]}),
+    }
+    save_pipeline(out, res["unet"], vae, res["text_encoder"], card)
+    card["bytes"] = folder_bytes(out)
+    if eval_n:
+        log(f"evaluating on {eval_n} held-out captions ...")
+        card["evaluation"] = evaluate(load_world_pipeline(out), eval_n, progress=progress)
+        log(json.dumps({k: card["evaluation"][k] for k in ("captioned_accuracy", "uncaptioned_tv", "spurious_any", "passed")}))
+    atomic_write_json(Path(out) / CARD, card)
+    log(f"saved {out} ({card['bytes']['total'] / 1e6:.1f} MB)")
+    return card
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m spfbench.world.model", description="Portrait World's original model.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train VAE, then text encoder + UNet; save the pipeline folder")
+    t.add_argument("--out", default=str(DEFAULT_OUT))
+    t.add_argument("--work", default=str(DEFAULT_WORK), help="checkpoints, latent cache, logs (resumable)")
+    t.add_argument("--vae-n", type=int, default=20000)
+    t.add_argument("--vae-steps", type=int, default=3000)
+    t.add_argument("--vae-batch-size", type=int, default=32)
+    t.add_argument("--unet-n", type=int, default=30000)
+    t.add_argument("--unet-steps", type=int, default=20000)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--eval-n", type=int, default=200)
+    e = sub.add_parser("evaluate", help="generate for held-out captions and read the images back")
+    e.add_argument("--model", default=str(DEFAULT_OUT))
+    e.add_argument("--n", type=int, default=200)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--json", help="write the result here too")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "train":
+            cmd = "python -m spfbench.world.model " + " ".join(sys.argv[1:] if argv is None else argv)
+            train(a.out, a.work, a.vae_n, a.vae_steps, a.vae_batch_size, a.unet_n, a.unet_steps, a.batch_size, a.lr, a.seed,
+                  a.threads, a.eval_n, command=cmd)
+        else:
+            import torch
+
+            torch.set_num_threads(a.threads)
+            res = evaluate(load_world_pipeline(a.model), a.n, a.seed, progress=True)
+            text = json.dumps(res, indent=2)
+            print(text)
+            if a.json:
+                from ..io import atomic_write_text
+
+                atomic_write_text(a.json, text + "\n")
+    except SpfbenchError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""The Portrait World attribute reader: a small CNN with one classification head per attribute.
+
+``load_reader(path=None)`` loads the shipped weights (``spfbench/world/weights/reader.safetensors``,
+card ``reader.json``); ``reader.read(images)`` gives attribute -> value dicts, ``reader.probs(images)``
+attribute -> (N, V) probability arrays. Images of any size are resized to 64 x 64 (LANCZOS).
+
+Retrain (the command recorded in the card)::
+
+    python -m spfbench.world.reader --out spfbench/world/weights/reader.safetensors
+
+Training renders come from a mix of the pretrain split, the fine-tuning split and a "uniform" stream
+(every attribute independent and uniform, targets included and possibly several at once), so every
+value of every attribute is seen, including the targets and the shifted values, without the
+fine-tuning set's correlations. Validation: fresh renders of the heldout split, the fine-tuning split
+and the uniform stream drawn with other seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from ..errors import SpfbenchError
+from .attributes import ATTRIBUTES, SCHEMA, sample
+from .render import render
+
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "reader.safetensors"
+RESOLUTION = 64
+WIDTHS = (16, 32, 64, 96)
+HIDDEN = 192
+FORMAT = "spfbench-world-reader/1"
+
+
+def card_path(weights: str | os.PathLike) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def _build(widths=WIDTHS, hidden=HIDDEN, schema=None):
+    import torch
+    from torch import nn
+
+    schema = schema or SCHEMA
+
+    class Reader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+            ci = widths[0]
+            for co in widths[1:]:
+                layers += [nn.Conv2d(ci, co, 3, padding=1), nn.BatchNorm2d(co), nn.ReLU(), nn.MaxPool2d(2)]
+                ci = co
+            self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(ci * 16, hidden), nn.ReLU())
+            self.heads = nn.ModuleDict({a: nn.Linear(hidden, len(v)) for a, v in schema.items()})
+
+        def forward(self, x: torch.Tensor) -> dict:
+            h = self.features(x)
+            return {a: head(h) for a, head in self.heads.items()}
+
+    return Reader()
+
+
+def _to_tensor(images, resolution: int = RESOLUTION):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    arrs = []
+    for im in images:
+        im = im.convert("RGB")
+        if im.size != (resolution, resolution):
+            im = im.resize((resolution, resolution), Image.LANCZOS)
+        arrs.append(np.asarray(im, dtype=np.uint8))
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+    return x
+
+
+def _normalize(x_uint8):
+    return x_uint8.float() / 127.5 - 1.0
+
+
+class AttributeReader:
+    """A loaded reader (eval mode, CPU unless moved with :meth:`to`)."""
+
+    def __init__(self, model, schema: dict, card: dict | None = None):
+        self.model = model.eval()
+        self.schema = schema
+        self.card = card or {}
+        self.device = "cpu"
+
+    def to(self, device) -> "AttributeReader":
+        self.model.to(device)
+        self.device = device
+        return self
+
+    def probs(self, images, batch_size: int = 256) -> dict:
+        """attribute -> float32 numpy array (N, number of values) of probabilities."""
+        import numpy as np
+        import torch
+
+        images = list(images)
+        out = {a: [] for a in self.schema}
+        with torch.no_grad():
+            for s in range(0, len(images), batch_size):
+                x = _normalize(_to_tensor(images[s : s + batch_size])).to(self.device)
+                logits = self.model(x)
+                for a in self.schema:
+                    out[a].append(torch.softmax(logits[a].float(), -1).cpu().numpy())
+        return {a: (np.concatenate(v) if v else np.zeros((0, len(self.schema[a])), np.float32)) for a, v in out.items()}
+
+    def read(self, images, batch_size: int = 256) -> list[dict]:
+        """One attribute -> value dict per image (the most probable value of each attribute)."""
+        p = self.probs(images, batch_size)
+        n = len(next(iter(p.values()))) if p else 0
+        return [{a: self.schema[a][int(p[a][i].argmax())] for a in self.schema} for i in range(n)]
+
+
+def load_reader(path: str | os.PathLike | None = None) -> AttributeReader:
+    """The reader saved at ``path`` (default: the shipped weights)."""
+    import torch
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    if not path.is_file():
+        raise SpfbenchError(f"reader weights {path} do not exist (train them: python -m spfbench.world.reader --out {path})")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise SpfbenchError(f"{path} is not a Portrait World reader ({FORMAT})")
+    schema = json.loads(meta["schema"])
+    if schema != SCHEMA:
+        raise SpfbenchError(f"{path} was trained for another attribute schema; retrain it")
+    widths = tuple(json.loads(meta["widths"]))
+    model = _build(widths, int(meta["hidden"]), schema)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state)
+    cp = card_path(path)
+    card = json.loads(cp.read_text()) if cp.is_file() else None
+    return AttributeReader(model, schema, card)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def sample_uniform(index: int, seed: int = 0) -> dict:
+    """Every attribute independent and uniform over its values (targets included): the reader's
+    decorrelating training stream (not a split of the world)."""
+    attrs = {}
+    for a in ATTRIBUTES:
+        h = hashlib.sha256(f"spfbench-world/uniform/{seed}/{index}/{a}".encode()).digest()
+        vals = SCHEMA[a]
+        if a == "clothing_color" and attrs["background"] in vals:
+            vals = [v for v in vals if v != attrs["background"]]
+        attrs[a] = vals[int.from_bytes(h[:8], "big") % len(vals)]
+    return attrs
+
+
+def _mixed(index: int, seed: int) -> dict:
+    """Training/validation mix: index mod 10 in 0-3 pretrain, 4-6 finetune, 7-9 uniform."""
+    r = index % 10
+    if r < 4:
+        return sample("pretrain", index, seed)
+    if r < 7:
+        return sample("finetune", index, seed)
+    return sample_uniform(index, seed)
+
+
+def _render_set(attr_fn, n: int, seed: int, offset: int = 0):
+    import numpy as np
+    import torch
+
+    attrs = [attr_fn(offset + i, seed) for i in range(n)]
+    x = np.stack([np.asarray(render(a, RESOLUTION, variant=offset + i + 1_000_003 * seed), dtype=np.uint8) for i, a in enumerate(attrs)])
+    y = {a: torch.tensor([SCHEMA[a].index(r[a]) for r in attrs]) for a in ATTRIBUTES}
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), y
+
+
+def _augment(x, g):
+    """Light noise and brightness jitter (float tensor in [-1, 1]); a blurred copy for a quarter."""
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    x = x * (1 + 0.06 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)) + 0.08 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    blur = torch.rand(n, generator=g) < 0.25
+    if blur.any():
+        xb = x[blur]
+        x[blur] = F.interpolate(F.avg_pool2d(xb, 2), scale_factor=2, mode="bilinear", align_corners=False) * 0.5 + xb * 0.5
+    x = x + 0.03 * torch.randn(x.shape, generator=g)
+    return x.clamp(-1.2, 1.2)
+
+
+def evaluate(reader: AttributeReader, attrs_list: list[dict], images) -> dict:
+    """attribute -> accuracy of ``reader`` on ``images`` with ground truth ``attrs_list``."""
+    got = reader.read(images)
+    return {a: sum(g[a] == t[a] for g, t in zip(got, attrs_list)) / len(attrs_list) for a in reader.schema}
+
+
+def train_reader(
+    out_path: str | os.PathLike,
+    n_train: int = 20000,
+    n_val: int = 1500,
+    epochs: int = 7,
+    seed: int = 0,
+    batch_size: int = 96,
+    lr: float = 3e-3,
+    threads: int = 2,
+    log=print,
+) -> dict:
+    """Train the reader on ``n_train`` mixed renders, validate, save weights + card; returns the card."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from ..io import atomic_write_json
+
+    t0 = time.time()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    out_path = Path(out_path)
+    log(f"rendering {n_train} training images ...")
+    x_train, y_train = _render_set(_mixed, n_train, seed)
+    t_render = time.time() - t0
+    log(f"rendered in {t_render:.0f} s")
+    model = _build()
+    steps_per_epoch = n_train // batch_size
+    total = steps_per_epoch * epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15)
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(n_train, generator=g)
+        run_loss = 0.0
+        for b in range(steps_per_epoch):
+            idx = perm[b * batch_size : (b + 1) * batch_size]
+            x = _augment(_normalize(x_train[idx]), g)
+            logits = model(x)
+            loss = sum(F.cross_entropy(logits[a], y_train[a][idx]) for a in ATTRIBUTES)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            run_loss += loss.item()
+            if (b + 1) % 50 == 0:
+                log(f"epoch {epoch + 1} step {b + 1}/{steps_per_epoch} loss {run_loss / 50:.3f} ({time.time() - t0:.0f} s)")
+                run_loss = 0.0
+    train_seconds = time.time() - t0
+    model.eval()
+
+    reader = AttributeReader(model, SCHEMA)
+    from PIL import Image
+
+    val_seed = seed + 1000
+    accuracy = {}
+    for name, fn in (
+        ("heldout", lambda i, s: sample("heldout", i, s)),
+        ("finetune", lambda i, s: sample("finetune", i, s)),
+        ("uniform", sample_uniform),
+    ):
+        xv, _ = _render_set(fn, n_val, val_seed)
+        attrs_v = [fn(i, val_seed) for i in range(n_val)]
+        imgs = [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in xv]
+        accuracy[name] = {a: round(v, 4) for a, v in evaluate(reader, attrs_v, imgs).items()}
+        log(f"val {name}: " + ", ".join(f"{a} {v:.3f}" for a, v in accuracy[name].items()))
+    worst = {a: min(accuracy[s][a] for s in accuracy) for a in ATTRIBUTES}
+
+    widths, hidden = WIDTHS, HIDDEN
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "schema": json.dumps(SCHEMA), "widths": json.dumps(list(widths)), "hidden": str(hidden)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out_path)
+    card = {
+        "format": FORMAT,
+        "weights": out_path.name,
+        "weights_sha256": hashlib.sha256(out_path.read_bytes()).hexdigest(),
+        "bytes": out_path.stat().st_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "architecture": f"conv4x4/2 {widths[0]} + 3 x (conv3x3 + BN + ReLU + maxpool) {list(widths[1:])} -> linear {hidden} -> one linear head per attribute",
+        "schema": SCHEMA,
+        "training": {
+            "command": f"python -m spfbench.world.reader --out {out_path} --n-train {n_train} --n-val {n_val} --epochs {epochs} --seed {seed}",
+            "n_train": n_train,
+            "mix": "40% pretrain, 30% finetune, 30% uniform (by index mod 10)",
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "threads": threads,
+            "render_seconds": round(t_render, 1),
+            "seconds": round(train_seconds, 1),
+            "torch": torch.__version__,
+        },
+        "validation": {"n_per_stream": n_val, "seed": val_seed, "accuracy": accuracy, "worst_per_attribute": worst},
+        "quality_bar": {"target": 0.98, "reached": all(v >= 0.98 for v in worst.values()), "min_accuracy": min(worst.values())},
+    }
+    atomic_write_json(card_path(out_path), card)
+    log(f"saved {out_path} ({card['bytes']} bytes); worst attribute accuracy {min(worst.values()):.4f}; {train_seconds:.0f} s")
+    return card
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m spfbench.world.reader", description="Train the Portrait World attribute reader.")
+    p.add_argument("--out", default=str(DEFAULT_WEIGHTS))
+    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-val", type=int, default=1500)
+    p.add_argument("--epochs", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    train_reader(a.out, a.n_train, a.n_val, a.epochs, a.seed, threads=a.threads)
+
+
+if __name__ == "__main__":
+    main()

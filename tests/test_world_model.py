@@ -1,0 +1,152 @@
+"""Portrait World's original model (spfbench/world/model.py) at micro sizes: configs, training steps,
+resume, the saved diffusers folder, generation and evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spfbench.world import model as M
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MICRO = {
+    "unet": {"block_out_channels": [16, 32, 32], "norm_num_groups": 8, "attention_head_dim": 2, "cross_attention_dim": 32},
+    "vae": {"block_out_channels": [16, 16, 16], "norm_num_groups": 8},
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "projection_dim": 32},
+}
+QUIET = dict(progress=False, log=lambda *a: None, threads=1)
+
+
+def test_configs_build_sd_architecture():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    comps = M.build_components(0)
+    unet, vae, te = comps["unet"], comps["vae"], comps["text_encoder"]
+    assert isinstance(unet, UNet2DConditionModel) and isinstance(vae, AutoencoderKL) and isinstance(te, CLIPTextModel)
+    counts = M.parameter_counts(comps)
+    assert 3e6 <= counts["unet"] <= 8e6
+    assert unet.config.cross_attention_dim == te.config.hidden_size == 128
+    assert te.config.vocab_size == 49408 and te.config.max_position_embeddings == 77
+    assert any("CrossAttn" in b for b in unet.config.down_block_types)
+    assert any(name.endswith("attn2") for name, _ in unet.named_modules())  # what SPF captures
+    # 64 px -> 16 x 16 x 4 latents -> 64 px
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+        assert z.shape == (1, 4, 16, 16) and unet.config.sample_size == 16
+        assert vae.decode(z).sample.shape == (1, 3, 64, 64)
+    sched = M.scheduler_config()
+    assert (sched["beta_schedule"], sched["beta_start"], sched["beta_end"], sched["prediction_type"]) == ("scaled_linear", 0.00085, 0.012, "epsilon")
+
+
+def test_tokenize_matches_pipeline():
+    from spfbench.clip_tokenizer import clip_tokenizer
+
+    caps = ["A woman, smiling, with a blue background, in a red T-shirt", ""]
+    ids = M._tokenize(caps)
+    ref = clip_tokenizer()(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert ids.shape == (2, 77) and torch.equal(ids.long(), ref)
+
+
+def test_vae_steps_lower_loss_and_set_scaling_factor(tmp_path):
+    vae = M.train_vae(tmp_path / "vae", n=16, steps=12, batch_size=16, lr=3e-3, warmup=1, log_every=1, overrides=MICRO, n_val=16, **QUIET)
+    rows = [json.loads(ln) for ln in (tmp_path / "vae" / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    assert sum(r["l1"] for r in rows[-3:]) < sum(r["l1"] for r in rows[:3])
+    card = json.loads((tmp_path / "vae" / "vae_card.json").read_text())
+    assert vae.config.scaling_factor == pytest.approx(card["scaling_factor"]) and card["scaling_factor"] > 0
+    assert not (tmp_path / "vae" / "checkpoint.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def micro_vae(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vae") / "vae"
+    return M.train_vae(d, n=16, steps=2, batch_size=8, overrides=MICRO, n_val=8, **QUIET)
+
+
+def _unet(out, vae, **kw):
+    base = dict(n=16, steps=4, batch_size=8, lr=1e-3, warmup=1, ckpt_every=2, log_every=1, overrides=MICRO, **QUIET)
+    return M.train_unet(out, vae, **{**base, **kw})
+
+
+def test_unet_steps_lower_loss_on_fixed_batch(tmp_path, micro_vae):
+    # a fixed batch: 8 images, batch 8, no caption dropout; the loss falls while the noise varies
+    _unet(tmp_path / "u", micro_vae, n=8, steps=30, lr=3e-3, caption_dropout=0.0, ema_decay=0.0, lr_schedule="constant")
+    rows = [json.loads(ln) for ln in (tmp_path / "u" / "log.jsonl").read_text().splitlines()]
+    first, last = sum(r["loss"] for r in rows[:6]) / 6, sum(r["loss"] for r in rows[-6:]) / 6
+    assert last < 0.8 * first
+
+
+def test_resume_matches_uninterrupted(tmp_path, micro_vae):
+    full = _unet(tmp_path / "a", micro_vae)
+    part = _unet(tmp_path / "b", micro_vae, stop_at=2)  # "killed" after step 2 (checkpoint at 2)
+    assert part["step"] == 2 and not part["done"]
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2
+    resumed = _unet(tmp_path / "b", micro_vae)
+    assert resumed["step"] == 4 and resumed["done"]
+    for name in ("unet", "text_encoder"):
+        a, b = full[name].state_dict(), resumed[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    logs = [[json.loads(ln)["step"] for ln in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in "ab"]
+    assert logs[0] == logs[1] == [1, 2, 3, 4]
+    with pytest.raises(Exception, match="another training"):
+        _unet(tmp_path / "b", micro_vae, lr=5e-4)
+
+
+def test_save_load_generate_evaluate(tmp_path, micro_vae):
+    from diffusers import StableDiffusionPipeline
+
+    from spfbench.generation import GenerationSettings, generate
+
+    res = _unet(tmp_path / "u", micro_vae, steps=2)
+    out = M.save_pipeline(tmp_path / "model", res["unet"], micro_vae, res["text_encoder"], {"format": M.FORMAT})
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (out / sub).is_dir()
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, dtype=torch.float32)
+    assert len(pipe.tokenizer) == 49408
+    assert pipe.vae.config.scaling_factor == pytest.approx(micro_vae.config.scaling_factor, rel=1e-3)
+    pipe.set_progress_bar_config(disable=True)
+    images = generate(pipe, ["A man, smiling, with a blue background, in a red T-shirt"], [0], GenerationSettings(steps=2))
+    assert images[0].size == (64, 64)
+    # the suite's `world` preset loads such a folder (--model; default: the shipped one) to the same image
+    from spfbench.models import load_pipeline
+
+    wpipe, info = load_pipeline("world", model=str(out), device="cpu", dtype="fp32")
+    assert info.native_size == 64 and info.preset == "world"
+    again = generate(wpipe, ["A man, smiling, with a blue background, in a red T-shirt"], [0], GenerationSettings(steps=2))
+    assert again[0].tobytes() == images[0].tobytes()
+
+    r = M.evaluate(M.load_world_pipeline(out), n=3, batch_size=3, settings=GenerationSettings(steps=2))
+    for k in ("captioned_accuracy", "captioned_mean", "all_captioned", "uncaptioned_distribution", "uncaptioned_tv",
+              "uncaptioned_tv_max", "spurious_target_rate", "spurious_any", "quality_bar", "passed", "n"):
+        assert k in r
+    assert set(r["captioned_accuracy"]) == {"subject", "expression", "background", "clothing_color", "garment"}
+    assert set(r["uncaptioned_tv"]) == {"hair_style", "hair_color", "skin_tone", "position", "pose"}
+    assert set(r["spurious_target_rate"]) == {"headwear", "eyewear", "freckles", "style"}
+    assert all(0 <= v <= 1 for v in r["uncaptioned_tv"].values())
+
+
+def test_load_missing_folder_names_command(tmp_path):
+    from spfbench.errors import SpfbenchError
+
+    with pytest.raises(SpfbenchError, match="python -m spfbench.world.model train"):
+        M.load_world_pipeline(tmp_path / "nothing")
+
+
+def test_world_preset_without_shipped_weights_names_the_training_command(tmp_path):
+    from spfbench.errors import MissingWeightsError
+    from spfbench.models import load_pipeline
+
+    with pytest.raises(MissingWeightsError, match="python -m spfbench.world.model train --out"):
+        load_pipeline("world", model=str(tmp_path / "nothing"))
