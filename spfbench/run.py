@@ -31,6 +31,7 @@ import dataclasses
 import json
 import subprocess
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class MethodOutcome:
     stage: str | None = None
     error: str | None = None
     artifact: str | None = None
+    config: dict | None = None  # the resolved config (kept in config.json, not in status.json)
 
 
 @dataclass
@@ -58,7 +60,7 @@ class Runner:
     data: Path
     out: Path
     methods: list[str]
-    preset: str | None = None  # metric backbones: real | tiny (None: tiny for a tiny test set, else real)
+    preset: str | None = None  # metric backbones: real | tiny | world (None: the test set's tiny/world, else real)
     config: dict = field(default_factory=dict)  # {"all": {...}, "naive": {...}, ...}
     limit: int | None = None
     metric_ids: list[str] | None = None
@@ -96,8 +98,8 @@ class Runner:
             triples = triples[: self.limit]
         self.triples = triples
         spec = self.meta["spec"]
-        if self.preset is None:
-            self.preset = "tiny" if spec["preset"] == "tiny" else "real"
+        if self.preset is None:  # the metrics' world follows the model's: tiny -> tiny, world -> world, else real
+            self.preset = spec["preset"] if spec["preset"] in ("tiny", "world") else "real"
         self.metric_ids = list(self.metric_ids or DEFAULT_METRICS)
         if self.curve is not None and self.curve < 1:
             raise SpfbenchError("--curve takes a step interval of at least 1")
@@ -179,8 +181,13 @@ class Runner:
         state.wait_for_everyone()
         artifacts: dict[str, Path] = {}
         outcomes: dict[str, MethodOutcome] = {}
+        # Phase 1, per method: fit, then its images. Phase 2: every method's images scored with one set of
+        # metric models, loaded once and never on the accelerator beside a training.
         for name in self.order():
-            outcomes[name] = self._method(name, artifacts, outcomes, state, table_row=name in self.methods)
+            outcomes[name] = self._produce(name, artifacts, outcomes, state, table_row=name in self.methods)
+        for name in self.methods:
+            if outcomes[name].status == "running":
+                self._evaluate(outcomes[name], state)
         if state.is_main_process:
             record["status"] = "complete"
             atomic_write_json(self.out / "run.json", record)
@@ -188,60 +195,78 @@ class Runner:
         state.wait_for_everyone()
         return outcomes
 
-    def _method(self, name: str, artifacts: dict, outcomes: dict, state, table_row: bool) -> MethodOutcome:
+    @contextmanager
+    def _stage(self, outcome: MethodOutcome, stage: str, state):
+        """Run one stage of a method; an exception marks the method failed at that stage (recorded) and
+        the run goes on with the others."""
+        outcome.stage = stage
+        folder = self.out / "methods" / outcome.method
+        self._status(folder, outcome, state)
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            outcome.status = "failed"
+            outcome.error = str(e) if isinstance(e, SpfbenchError) else f"{type(e).__name__}: {e}"
+            self._status(folder, outcome, state, tb=traceback.format_exc())
+            if state.is_main_process:
+                print(f"error: method {outcome.method} failed at {stage}: {outcome.error} (recorded in {folder / 'status.json'})",
+                      flush=True)
+
+    def _produce(self, name: str, artifacts: dict, outcomes: dict, state, table_row: bool) -> MethodOutcome:
+        """Fit (or reuse) the method and generate its customized images (and retention images)."""
         import trainers
 
         folder = self.out / "methods" / name
-        stage = "fit"
-        outcome = MethodOutcome(name, "running", stage)
-        try:
+        outcome = MethodOutcome(name, "running")
+        with self._stage(outcome, "fit", state):
             values = self.method_config(name)
             for key, dep in trainers.method_class(name).requires.items():
                 if values.get(key) is not None:
                     continue
-                if outcomes[dep].status != "complete":
+                if outcomes[dep].status == "failed":
                     raise SpfbenchError(f"it needs {dep}'s artifact for {key}, and {dep} failed")
                 values[key] = str(artifacts[dep].resolve())
             if self.curve is not None and table_row:
                 values = {**values, "checkpointing_steps": self.curve, "checkpoints_total_limit": None}
             self._check_config(folder, values, state)
-            self._status(folder, outcome, values, state)
             artifact = trainers.fit(name, values, self.data, folder / "train", progress=self.progress,
                                     source=f"{name} config", device=self.device, weights_seed=self.load_kwargs["seed"],
                                     **{k: self.load_kwargs[k] for k in ("preset", "model", "vae")})
             artifacts[name] = artifact
             outcome.artifact = str(Path(artifact).resolve())
-            if table_row:
-                stage = outcome.stage = "generate"
-                self._status(folder, outcome, values, state)
-                self._generate(artifact, self.triples, folder / "images", folder, state)
-                stage = outcome.stage = "score"
-                self._status(folder, outcome, values, state)
-                self._score(folder / "images", folder / "score", self.metric_ids)
-                if self.retention:
-                    stage = outcome.stage = "retention"
-                    self._status(folder, outcome, values, state)
-                    base_only = [dataclasses.replace(t, target_caption=t.base_caption) for t in self.triples]
-                    self._generate(artifact, base_only, folder / "retention" / "images", folder / "retention", state)
-                    keep = [m for m in self.metric_ids if _column(m) in PRESERVATION]
-                    self._score(folder / "retention" / "images", folder / "retention" / "score", keep)
-                if self.curve is not None and (folder / "train" / "checkpoints").is_dir():
-                    # (a method that trained nothing here, Magnet on the shared naive UNet or a LoRA rank
-                    # sweep with its own rank folders, has no checkpoints of its own: no curve)
-                    stage = outcome.stage = "curve"
-                    self._status(folder, outcome, values, state)
-                    self._curve(name, values, folder, state)
-            outcome.status, outcome.stage = "complete", None
-            self._status(folder, outcome, values, state)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # recorded; the other methods go on
-            outcome.status, outcome.stage = "failed", stage
-            outcome.error = str(e) if isinstance(e, SpfbenchError) else f"{type(e).__name__}: {e}"
-            self._status(folder, outcome, None, state, tb=traceback.format_exc())
-            if state.is_main_process:
-                print(f"error: method {name} failed at {stage}: {outcome.error} (recorded in {folder / 'status.json'})", flush=True)
+            outcome.config = values
+        if outcome.status == "failed" or not table_row:
+            if outcome.status != "failed":  # fitted only because another method requires it
+                outcome.status, outcome.stage = "complete", None
+                self._status(folder, outcome, state)
+            return outcome
+        with self._stage(outcome, "generate", state):
+            self._generate(artifact, self.triples, folder / "images", folder, state)
+        if self.retention and outcome.status != "failed":
+            with self._stage(outcome, "retention", state):
+                base_only = [dataclasses.replace(t, target_caption=t.base_caption) for t in self.triples]
+                self._generate(artifact, base_only, folder / "retention" / "images", folder / "retention", state)
         return outcome
+
+    def _evaluate(self, outcome: MethodOutcome, state) -> None:
+        """Score the method's images (and retention images), then its training curve."""
+        folder = self.out / "methods" / outcome.method
+        with self._stage(outcome, "score", state):
+            self._score(folder / "images", folder / "score", self.metric_ids)
+        if self.retention and outcome.status != "failed":
+            with self._stage(outcome, "retention", state):
+                keep = [m for m in self.metric_ids if _column(m) in PRESERVATION]
+                self._score(folder / "retention" / "images", folder / "retention" / "score", keep)
+        # (a method that trained nothing here, Magnet on the shared naive UNet or a LoRA rank sweep with its
+        # own rank folders, has no checkpoints of its own: no curve)
+        if self.curve is not None and outcome.status != "failed" and (folder / "train" / "checkpoints").is_dir():
+            with self._stage(outcome, "curve", state):
+                self._curve(outcome.method, outcome.config, folder, state)
+        if outcome.status != "failed":
+            outcome.status, outcome.stage = "complete", None
+            self._status(folder, outcome, state)
 
     def _check_config(self, folder: Path, values: dict, state) -> None:
         path = folder / "config.json"
@@ -255,11 +280,12 @@ class Runner:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path, values)
 
-    def _status(self, folder: Path, outcome: MethodOutcome, values: dict | None, state, tb: str | None = None) -> None:
+    def _status(self, folder: Path, outcome: MethodOutcome, state, tb: str | None = None) -> None:
         if not state.is_main_process:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "status.json", {**dataclasses.asdict(outcome), "traceback": tb})
+        record = {k: v for k, v in dataclasses.asdict(outcome).items() if k != "config"}
+        atomic_write_json(folder / "status.json", {**record, "traceback": tb})
 
     # -- generation: one PNG per (method, triple), written as each batch finishes ----------------------
     def _generate(self, artifact: Path, triples, images: Path, folder: Path, state, settings=None) -> int:
@@ -316,9 +342,13 @@ class Runner:
 
         from .scoring import Scorer
 
-        device = str(PartialState().device) if self.device != "cpu" else "cpu"
-        scorer = Scorer(self.testset, images, out, metric_ids, preset=self.preset, device=device,
-                        batch_size=self.score_batch_size, limit=self.limit, weights=self.weights)
+        from .metrics import Backbones
+
+        if getattr(self, "_backbones", None) is None:  # one set of metric models for every method of the run
+            device = str(PartialState().device) if self.device != "cpu" else "cpu"
+            self._backbones = Backbones(self.preset, device, weights=self.weights)
+        scorer = Scorer(self.testset, images, out, metric_ids, preset=self.preset, device=str(self._backbones.device),
+                        batch_size=self.score_batch_size, limit=self.limit, weights=self.weights, backbones=self._backbones)
         return scorer.run(progress=self.progress)
 
     def _curve(self, name: str, values: dict, folder: Path, state) -> None:

@@ -94,6 +94,7 @@ class Scorer:
     limit: int | None = None
     weights: dict[str, str] = field(default_factory=dict)
     checkpoint_seconds: float = 120.0
+    backbones: Backbones | None = None  # shared, already loaded models (spfbench run scores every method with one set)
 
     def __post_init__(self):
         self.testset, self.images, self.out = Path(self.testset), Path(self.images), Path(self.out)
@@ -115,7 +116,10 @@ class Scorer:
                 raise SpfbenchError("--limit must be at least 1")
             triples = triples[: self.limit]
         self.triples: list[Triple] = triples
-        self.backbones = Backbones(self.preset, self.device, dtypes[self.dtype], weights=self.weights)
+        if self.backbones is None:
+            self.backbones = Backbones(self.preset, self.device, dtypes[self.dtype], weights=self.weights)
+        elif self.backbones.preset != self.preset:
+            raise SpfbenchError(f"shared backbones are of preset {self.backbones.preset!r}, the scoring asks for {self.preset!r}")
         self.metrics: dict[str, Metric] = {m: create(m, self.backbones) for m in self.metric_ids}
 
     # -- the spec of this scoring: a rerun with the same spec resumes, a different one is refused

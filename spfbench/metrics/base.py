@@ -39,6 +39,9 @@ class Batch:
         return len(self.ids)
 
 
+PRESETS = ("real", "tiny", "world")
+
+
 class Backbones:
     """Models shared by metrics, loaded on first use, once per (name) for this device and dtype.
 
@@ -55,13 +58,20 @@ class Backbones:
         dtype: torch.dtype = torch.float32,
         weights: dict[str, str] | None = None,
     ):
-        if preset not in ("real", "tiny"):
-            raise SpfbenchError(f"unknown metric preset {preset!r}; use 'real' (published weights) or 'tiny' (random, for tests)")
+        if preset not in PRESETS:
+            raise SpfbenchError(f"unknown metric preset {preset!r}; use 'real' (published weights), 'tiny' (random, for tests)"
+                                " or 'world' (Portrait World: its own CLIP, tiny random models for the rest)")
         self.preset = preset
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
         self.weights = dict(weights or {})  # weight-file name (as in `spfbench weights`) -> local path
         self._cache: dict[str, object] = {}
+
+    @property
+    def random_weights(self) -> bool:
+        """Backbones without a version of this preset are small random-weight models (tiny, and world's
+        LPIPS/FID/ID/Seg-Cons/HPSv2/MPS: no real weights can be loaded where the world runs)."""
+        return self.preset in ("tiny", "world")
 
     def weight_path(self, name: str) -> str | None:
         """The local path the user gave for weight file ``name`` (``--weights NAME=PATH``), if any."""

@@ -43,7 +43,7 @@ class TinyFeatures(torch.nn.Module):
 
 @Backbones.register("inception-fid")
 def _load_inception(bb: Backbones):
-    if bb.preset == "tiny":
+    if bb.random_weights:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return TinyFeatures().to(bb.device).eval()

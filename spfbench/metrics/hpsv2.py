@@ -69,7 +69,7 @@ def hps_preprocess(model):
 def _load_hps(bb: Backbones) -> ClipBackbone:
     import open_clip
 
-    if bb.preset == "tiny":
+    if bb.random_weights:
         model, _, tokenizer = tiny_clip(seed=1, quick_gelu=False)
         return ClipBackbone(model, hps_preprocess(model), tokenizer, bb.device, bb.dtype)
     path = hps_checkpoint(bb)

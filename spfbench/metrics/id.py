@@ -119,7 +119,7 @@ def _load_face_models(bb: Backbones) -> FaceModels:
     from insightface.model_zoo import model_zoo
 
     providers, ctx_id = _providers(bb)
-    if bb.preset == "tiny":
+    if bb.random_weights:
         rec = model_zoo.get_model(str(tiny_recognizer_path()), providers=providers)
         det = StandInDetector()
     else:

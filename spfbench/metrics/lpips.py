@@ -33,7 +33,7 @@ def _heads_file() -> Path:
 def _load_lpips(bb: Backbones):
     import lpips
 
-    if bb.preset == "tiny":  # random AlexNet trunk, the real linear heads
+    if bb.random_weights:  # random AlexNet trunk, the real linear heads
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = lpips.LPIPS(net="alex", version="0.1", pnet_rand=True, verbose=False)

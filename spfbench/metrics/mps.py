@@ -311,7 +311,7 @@ class MpsScorer:
 
 @Backbones.register("mps-overall")
 def _load_mps(bb: Backbones) -> MpsScorer:
-    if bb.preset == "tiny":
+    if bb.random_weights:
         return MpsScorer(tiny_mps(seed=0), bb.device, bb.dtype)
     path = find_checkpoint(bb)
     if path is None or not path.is_file():

@@ -152,7 +152,7 @@ def tiny_sam(seed: int = 0, img_size: int = 64, patch_size: int = 8, dim: int = 
 
 
 def _load(bb: Backbones, kind: str):
-    if bb.preset == "tiny":
+    if bb.random_weights:
         return tiny_sam(seed=0).to(bb.device)
     return load_sam(kind, sam_checkpoint_path(kind, bb), bb.device)
 
@@ -294,7 +294,7 @@ class SegCons(PerSampleMetric):
     encoder_batch = 8  # images per image-encoder call (ViT-H at 1024^2: about 1 GB of attention per image)
 
     def __init__(self, backbones: Backbones, generator_params: dict | None = None):
-        preset_params = TINY_GENERATOR_PARAMS if backbones.preset == "tiny" else GENERATOR_PARAMS
+        preset_params = TINY_GENERATOR_PARAMS if backbones.random_weights else GENERATOR_PARAMS
         self.generator_params = {**preset_params, **(generator_params or {})}
         self._masks: SamMasks | None = None
         super().__init__(backbones)
