@@ -204,3 +204,18 @@ def test_checkpointed_enhancement_gives_the_same_loss_and_gradients(batch, monke
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g0, g1))
     assert any(a.abs().sum() > 0 for a in g0)
     assert calls == ["embed_prediction"]  # the decode + CLIP pass ran under checkpointing only when asked
+
+
+def test_auto_clip_is_the_world_clip_for_the_world_preset(tiny_pipe):
+    """clip_preset auto: Portrait World's own CLIP when the base model is the world preset (SFCM's gamma and
+    L_enhanced then use the CLIP the world's CLIP-T uses), the small random CLIP for the tiny UNet."""
+    from spfbench.world.clip import load_world_clip
+
+    p = tiny_pipe
+    world = Models(p.unet, p.vae, p.text_encoder, p.tokenizer, _training_scheduler(p), preset="world")
+    clip = trainers.create("spf").clip(world)
+    ref, _, _ = load_world_clip()
+    name, param = next(iter(ref.state_dict().items()))
+    assert torch.equal(clip.model.state_dict()[name].float(), param.float())
+    tiny = Models(p.unet, p.vae, p.text_encoder, p.tokenizer, _training_scheduler(p), preset="tiny")
+    assert trainers.create("spf").clip(tiny).model.visual.image_size != ref.visual.image_size  # 32 px random CLIP

@@ -95,6 +95,7 @@ class Models:
     noise_scheduler: object
     weight_dtype: torch.dtype = torch.float32
     extra: dict = field(default_factory=dict)  # method-owned modules (e.g. SPF's frozen reference UNet)
+    preset: str | None = None  # the base model's preset (spfbench.models), when known
 
     @property
     def device(self) -> torch.device:

@@ -180,7 +180,8 @@ class Trainer:
         dataset = PortraitDataset(self.data, resolution=resolution, random_flip=cfg.random_flip, seed=cfg.seed)
         self.method.bind_dataset(dataset)
 
-        models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe), weight_dtype)
+        models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe), weight_dtype,
+                        preset=info.preset)
         models.vae.requires_grad_(False)
         models.text_encoder.requires_grad_(False)
         for frozen in (models.vae, models.text_encoder):  # frozen parts in the compute dtype, as diffusers' examples
@@ -367,7 +368,7 @@ class Trainer:
 
 def _unwrap(models: Models) -> Models:
     unet = getattr(models.unet, "module", models.unet)
-    return Models(unet, models.vae, models.text_encoder, models.tokenizer, models.noise_scheduler, models.weight_dtype, models.extra)
+    return Models(unet, models.vae, models.text_encoder, models.tokenizer, models.noise_scheduler, models.weight_dtype, models.extra, models.preset)
 
 
 def _training_scheduler(pipe):

@@ -46,7 +46,7 @@ class SpfConfig(TrainConfig):
     stage1_artifact: str | None = None  # a naive artifact folder (holding unet/): the response path's start
     min_timestep: int = 0  # stage-2 timesteps t ~ U{min_timestep .. max_timestep - 1}
     max_timestep: int | None = None  # None: the scheduler's num_train_timesteps (the same range as L_diff)
-    clip_preset: str = "auto"  # auto | tiny | real ("auto": tiny for the tiny preset's UNet, else real)
+    clip_preset: str = "auto"  # auto | tiny | real | world ("auto": world for the world preset, tiny for a small UNet, else real)
     clip_model: str = "vit-l-14"  # vit-l-14 (the paper) | vit-b-32
     reference_dtype: str = "auto"  # auto (= the run's compute dtype) | fp32 | fp16 | bf16
     mask_mode: str = "pool"  # spf_losses.text_consistent_loss
@@ -61,8 +61,8 @@ class SpfConfig(TrainConfig):
         for name in ("lambda1", "lambda2", "lambda3"):
             if getattr(self, name) < 0:
                 raise SpfbenchError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.clip_preset not in ("auto", "tiny", "real"):
-            raise SpfbenchError(f"clip_preset must be auto, tiny or real, got {self.clip_preset!r}")
+        if self.clip_preset not in ("auto", "tiny", "real", "world"):
+            raise SpfbenchError(f"clip_preset must be auto, tiny, real or world, got {self.clip_preset!r}")
         if self.clip_model not in ("vit-l-14", "vit-b-32"):
             raise SpfbenchError(f"clip_model must be vit-l-14 or vit-b-32, got {self.clip_model!r}")
         if self.reference_dtype not in ("auto", *_DTYPES):
@@ -150,7 +150,9 @@ class Spf(Method):
             import spfbench.metrics.clip  # noqa: F401  (registers the clip-* loaders)
 
             preset = self.config.clip_preset
-            if preset == "auto":  # the method does not see the preset name: SD1.x UNets attend to 768-d text
+            if preset == "auto" and models.preset == "world":  # Portrait World has its own CLIP
+                preset = "world"
+            if preset == "auto":  # otherwise by the UNet: SD1.x UNets attend to 768-d text
                 unet = getattr(models.unet, "module", models.unet)
                 cross = unet.config.cross_attention_dim
                 cross = max(cross) if isinstance(cross, (tuple, list)) else cross

@@ -45,6 +45,10 @@ def _load_clip(bb: Backbones, key: str) -> ClipBackbone:
     import open_clip
 
     name, _ = CLIP_MODELS[key]
+    if bb.preset == "world":  # Portrait World's own CLIP (docs/world.md), whatever the key asks
+        from ..world.clip import load_world_clip
+
+        return ClipBackbone(*load_world_clip(bb.weight_path("clip-world")), bb.device, bb.dtype)
     if bb.preset == "tiny":
         return ClipBackbone(*tiny_clip(seed=0), bb.device, bb.dtype)
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained="openai", force_quick_gelu=True)
