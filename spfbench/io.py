@@ -94,3 +94,25 @@ def read_json_object(path: str | os.PathLike, what: str = "config file") -> dict
     if not isinstance(values, dict):
         raise SpfbenchError(f"{what} {path} must hold a JSON object")
     return values
+
+
+def check_output_folder(out: Path, spec_file: str, spec: dict, what: str, option: str = "--out") -> None:
+    """``out`` is new, empty, or holds this same ``spec`` (then the writer resumes); anything else is refused
+    before a file is touched."""
+    from .errors import SpfbenchError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SpfbenchError(f"{option} {out} exists and is not a folder")
+    spec_path = out / spec_file
+    if spec_path.is_file():
+        try:
+            old = json.loads(spec_path.read_text())
+        except (OSError, ValueError):
+            raise SpfbenchError(f"{spec_path} is unreadable; use another {option}") from None
+        if old != spec:
+            diffs = [k for k in spec if old.get(k) != spec[k]]
+            detail = "; ".join(f"{k}: {old.get(k)!r} there, {spec[k]!r} now" for k in diffs[:3])
+            raise SpfbenchError(f"{out} holds a different {what} ({detail}); use another {option} or the same arguments")
+    elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise SpfbenchError(f"{option} {out} is not empty and holds no {spec_file}; use an empty or new folder")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .captions import load_vocab
 from .errors import SpfbenchError
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_png, remove_stale_tmp
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_folder, encode_png, remove_stale_tmp
 
 FORMAT_VERSION = 1
 SPEC_FILE = "toydata.json"
@@ -403,20 +403,8 @@ def make_toy_data(
     out = Path(out)
     spec = {"format_version": FORMAT_VERSION, "generator": "spfbench-toy", "n": n, "seed": seed, "size": size, "targets": list(targets)}
 
-    if out.exists() and not out.is_dir():
-        raise SpfbenchError(f"--out {out} exists and is not a folder")
+    check_output_folder(out, SPEC_FILE, spec, "toy set", option="--out")
     spec_path = out / SPEC_FILE
-    if spec_path.is_file():
-        try:
-            old = json.loads(spec_path.read_text())
-        except (OSError, ValueError):
-            raise SpfbenchError(f"{spec_path} is unreadable; use another --out") from None
-        if old != spec:
-            diffs = [k for k in spec if old.get(k) != spec[k]]
-            detail = "; ".join(f"{k}: {old.get(k)!r} there, {spec[k]!r} now" for k in diffs[:3])
-            raise SpfbenchError(f"{out} holds a different toy set ({detail}); use another --out or the same arguments")
-    elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-        raise SpfbenchError(f"--out {out} is not empty and holds no {SPEC_FILE}; use an empty or new folder")
 
     width = max(5, len(str(n - 1)))
     rows = []

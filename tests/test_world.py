@@ -246,3 +246,22 @@ def test_reader_round_trip():
     assert set(p) == set(W.SCHEMA) and all(p[a].shape == (3, len(W.SCHEMA[a])) for a in W.SCHEMA)
     # other sizes are resized to the reader's resolution
     assert reader.read([render(attrs[0], 128, variant=10_000)])[0]["position"] == attrs[0]["position"]
+
+
+def test_set_writers_refuse_another_set_in_their_folder(tmp_path):
+    """make_world_set / make_toy_data share one folder check: same spec resumes, another is refused untouched."""
+    from spfbench.errors import SpfbenchError
+    from spfbench.toydata import make_toy_data
+    from spfbench.world.datasets import make_world_set
+
+    make_world_set(tmp_path / "w", "finetune", 3, seed=0)
+    before = sorted(p.name for p in (tmp_path / "w" / "images").iterdir())
+    assert make_world_set(tmp_path / "w", "finetune", 3, seed=0).written == 0
+    with pytest.raises(SpfbenchError, match="holds a different world set .*seed: 0 there, 1 now"):
+        make_world_set(tmp_path / "w", "finetune", 3, seed=1)
+    assert sorted(p.name for p in (tmp_path / "w" / "images").iterdir()) == before
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(SpfbenchError, match="is not empty and holds no toydata.json"):
+        make_toy_data(tmp_path / "x", 2)
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["keep.txt"]

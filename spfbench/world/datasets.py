@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..captions import derive_seed
 from ..errors import SpfbenchError
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_png, remove_stale_tmp
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_folder, encode_png, remove_stale_tmp
 from .attributes import CAPTIONED, SCHEMA, SPLITS, TARGET_CATEGORY, TARGET_TEXTS, base_caption, sample, target_text, target_texts
 from .render import render
 
@@ -83,20 +83,8 @@ def make_world_set(out: str | os.PathLike, split: str, n: int, seed: int = 0, si
         "size": size,
         "schema": SCHEMA,
     }
-    if out.exists() and not out.is_dir():
-        raise SpfbenchError(f"out {out} exists and is not a folder")
+    check_output_folder(out, SPEC_FILE, spec, "world set", option="out")
     spec_path = out / SPEC_FILE
-    if spec_path.is_file():
-        try:
-            old = json.loads(spec_path.read_text())
-        except (OSError, ValueError):
-            raise SpfbenchError(f"{spec_path} is unreadable; use another folder") from None
-        if old != spec:
-            diffs = [k for k in spec if old.get(k) != spec[k]]
-            detail = "; ".join(f"{k}: {old.get(k)!r} there, {spec[k]!r} now" for k in diffs[:3])
-            raise SpfbenchError(f"{out} holds a different world set ({detail}); use another folder or the same arguments")
-    elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-        raise SpfbenchError(f"out {out} is not empty and holds no {SPEC_FILE}; use an empty or new folder")
 
     rows = world_rows(split, n, seed)
     metadata = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
