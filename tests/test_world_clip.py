@@ -60,15 +60,22 @@ def _gaps(shipped, f, attrs):
 
 
 def test_shipped_reproduces_the_card_on_fresh_renders(shipped, fresh):
-    """What the card's evaluation reached, on 40 fresh renders: colours and the style are read."""
+    """What the card's evaluation reached (1.0 there), on 40 fresh renders: background, position, hat,
+    style; every target text's CLIP-T gap positive, the hat's and the style's large."""
     attrs, images = fresh
     f = wc._encode_images(shipped[0], shipped[1], images)
-    assert _gaps(shipped, f, attrs)["pencil drawing style"] > 0.1
-    for a in ("background", "clothing_color", "style"):
+    gaps = _gaps(shipped, f, attrs)
+    assert gaps["pencil drawing style"] > 0.1 and gaps["a hat"] > 0.1, gaps
+    assert all(g > 0 for g in gaps.values()), gaps
+    for a in ("background", "position", "headwear", "style"):
         assert _zero_shot(shipped, f, attrs, a) >= 0.85, a
 
 
-@pytest.mark.xfail(reason="quality bar not reached by the shipped weights (see clip.json / docs/world.md)", strict=False)
+@pytest.mark.xfail(
+    reason="quality bar not reached by the shipped weights (card, n=500: min checked accuracy 0.378 (pose), hair style 0.51, "
+    "eyewear 0.78, freckles 0.75; CLIP-T AUC glasses 0.83, freckles 0.74; see clip.json / docs/world.md)",
+    strict=False,
+)
 def test_shipped_quality_bar_on_fresh_renders(shipped, fresh):
     attrs, images = fresh
     f = wc._encode_images(shipped[0], shipped[1], images)
