@@ -116,3 +116,36 @@ def check_output_folder(out: Path, spec_file: str, spec: dict, what: str, option
             raise SpfbenchError(f"{out} holds a different {what} ({detail}); use another {option} or the same arguments")
     elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise SpfbenchError(f"{option} {out} is not empty and holds no {spec_file}; use an empty or new folder")
+
+
+def write_image_set(out: Path, spec_file: str, spec: dict, rows: list[dict], draw, what: str, option: str = "--out") -> int:
+    """Write an imagefolder set resumably: ``spec_file``, one PNG per row (``row["file_name"]``, drawn by
+    ``draw(index, row)`` only when missing) and ``metadata.jsonl`` (the rows). Returns the images written now.
+    Another set in ``out`` is refused before anything is touched (:func:`check_output_folder`)."""
+    from .errors import SpfbenchError
+
+    out = Path(out)
+    check_output_folder(out, spec_file, spec, what, option=option)
+    metadata = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / spec_file).is_file():
+            atomic_write_json(out / spec_file, spec)
+        folders = sorted({(out / r["file_name"]).parent for r in rows})
+        remove_stale_tmp(out)
+        written = 0
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            if folder != out:
+                remove_stale_tmp(folder)
+        for i, r in enumerate(rows):
+            path = out / r["file_name"]
+            if not path.is_file():
+                atomic_write_bytes(path, encode_png(draw(i, r)))
+                written += 1
+        meta_path = out / "metadata.jsonl"
+        if not meta_path.is_file() or meta_path.read_text(encoding="utf-8") != metadata:
+            atomic_write_text(meta_path, metadata)
+    except OSError as e:
+        raise SpfbenchError(f"cannot write to {option} {out}: {e.strerror or e}") from None
+    return written

@@ -15,7 +15,6 @@ files (with the same Pillow version), and image i does not depend on N.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from .captions import load_vocab
 from .errors import SpfbenchError
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_folder, encode_png, remove_stale_tmp
+from .io import write_image_set
 
 FORMAT_VERSION = 1
 SPEC_FILE = "toydata.json"
@@ -403,9 +402,6 @@ def make_toy_data(
     out = Path(out)
     spec = {"format_version": FORMAT_VERSION, "generator": "spfbench-toy", "n": n, "seed": seed, "size": size, "targets": list(targets)}
 
-    check_output_folder(out, SPEC_FILE, spec, "toy set", option="--out")
-    spec_path = out / SPEC_FILE
-
     width = max(5, len(str(n - 1)))
     rows = []
     for i in range(n):
@@ -419,22 +415,5 @@ def make_toy_data(
                 "attributes": attrs,
             }
         )
-    metadata = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    try:
-        (out / IMAGES).mkdir(parents=True, exist_ok=True)
-        if not spec_path.is_file():
-            atomic_write_json(spec_path, spec)
-        remove_stale_tmp(out)
-        remove_stale_tmp(out / IMAGES)
-        written = 0
-        for i, r in enumerate(rows):
-            path = out / r["file_name"]
-            if not path.is_file():
-                atomic_write_bytes(path, encode_png(render(r["attributes"], size, seed, i)))
-                written += 1
-        meta_path = out / "metadata.jsonl"
-        if not meta_path.is_file() or meta_path.read_text(encoding="utf-8") != metadata:
-            atomic_write_text(meta_path, metadata)
-    except OSError as e:
-        raise SpfbenchError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    written = write_image_set(out, SPEC_FILE, spec, rows, lambda i, r: render(r["attributes"], size, seed, i), "toy set")
     return ToyDataResult(out, n, written, dict(Counter(r["target_text"] for r in rows)))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..captions import derive_seed
 from ..errors import SpfbenchError
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_folder, encode_png, remove_stale_tmp
+from ..io import atomic_write_text, write_image_set
 from .attributes import CAPTIONED, SCHEMA, SPLITS, TARGET_CATEGORY, TARGET_TEXTS, base_caption, sample, target_text, target_texts
 from .render import render
 
@@ -83,28 +83,9 @@ def make_world_set(out: str | os.PathLike, split: str, n: int, seed: int = 0, si
         "size": size,
         "schema": SCHEMA,
     }
-    check_output_folder(out, SPEC_FILE, spec, "world set", option="out")
-    spec_path = out / SPEC_FILE
-
     rows = world_rows(split, n, seed)
-    metadata = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    try:
-        (out / IMAGES).mkdir(parents=True, exist_ok=True)
-        if not spec_path.is_file():
-            atomic_write_json(spec_path, spec)
-        remove_stale_tmp(out)
-        remove_stale_tmp(out / IMAGES)
-        written = 0
-        for i, r in enumerate(rows):
-            path = out / r["file_name"]
-            if not path.is_file():
-                atomic_write_bytes(path, encode_png(render(r["attributes"], size, variant=i)))
-                written += 1
-        meta_path = out / "metadata.jsonl"
-        if not meta_path.is_file() or meta_path.read_text(encoding="utf-8") != metadata:
-            atomic_write_text(meta_path, metadata)
-    except OSError as e:
-        raise SpfbenchError(f"cannot write to {out}: {e.strerror or e}") from None
+    written = write_image_set(out, SPEC_FILE, spec, rows, lambda i, r: render(r["attributes"], size, variant=i), "world set",
+                              option="out")
     return WorldSetResult(out, split, n, written, dict(Counter(r["target_text"] for r in rows)))
 
 
