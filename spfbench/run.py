@@ -76,7 +76,7 @@ class Runner:
     def __post_init__(self):
         import trainers
 
-        from .scoring import DEFAULT_METRICS
+        from .scoring import default_metrics
         from .testset import load_testset
 
         self.testset, self.data, self.out = Path(self.testset), Path(self.data), Path(self.out)
@@ -100,7 +100,7 @@ class Runner:
         spec = self.meta["spec"]
         if self.preset is None:  # the metrics' world follows the model's: tiny -> tiny, world -> world, else real
             self.preset = spec["preset"] if spec["preset"] in ("tiny", "world") else "real"
-        self.metric_ids = list(self.metric_ids or DEFAULT_METRICS)
+        self.metric_ids = list(self.metric_ids or default_metrics(self.preset))
         if self.curve is not None and self.curve < 1:
             raise SpfbenchError("--curve takes a step interval of at least 1")
         # The customized images are made by the test set's own base model, sampler, batch size and dtype, so

@@ -43,6 +43,12 @@ DEFAULT_METRICS = [
     "hpsv2@v2.1",
     "mps@overall",
 ]
+WORLD_METRICS = ["gt-target@world-reader", "gt-preserve@world-reader"]
+
+
+def default_metrics(preset: str) -> list[str]:
+    """Table 1's eight; on Portrait World (``preset == "world"``) also its two ground-truth metrics."""
+    return DEFAULT_METRICS + (WORLD_METRICS if preset == "world" else [])
 
 
 def read_image(path: Path) -> Image.Image:

@@ -58,8 +58,9 @@ DEFAULT_IDS = {
 }
 # Row order of the paper (our method names); unknown methods follow in the order given.
 METHOD_ORDER = ["naive", "adalora", "lora", "tokencompose", "magnet", "spf",
-                "spf-no-text", "spf-no-fine", "spf-no-enh", "spf-no-sfcm"]
+                "spf-no-text", "spf-no-fine", "spf-no-enh", "spf-no-sfcm", "original"]
 ABLATION_PREFIX = "spf-no-"
+REFERENCE_METHODS = ("original",)  # reference rows (trainers/original.py): listed with the ablations, not ranked
 BOOTSTRAP_B = 1000
 BOOTSTRAP_SEED = 0
 
@@ -92,7 +93,8 @@ class Table:
 
 
 def is_ablation(method: str) -> bool:
-    return method.startswith(ABLATION_PREFIX)
+    """Rows that are not ranked: SPF's ablations and the reference rows (the untrained base model)."""
+    return method.startswith(ABLATION_PREFIX) or method in REFERENCE_METHODS
 
 
 def bootstrap_ci(values, b: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> tuple[float, float] | None:

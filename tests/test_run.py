@@ -96,6 +96,31 @@ def test_customized_image_uses_complete_caption_and_triple_seed(world, full_run,
     assert np.array_equal(np.asarray(images[2]), stored)
 
 
+def test_original_reference_row_is_the_untrained_base_model(world, cli, tmp_path):
+    """`original`: nothing trained; its images are the base model's for the complete caption; not ranked."""
+    import numpy as np
+    from PIL import Image
+
+    from spfbench.generation import GenerationSettings, generate
+    from spfbench.models import load_pipeline
+    from spfbench.testset import load_testset
+
+    code, stdout, err = cli("run", "--testset", world / "ts", "--data", world / "data", "--out", tmp_path / "o",
+                            "--method", "original", "--method", "naive", "--config", world / "cfg.json", "--limit", "4",
+                            "--no-progress", *METRICS)
+    assert code == 0, stdout + err
+    assert not (tmp_path / "o" / "methods" / "original" / "train" / "checkpoints").exists()
+    _, triples = load_testset(world / "ts")
+    pipe, _ = load_pipeline("tiny")
+    images = generate(pipe, [t.target_caption for t in triples[:4]], [t.seed for t in triples[:4]], GenerationSettings(steps=4))
+    for t, im in zip(triples[:4], images):
+        assert np.array_equal(np.asarray(im), np.asarray(Image.open(tmp_path / "o" / "methods" / "original" / "images" / f"{t.id}.png")))
+    rows = {r["method"]: r for r in json.loads((tmp_path / "o" / "results.json").read_text())["rows"]}
+    assert rows["original"]["ablation"] is True and rows["naive"]["ablation"] is False
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert md.index("| naive |") < md.index("| original |")  # the ranked rows first
+
+
 def test_killed_run_resumes_with_nothing_computed_twice(world, full_run, cli, monkeypatch):
     from trainers.lora import Lora
     from trainers.naive import Naive
@@ -242,7 +267,7 @@ def test_retention_and_curve(world, cli):
 
 
 def test_every_registered_method_completes(world, cli, tmp_path):
-    """All ten methods (TokenCompose with CLIPSeg masks of the tiny segmenter) and the eight metrics."""
+    """Every registered method (TokenCompose with CLIPSeg masks of the tiny segmenter) and the eight metrics."""
     import trainers
 
     data = tmp_path / "data"

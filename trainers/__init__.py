@@ -23,6 +23,7 @@ REGISTRY = {
     "spf-no-enh": "trainers.spf:SpfNoEnh",
     "spf-no-sfcm": "trainers.spf:SpfNoSfcm",
     "tokencompose": "trainers.tokencompose:TokenCompose",
+    "original": "trainers.original:Original",
 }
 
 

@@ -122,7 +122,10 @@ def world_captions(n: int, seed: int = 0) -> list[dict]:
 
 
 def write_world_captions(path: str | os.PathLike, n: int, seed: int = 0) -> Path:
-    """:func:`world_captions` written atomically as JSONL."""
+    """:func:`world_captions` written atomically as JSONL (``.jsonl``: the rows carry nested attributes)."""
     path = Path(path)
+    if path.suffix.lower() != ".jsonl":
+        raise SpfbenchError(f"world captions are written as JSONL (rows carry nested attributes): name the file .jsonl, got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in world_captions(n, seed)))
     return path

@@ -206,9 +206,9 @@ class _EMA:
 
 def train_vae(
     out: str | os.PathLike,
-    n: int = 20000,
-    steps: int = 3000,
-    batch_size: int = 32,
+    n: int = 10000,
+    steps: int = 2000,
+    batch_size: int = 16,
     seed: int = 0,
     threads: int = 2,
     lr: float = 5e-4,
@@ -410,14 +410,14 @@ def train_unet(
     out: str | os.PathLike,
     vae,
     n: int = 30000,
-    steps: int = 20000,
+    steps: int = 5000,
     batch_size: int = 64,
-    lr: float = 3e-4,
+    lr: float = 5e-4,
     seed: int = 0,
     threads: int = 2,
     caption_dropout: float = 0.1,
     ema_decay: float = 0.999,
-    warmup: int = 500,
+    warmup: int = 300,
     lr_schedule: str = "cosine",
     ckpt_every: int = 500,
     log_every: int = 50,
@@ -673,13 +673,13 @@ def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 25, settings=N
 def train(
     out: str | os.PathLike = DEFAULT_OUT,
     work: str | os.PathLike = DEFAULT_WORK,
-    vae_n: int = 20000,
-    vae_steps: int = 3000,
-    vae_batch_size: int = 32,
+    vae_n: int = 10000,
+    vae_steps: int = 2000,
+    vae_batch_size: int = 16,
     unet_n: int = 30000,
-    unet_steps: int = 20000,
+    unet_steps: int = 5000,
     batch_size: int = 64,
-    lr: float = 3e-4,
+    lr: float = 5e-4,
     seed: int = 0,
     threads: int = 2,
     eval_n: int = 200,
@@ -730,13 +730,13 @@ def main(argv=None) -> None:
     t = sub.add_parser("train", help="train VAE, then text encoder + UNet; save the pipeline folder")
     t.add_argument("--out", default=str(DEFAULT_OUT))
     t.add_argument("--work", default=str(DEFAULT_WORK), help="checkpoints, latent cache, logs (resumable)")
-    t.add_argument("--vae-n", type=int, default=20000)
-    t.add_argument("--vae-steps", type=int, default=3000)
-    t.add_argument("--vae-batch-size", type=int, default=32)
+    t.add_argument("--vae-n", type=int, default=10000)
+    t.add_argument("--vae-steps", type=int, default=2000)
+    t.add_argument("--vae-batch-size", type=int, default=16)
     t.add_argument("--unet-n", type=int, default=30000)
-    t.add_argument("--unet-steps", type=int, default=20000)
+    t.add_argument("--unet-steps", type=int, default=5000)
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--eval-n", type=int, default=200)

@@ -1,0 +1,49 @@
+"""original: the base model itself, given the complete caption (no customization; a reference row).
+
+Nothing is trained: the artifact is only ``method.json`` and generation is the base pipeline with the
+complete caption (base text + target text) and the triple's seed. Its Table 1 row shows what the
+un-customized model does with the target text: the responsiveness floor, and how far an added, unknown
+phrase alone moves the image from the original (the preservation a method has to beat). It is not
+ranked (``spfbench.table1.is_ablation``): it is a reference, not a competitor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from spfbench.errors import SpfbenchError
+from spfbench.io import atomic_write_json
+
+from .base import ARTIFACT_META, Method, Models, TrainConfig
+
+
+class Original(Method):
+    name = "original"
+    description = "the base model with the complete caption, untrained (reference row, not ranked)"
+    Config = TrainConfig
+
+    @classmethod
+    def fit(cls, config: dict, data, out: Path, *, progress: bool = True, source: str = "config", **trainer_kwargs) -> Path:
+        cfg = cls.Config.from_dict(dict(config), source=source)
+        folder = Path(out) / "artifact"
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / ARTIFACT_META, {"method": cls.name, "config": cfg.to_dict(), "steps": 0})
+        return folder
+
+    def setup(self, models: Models) -> list[torch.nn.Parameter]:
+        raise SpfbenchError("method 'original' trains nothing: `spfbench run --method original` writes its artifact directly")
+
+    def trainable_state(self, models: Models) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_trainable_state(self, models: Models, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def save_artifact(self, models: Models, folder: Path) -> None:
+        pass
+
+    @classmethod
+    def apply_artifact(cls, pipe, folder: Path, config: TrainConfig) -> None:
+        pass  # the base pipeline as loaded
