@@ -79,7 +79,7 @@ def _hf_cache() -> str:
 @app.command("build-testset")
 def build_testset(
     out: Path = typer.Option(..., "--out", help="Folder of the test set (created; rerun the same command to resume)."),
-    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random."),
+    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random, world."),
     n: Optional[int] = typer.Option(None, "--n", help="Number of triples (default: 5000, or every row of --captions)."),
     seed: int = typer.Option(0, help="Test set seed: triple i's caption choices and generation seed derive from (seed, i)."),
     captions: Optional[Path] = typer.Option(None, help="CSV/JSONL with base_caption, target_text (optional category, seed, id); replaces the composer."),
@@ -176,7 +176,7 @@ def score(
     testset: Path = typer.Option(..., "--testset", help="A complete test set folder (build-testset)."),
     images: Path = typer.Option(..., "--images", help="Folder of customized images named by triple id (ID.png)."),
     out: Path = typer.Option(..., "--out", help="Output folder: samples.jsonl, summary.json (rerun to resume)."),
-    metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric id (repeatable; default: the eight of Table 1). See `spfbench metrics`."),
+    metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric id (repeatable; default: the eight of Table 1, plus GT-Target and GT-Preserve under --preset world). See `spfbench metrics`."),
     preset: str = typer.Option("real", help="real (published weights), tiny (small random models, for tests and CPU smoke runs) or world (Portrait World: its CLIP; tiny models for the rest)."),
     weights: Optional[list[str]] = typer.Option(None, "--weights", help="NAME=PATH: a local weight file for NAME (names as in `spfbench weights`)."),
     batch_size: int = typer.Option(16, help="Pairs per batch."),
@@ -187,10 +187,10 @@ def score(
 ) -> None:
     """Score a folder of customized images against a test set's originals and target texts."""
     _quiet_libraries()
-    from .scoring import DEFAULT_METRICS, Scorer, format_summary
+    from .scoring import Scorer, default_metrics, format_summary
 
     scorer = Scorer(
-        testset, images, out, list(metric or DEFAULT_METRICS), preset=preset, device=device, dtype=dtype,
+        testset, images, out, list(metric or default_metrics(preset)), preset=preset, device=device, dtype=dtype,
         batch_size=batch_size, limit=limit, weights=_weights_option(weights or []),
     )
     try:
@@ -230,7 +230,7 @@ def train(
     method: str = typer.Option(..., "--method", help="Method name (see `spfbench methods`)."),
     data: Path = typer.Option(..., "--data", help="Training set: imagefolder (metadata.jsonl), HF datasets folder or WebDataset shards."),
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, log.jsonl, artifact/); rerun to resume."),
-    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random."),
+    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random, world."),
     model: Optional[str] = typer.Option(None, help="Real presets: hub id, local diffusers folder, or single-file .safetensors."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides the config's max_train_steps)."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON file of the method's hyper-parameters (see its config dataclass)."),
@@ -363,6 +363,18 @@ def world_captions(
     typer.echo(f"written {write_world_captions(out, n, seed)} ({n} rows)")
 
 
+@world_app.command("attributes")
+def world_attributes(
+    run: Path = typer.Argument(..., help="A `spfbench run` folder on a world test set."),
+) -> None:
+    """Which attributes moved: per-attribute kept rates, value shares and per-target hits (RUN/attributes.{md,json})."""
+    from .world.analysis import write_attribute_report
+
+    write_attribute_report(run)
+    typer.echo((run / "attributes.md").read_text(), nl=False)
+    typer.echo(f"written: {run / 'attributes.md'}, {run / 'attributes.json'}")
+
+
 viz_app = typer.Typer(help="PNG grids of maps: target-text cross-attention over timesteps (Fig. 2), the SFCM (Fig. 3-4).")
 app.add_typer(viz_app, name="viz")
 
@@ -382,7 +394,7 @@ def viz_attention(
     target: str = typer.Option(..., "--target", help="The target text: whole words that occur in --caption; its tokens' maps are shown."),
     model: Optional[list[str]] = typer.Option(None, "--model", help="A row: 'original' (the base model) or NAME=ARTIFACT (a trained RUN/artifact); repeatable, in order. Default: original."),
     out: Path = typer.Option(..., "--out", help="Output .png."),
-    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random."),
+    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random, world."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="Real presets: hub id, local diffusers folder, or single-file .safetensors."),
     weights_seed: int = typer.Option(0, help="Random presets: seed of the random weights (must match the runs' --weights-seed)."),
     seed: int = typer.Option(0, help="Generation seed (same initial noise for every model)."),
@@ -439,13 +451,13 @@ def viz_sfcm(
 @app.command()
 def masks(
     data: Path = typer.Option(..., "--data", help="Imagefolder training set (DIR/metadata.jsonl); masks go to DIR/masks/."),
-    preset: str = typer.Option("real", help="Segmenter: real (CLIPSeg CIDAS/clipseg-rd64-refined, local weights) or tiny (random, tests)."),
+    preset: str = typer.Option("real", help="Segmenter: real (CLIPSeg CIDAS/clipseg-rd64-refined, local weights), tiny (random, tests) or world (a Portrait World set's exact ground-truth regions, from its `attributes` column; no model; phrases without a region get null; docs/world.md)."),
     model: Optional[str] = typer.Option(None, help="real: a local CLIPSeg folder (save_pretrained) or hub id in the HF cache."),
-    threshold: float = typer.Option(0.5, help="Mask = bilinear-upsampled sigmoid(logits) > threshold."),
+    threshold: float = typer.Option(0.5, help="Mask = bilinear-upsampled sigmoid(logits) > threshold (not used by world)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Write a CLIPSeg mask per noun phrase and add TokenCompose's attn_list to metadata.jsonl (resumable)."""
+    """Write a mask per noun phrase (CLIPSeg, or Portrait World's ground truth) and add TokenCompose's attn_list to metadata.jsonl (resumable)."""
     _quiet_libraries()
     from .masks import generate_masks
 

@@ -1,6 +1,6 @@
 """Portrait World: a procedurally rendered portrait world where pollution is measurable exactly.
 
-``attributes`` (schema, samplers, captions), ``render`` (the drawing), ``datasets`` (imagefolder
+``attributes`` (schema, samplers, captions), ``render`` (the drawing and its part masks), ``datasets`` (imagefolder
 sets and test-set caption rows), ``reader`` (the attribute reader CNN). Definitions: docs/world.md.
 """
 
@@ -17,4 +17,4 @@ from .attributes import (  # noqa: F401
     sample,
     target_text,
 )
-from .render import render  # noqa: F401
+from .render import PARTS, part_masks, render, render_parts  # noqa: F401

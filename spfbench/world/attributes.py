@@ -183,15 +183,24 @@ def target_texts() -> list[str]:
     return list(TARGET_TEXTS)
 
 
+def caption_phrases(attrs: dict) -> list[tuple[str, str]]:
+    """The phrases of :func:`base_caption` in order, each with the attribute it names (the clothing phrase
+    names clothing_color and garment; it is listed under "garment"): [("A woman", "subject"), ("smiling",
+    "expression"), ("with a blue background", "background"), ("in a red T-shirt", "garment")]."""
+    color = attrs["clothing_color"]
+    article = "an" if color[0] in "aeiou" else "a"
+    return [
+        (SUBJECT_TEXT[attrs["subject"]], "subject"),
+        (EXPRESSION_TEXT[attrs["expression"]], "expression"),
+        (BACKGROUND_TEXT[attrs["background"]], "background"),
+        (f"in {article} {color} {attrs['garment']}", "garment"),
+    ]
+
+
 def base_caption(attrs: dict) -> str:
     """The paper's base-text shape from the captioned attributes only: "A woman, smiling, with a blue
     background, in a red T-shirt". Hair, skin tone, position, pose and the targets are never named."""
-    color = attrs["clothing_color"]
-    article = "an" if color[0] in "aeiou" else "a"
-    return (
-        f"{SUBJECT_TEXT[attrs['subject']]}, {EXPRESSION_TEXT[attrs['expression']]}, "
-        f"{BACKGROUND_TEXT[attrs['background']]}, in {article} {color} {attrs['garment']}"
-    )
+    return ", ".join(text for text, _ in caption_phrases(attrs))
 
 
 def present_targets(attrs: dict) -> list[str]:

@@ -300,11 +300,27 @@ def train_reader(
             "torch": torch.__version__,
         },
         "validation": {"n_per_stream": n_val, "seed": val_seed, "accuracy": accuracy, "worst_per_attribute": worst},
-        "quality_bar": {"target": 0.98, "reached": all(v >= 0.98 for v in worst.values()), "min_accuracy": min(worst.values())},
+        "quality_bar": quality_bar(accuracy),
     }
     atomic_write_json(card_path(out_path), card)
     log(f"saved {out_path} ({card['bytes']} bytes); worst attribute accuracy {min(worst.values()):.4f}; {train_seconds:.0f} s")
     return card
+
+
+BAR = 0.98
+BAR_STREAMS = ("heldout", "finetune")  # what the metrics read: originals and single-target customized images
+
+
+def quality_bar(accuracy: dict) -> dict:
+    """The card's bar: every attribute read right at >= ``BAR`` on the streams the metrics read (heldout:
+    the original model's kind of images; finetune: one target added); the uniform stream (any combination
+    of targets) is reported beside it, not part of the bar."""
+    worst = {a: min(accuracy[s][a] for s in BAR_STREAMS) for a in accuracy[BAR_STREAMS[0]]}
+    out = {"target": BAR, "streams": list(BAR_STREAMS), "reached": all(v >= BAR for v in worst.values()),
+           "min_accuracy": min(worst.values())}
+    if "uniform" in accuracy:
+        out["uniform_min_accuracy"] = min(accuracy["uniform"].values())
+    return out
 
 
 def main(argv=None) -> None:

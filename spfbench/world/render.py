@@ -15,11 +15,20 @@
 ``variant`` (an int, e.g. the image index) adds a small deterministic jitter (head offset, head size,
 colour brightness) that changes no attribute; None draws the canonical portrait. Colour tables and
 ``_shade`` come from :mod:`spfbench.toydata`.
+
+Ground-truth part masks (``part_masks`` / ``render_parts``): every shape is drawn inside a named part of
+:data:`PARTS`; with recording on, the very same drawing calls are repeated on a label map (one label per
+(part, colour), so PIL rasterises each call exactly as on the image), and a pixel belongs to the part
+drawn last on it (at the drawing scale; at the output size, the part covering most of the pixel's
+k x k block, ties to the part listed first in :data:`PARTS`). The masks partition the image. The pencil
+style is a per-pixel filter over the whole canvas and moves no part. Geometry lives only in ``_draw``.
 """
 
 from __future__ import annotations
 
 import hashlib
+
+import numpy as np
 
 from ..toydata import CLOTHING_RGB, HAIR_COLORS, PLAIN_BACKGROUNDS, SKIN_TONES, _shade
 from .attributes import validate
@@ -29,6 +38,11 @@ POSE_DX = {"front": 0.0, "turned left": -0.05, "turned right": 0.05}
 HAT_RGB = (92, 58, 34)
 HAT_BAND = (200, 40, 44)
 LIPS_F = (206, 46, 70)
+
+# The named parts every shape is drawn in (drawing order aside). "neck": the skin below the head (neck,
+# T-shirt/hoodie neckline, tank-top shoulders); "face": the face and the ears.
+PARTS = ("background", "hair", "neck", "garment", "face", "eyes", "brows", "nose", "mouth", "wrinkles",
+         "freckles", "eyewear", "hat")
 
 
 def _jitter(variant, slot: str) -> float:
@@ -43,15 +57,80 @@ def _tint(rgb, f: float):
     return _shade(rgb, 1.0 + f)
 
 
+class _Canvas:
+    """``ImageDraw.Draw(img)`` that draws every shape inside the current part (``canvas.part = name``).
+
+    With ``labels`` (an "L" image of the same size), each call is repeated there with the same arguments and
+    each colour (``fill=`` / ``outline=``, always passed by keyword) replaced by the label of (part, colour):
+    equal colours stay equal within a call, so PIL draws exactly the same pixels on both."""
+
+    def __init__(self, img, labels=None):
+        from PIL import ImageDraw
+
+        self.part = PARTS[0]
+        self.label_part: list[str] = [PARTS[0]]  # label value -> part (0: the empty canvas, under the background)
+        self._ids: dict = {}
+        self._draw = ImageDraw.Draw(img)
+        self._labels = ImageDraw.Draw(labels) if labels is not None else None
+
+    def _label(self, colour) -> int:
+        key = (self.part, colour)
+        if key not in self._ids:
+            if len(self.label_part) > 255:
+                raise RuntimeError("more than 255 (part, colour) labels in one portrait")
+            self._ids[key] = len(self.label_part)
+            self.label_part.append(self.part)
+        return self._ids[key]
+
+    def __getattr__(self, op):
+        draw = getattr(self._draw, op)
+        if self._labels is None:
+            return draw
+        if self.part not in PARTS:
+            raise ValueError(f"unknown part {self.part!r}")
+        label = getattr(self._labels, op)
+
+        def both(*args, **kw):
+            draw(*args, **kw)
+            label(*args, **{k: self._label(v) if k in ("fill", "outline") and v is not None else v for k, v in kw.items()})
+
+        return both
+
+
 def render(attrs: dict, size: int = 64, variant: int | None = None):
     """One portrait, an RGB PIL image of ``size`` x ``size`` (drawn at up to 4x, then reduced)."""
-    from PIL import Image, ImageChops, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+    return _draw(attrs, size, variant, record=False)[0]
+
+
+def render_parts(attrs: dict, size: int = 64, variant: int | None = None):
+    """``(render(attrs, size, variant), part_masks(attrs, size, variant))`` from one drawing."""
+    img, labels, label_part = _draw(attrs, size, variant, record=True)
+    k = labels.shape[0] // size
+    part_of = np.array([PARTS.index(p) for p in label_part], dtype=np.int64)[labels]  # (S, S) part index
+    if k > 1:
+        blocks = part_of.reshape(size, k, size, k)
+        counts = np.stack([(blocks == j).sum(axis=(1, 3)) for j in range(len(PARTS))])
+        part_of = counts.argmax(axis=0)  # the part covering most of each pixel; ties: first in PARTS
+    return img, {p: part_of == j for j, p in enumerate(PARTS)}
+
+
+def part_masks(attrs: dict, size: int = 64, variant: int | None = None) -> dict[str, np.ndarray]:
+    """Part name (every one of :data:`PARTS`) -> (size, size) bool array of the pixels that part shows in
+    ``render(attrs, size, variant)``, recorded from the same drawing calls (module docstring). The masks
+    are disjoint and cover the image; a part not drawn (e.g. "hat" without a hat) is all False."""
+    return render_parts(attrs, size, variant)[1]
+
+
+def _draw(attrs: dict, size: int, variant, record: bool):
+    """(image, label map as a (S, S) uint8 array or None, label value -> part) of one portrait."""
+    from PIL import Image, ImageChops, ImageEnhance, ImageFilter, ImageOps
 
     validate(attrs)
     k = max(1, min(4, 1024 // size))
     S = size * k
     img = Image.new("RGB", (S, S))
-    d = ImageDraw.Draw(img)
+    labels = Image.new("L", (S, S)) if record else None
+    d = _Canvas(img, labels)
 
     def P(x: float) -> int:
         return int(round(x * S))
@@ -109,6 +188,7 @@ def render(attrs: dict, size: int = 64, variant: int | None = None):
     back = 1 if pose in ("front", "turned left") else -1
 
     # ---- hair behind the head
+    d.part = "hair"
     if style == "long":
         d.rounded_rectangle([P(cx - rx - 0.045), P(cy - ry - 0.02), P(cx + rx + 0.045), P(cy + ry + 0.16)], radius=P(0.08), fill=hair)
     elif style == "bob":
@@ -124,14 +204,19 @@ def render(attrs: dict, size: int = 64, variant: int | None = None):
     # ---- torso and garment
     half = 0.26 if child else 0.36
     top = 0.82 if child else 0.78
+    d.part = "neck"
     d.rectangle([P(cx - 0.05), P(cy + ry - 0.05), P(cx + 0.05), P(top + 0.04)], fill=_shade(skin, 0.88))
+    d.part = "garment"
     d.rounded_rectangle([P(cx - half), P(top), P(cx + half), P(1.3)], radius=P(0.1), fill=cloth)
     dark = _shade(cloth, 0.6) if sum(cloth) > 150 else (120, 120, 128)
     garment = attrs["garment"]
+    d.part = "neck"  # bare skin: the neckline, the tank top's shoulders
     if garment in ("T-shirt", "hoodie"):
         d.chord([P(cx - 0.07), P(top - 0.04), P(cx + 0.07), P(top + 0.05)], 0, 180, fill=_shade(skin, 0.88))
     if garment == "tank top":
         d.rectangle([P(cx - half), P(top), P(cx + half), P(1.0)], fill=_shade(skin, 0.95))
+    d.part = "garment"
+    if garment == "tank top":
         d.rectangle([P(cx - half * 0.6), P(top + 0.07), P(cx + half * 0.6), P(1.0)], fill=cloth)
         for s in (-1, 1):
             d.rectangle([P(cx + s * half * 0.6 - 0.035 * (s > 0)), P(top), P(cx + s * half * 0.6 + 0.035 * (s < 0)), P(top + 0.08)], fill=cloth)
@@ -151,11 +236,13 @@ def render(attrs: dict, size: int = 64, variant: int | None = None):
         d.arc([P(cx - 0.18), P(top - 0.07), P(cx + 0.18), P(top + 0.1)], 0, 180, fill=dark, width=lw * 2)
         for s in (-1, 1):
             d.line([(P(cx + s * 0.035), P(top + 0.05)), (P(cx + s * 0.035), P(top + 0.17))], fill=dark, width=lw)
+    d.part = "hair"
     if style == "long":  # strands over the shoulders
         for s in (-1, 1):
             d.rounded_rectangle([P(cx + s * rx - 0.045), P(cy), P(cx + s * rx + 0.045), P(cy + ry + 0.16)], radius=P(0.03), fill=hair)
 
     # ---- ears, face
+    d.part = "face"
     for s in (-1, 1):
         if (pose == "turned left" and s < 0) or (pose == "turned right" and s > 0):
             continue  # the ear on the turned side is hidden
@@ -167,6 +254,7 @@ def render(attrs: dict, size: int = 64, variant: int | None = None):
         d.ellipse(face, fill=skin)
 
     # ---- hair on top of the head
+    d.part = "hair"
     d.chord([P(cx - rx - 0.012), P(cy - ry - 0.025), P(cx + rx + 0.012), P(cy + ry * 0.05)], 180, 360, fill=hair)
     if style == "short":
         for s in (-1, 1):
@@ -187,11 +275,14 @@ def render(attrs: dict, size: int = 64, variant: int | None = None):
     brow = _shade(hair, 0.75) if attrs["hair_color"] not in ("blonde", "grey") else _shade(hair, 0.55)
     for s in (-1, 1):
         x = fx + s * ex
+        d.part = "eyes"
         d.ellipse(box(x, ey, er, er * 0.75), fill=(250, 250, 250))
         d.ellipse(box(x + fdx * 0.25, ey, er * 0.55, er * 0.6), fill=(40, 30, 24))
+        d.part = "brows"
         by = ey - (0.065 if expr == "surprised" else 0.045)
         d.line([(P(x - 0.032), P(by + 0.004)), (P(x + 0.032), P(by - 0.004 * s))], fill=brow, width=lw * (2 if male else 1))
     nose = _shade(skin, 0.7)
+    d.part = "nose"
     if pose == "front":
         d.line([(P(fx), P(cy)), (P(fx - 0.012), P(cy + 0.055)), (P(fx + 0.012), P(cy + 0.055))], fill=nose, width=lw)
     else:
@@ -200,6 +291,7 @@ def render(attrs: dict, size: int = 64, variant: int | None = None):
     my = cy + (0.085 if child else 0.105)
     lips = LIPS_F if not male else _shade(skin, 0.62)
     mw = 0.065
+    d.part = "mouth"
     if expr == "smiling":
         d.arc([P(fx - mw), P(my - 0.06), P(fx + mw), P(my + 0.03)], 10, 170, fill=lips, width=lw * 2)
     elif expr == "laughing":
@@ -210,6 +302,7 @@ def render(attrs: dict, size: int = 64, variant: int | None = None):
     else:
         d.line([(P(fx - mw * 0.85), P(my)), (P(fx + mw * 0.85), P(my))], fill=lips, width=lw * 2)
     if old:
+        d.part = "wrinkles"
         wr = _shade(skin, 0.55)
         for r in range(2):
             yy = cy - ry * 0.62 + r * 0.03
@@ -219,6 +312,7 @@ def render(attrs: dict, size: int = 64, variant: int | None = None):
 
     # ---- target attributes
     if attrs["freckles"] == "yes":
+        d.part = "freckles"
         lum = 0.3 * skin[0] + 0.59 * skin[1] + 0.11 * skin[2]
         fc = (150, 70, 40) if lum > 130 else (222, 150, 110)
         spots = [(0.03, 0.02), (0.06, 0.035), (0.09, 0.02), (0.045, 0.055), (0.075, 0.06), (0.1, 0.045)]
@@ -226,6 +320,7 @@ def render(attrs: dict, size: int = 64, variant: int | None = None):
             for ox, oy in spots:
                 d.ellipse(box(fx + s * ox, cy + 0.01 + oy, 0.011, 0.011), fill=fc)
     if attrs["eyewear"] != "none":
+        d.part = "eyewear"
         frame = (20, 20, 24)
         gr = 0.042
         sun = attrs["eyewear"] == "sunglasses"
@@ -235,6 +330,7 @@ def render(attrs: dict, size: int = 64, variant: int | None = None):
             d.line([(P(x + s * gr), P(ey)), (P(cx + s * rx), P(ey - 0.005))], fill=frame, width=lw)
         d.line([(P(fx - ex + gr), P(ey)), (P(fx + ex - gr), P(ey))], fill=frame, width=lw)
     if attrs["headwear"] == "hat":
+        d.part = "hat"
         d.rounded_rectangle([P(cx - rx + 0.01), P(cy - ry - 0.15), P(cx + rx - 0.01), P(cy - ry + 0.05)], radius=P(0.04), fill=HAT_RGB)
         d.rectangle([P(cx - rx + 0.01), P(cy - ry), P(cx + rx - 0.01), P(cy - ry + 0.04)], fill=HAT_BAND)
         d.ellipse(box(cx, cy - ry + 0.05, rx + 0.1, 0.03), fill=HAT_RGB)
@@ -249,4 +345,4 @@ def render(attrs: dict, size: int = 64, variant: int | None = None):
         img = ImageChops.multiply(lines, paper)
     if k > 1:
         img = img.resize((size, size), Image.LANCZOS)
-    return img
+    return img, (np.asarray(labels) if record else None), d.label_part
