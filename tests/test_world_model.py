@@ -150,3 +150,20 @@ def test_world_preset_without_shipped_weights_names_the_training_command(tmp_pat
 
     with pytest.raises(MissingWeightsError, match="python -m spfbench.world.model train --out"):
         load_pipeline("world", model=str(tmp_path / "nothing"))
+
+
+def test_shipped_model_loads_generates_and_keeps_its_card():
+    """The shipped original model (spfbench/world/weights/model): loads through the `world` preset, and
+    30 fresh generations, read back by the attribute reader, stay near what its card's evaluation
+    (n = 200) recorded: captions obeyed, no target attribute appearing on its own."""
+    from spfbench.models import WORLD_MODEL_DIR, load_pipeline
+
+    card = json.loads((WORLD_MODEL_DIR / "world_model.json").read_text())
+    ev = card["evaluation"]
+    pipe, info = load_pipeline("world", device="cpu", dtype="fp32")
+    assert info.native_size == 64
+    r = M.evaluate(pipe, n=30, seed=777, batch_size=15)
+    assert r["n"] == 30
+    # 30 images x 5 captioned attributes: binomial slack of 0.1 below the card's mean
+    assert r["captioned_mean"] >= ev["captioned_mean"] - 0.1, (r["captioned_accuracy"], ev["captioned_accuracy"])
+    assert r["spurious_any"] <= max(0.1, ev["spurious_any"] + 0.07)

@@ -220,7 +220,7 @@ def _phrase(attrs: dict, a: str) -> tuple[str, tuple[str, str]]:
 # how often an attribute is named in the short texts: the fine attributes (uncaptioned, targets, subject,
 # expression, garment) far more than the colours, which are learnt anyway (the colour shortcut)
 TEXT_WEIGHTS: dict[str, float] = {
-    "subject": 1.0, "expression": 1.0, "background": 0.15, "clothing_color": 0.15, "garment": 1.0,
+    "subject": 1.0, "expression": 1.0, "background": 0.15, "clothing_color": 0.5, "garment": 1.0,
     "hair_style": 1.0, "hair_color": 1.0, "skin_tone": 1.0, "position": 1.0, "pose": 1.0,
     "headwear": 1.0, "eyewear": 1.0, "freckles": 1.0, "style": 0.4,
 }
@@ -522,7 +522,7 @@ def train_world_clip(
             "command": f"python -m spfbench.world.clip --out {out} --n-images {n_images} --steps {steps} --batch-size {bs} --seed {seed} --lr {lr} --aux-weight {aux_weight}",
             "n_images": n_images,
             "mix": "30% pretrain, 30% finetune, 40% uniform stream (index mod 10), variant jitter, light augmentation",
-            "texts": "per image and step: 50% one phrase alone (attribute weighted by TEXT_WEIGHTS: colours 0.15, style 0.4, the rest 1; a present target's bare text 20% of the time), 40% 2-3 weighted phrases, 10% complete caption + 1-2 unnamed fine-attribute phrases",
+            "texts": "per image and step: 50% one phrase alone (attribute weighted by TEXT_WEIGHTS: background 0.15, clothing colour 0.5, style 0.4, the rest 1; a present target's bare text 20% of the time), 40% 2-3 weighted phrases, 10% complete caption + 1-2 unnamed fine-attribute phrases",
             "loss": "symmetric InfoNCE, learnable temperature, multi-positive targets from ground truth (= ClipLoss when each text is true of its own image only)"
             + (f" + {aux_weight} x mean per-attribute cross-entropy of linear heads on {AUX_SCALE} x the normalised image embedding (heads dropped, not saved)" if aux_weight else ""),
             "optimizer": f"AdamW lr {lr} wd {weight_decay} betas (0.9, 0.98), warmup {warmup} steps + cosine",

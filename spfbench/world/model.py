@@ -207,7 +207,7 @@ class _EMA:
 def train_vae(
     out: str | os.PathLike,
     n: int = 10000,
-    steps: int = 2000,
+    steps: int = 2500,
     batch_size: int = 16,
     seed: int = 0,
     threads: int = 2,
@@ -365,7 +365,7 @@ def _finish_vae(vae, out: Path, args: dict, seed: int, seconds: float, threads: 
 
 
 def encode_latents(vae, x_uint8, batch_size: int = 256):
-    """Posterior means x scaling_factor of uint8 renders (N, 4, 16, 16) float32."""
+    """Posterior means x scaling_factor of uint8 renders (N, latent_channels, 16, 16) float32."""
     import torch
 
     sf = vae.config.scaling_factor
@@ -674,7 +674,7 @@ def train(
     out: str | os.PathLike = DEFAULT_OUT,
     work: str | os.PathLike = DEFAULT_WORK,
     vae_n: int = 10000,
-    vae_steps: int = 2000,
+    vae_steps: int = 2500,
     vae_batch_size: int = 16,
     unet_n: int = 30000,
     unet_steps: int = 5000,
@@ -731,7 +731,7 @@ def main(argv=None) -> None:
     t.add_argument("--out", default=str(DEFAULT_OUT))
     t.add_argument("--work", default=str(DEFAULT_WORK), help="checkpoints, latent cache, logs (resumable)")
     t.add_argument("--vae-n", type=int, default=10000)
-    t.add_argument("--vae-steps", type=int, default=2000)
+    t.add_argument("--vae-steps", type=int, default=2500)
     t.add_argument("--vae-batch-size", type=int, default=16)
     t.add_argument("--unet-n", type=int, default=30000)
     t.add_argument("--unet-steps", type=int, default=5000)
