@@ -33,10 +33,11 @@ def test_configs_build_sd_architecture():
     assert te.config.vocab_size == 49408 and te.config.max_position_embeddings == 77
     assert any("CrossAttn" in b for b in unet.config.down_block_types)
     assert any(name.endswith("attn2") for name, _ in unet.named_modules())  # what SPF captures
-    # 64 px -> 16 x 16 x 4 latents -> 64 px
+    # 64 px -> 16 x 16 x 8 latents (the UNet's channels) -> 64 px
     with torch.no_grad():
         z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
-        assert z.shape == (1, 4, 16, 16) and unet.config.sample_size == 16
+        assert z.shape == (1, 8, 16, 16) and unet.config.sample_size == 16
+        assert unet.config.in_channels == unet.config.out_channels == vae.config.latent_channels == 8
         assert vae.decode(z).sample.shape == (1, 3, 64, 64)
     sched = M.scheduler_config()
     assert (sched["beta_schedule"], sched["beta_start"], sched["beta_end"], sched["prediction_type"]) == ("scaled_linear", 0.00085, 0.012, "epsilon")

@@ -117,6 +117,27 @@ def render_batch(attrs_list: list[dict], variants: list[int]):
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
+# the parts whose small details carry the fine attributes (subject, expression, pose, targets): the VAE's
+# reconstruction loss weighs them up, else L1 over the whole image spends the capacity on backgrounds
+DETAIL_PARTS = ("hair", "face", "eyes", "brows", "nose", "mouth", "wrinkles", "freckles", "eyewear", "hat")
+
+
+def render_batch_details(attrs_list: list[dict], variants: list[int]):
+    """(uint8 (N, 3, 64, 64) renders, bool (N, 1, 64, 64) masks of :data:`DETAIL_PARTS`), one drawing each."""
+    import numpy as np
+    import torch
+
+    from .render import render_parts
+
+    ims, masks = [], []
+    for a, v in zip(attrs_list, variants):
+        im, parts = render_parts(a, RESOLUTION, variant=v)
+        ims.append(np.asarray(im, dtype=np.uint8))
+        masks.append(np.any([parts[p] for p in DETAIL_PARTS], axis=0))
+    x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.from_numpy(np.stack(masks))[:, None]
+
+
 def _to_float(x_uint8):
     return x_uint8.float() / 127.5 - 1.0
 
@@ -213,6 +234,7 @@ def train_vae(
     threads: int = 2,
     lr: float = 5e-4,
     kl_weight: float = 1e-6,
+    detail_weight: float = 10.0,
     warmup: int = 100,
     ckpt_every: int = 250,
     log_every: int = 25,
@@ -225,7 +247,8 @@ def train_vae(
     """Train the autoencoder; saves ``OUT/`` (diffusers ``AutoencoderKL`` folder, fp32, with the measured
     ``scaling_factor``) and ``OUT/vae_card.json``. Returns the ``AutoencoderKL``.
 
-    Loss per batch: mean L1 over pixels (images in [-1, 1]) + ``kl_weight`` x the KL to N(0, I) summed
+    Loss per batch: weighted mean L1 over pixels (images in [-1, 1]; weight 1 + ``detail_weight`` on the
+    pixels of :data:`DETAIL_PARTS`, normalised by the mean weight) + ``kl_weight`` x the KL to N(0, I) summed
     over the latent elements and averaged over the batch (a weak KL: it keeps the latents bounded and
     smooth; the scale is then fixed by ``scaling_factor``).
     ``stop_at`` stops (with a checkpoint) after that step, as if killed: the next call continues.
@@ -234,7 +257,8 @@ def train_vae(
     from diffusers import AutoencoderKL
     from tqdm import tqdm
 
-    args = dict(n=n, steps=steps, batch_size=batch_size, seed=seed, lr=lr, kl_weight=kl_weight, warmup=warmup, overrides=overrides or {})
+    args = dict(n=n, steps=steps, batch_size=batch_size, seed=seed, lr=lr, kl_weight=kl_weight, detail_weight=detail_weight,
+                warmup=warmup, overrides=overrides or {})
     out = Path(out)
     card_path = out / "vae_card.json"
     if card_path.is_file():
@@ -264,7 +288,7 @@ def train_vae(
     elif log_path.exists():
         log_path.unlink()
     log(f"rendering {n} VAE training images ...")
-    x_all = render_batch([vae_mix(i, seed) for i in range(n)], list(range(n)))
+    x_all, detail_all = render_batch_details([vae_mix(i, seed) for i in range(n)], list(range(n)))
 
     def save_ckpt():
         _atomic_torch_save(
@@ -279,12 +303,14 @@ def train_vae(
     while step < end:
         idx = torch.randint(0, n, (batch_size,), generator=g)
         x = _to_float(x_all[idx])
+        w = 1.0 + detail_weight * detail_all[idx].float()
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
-        l1 = (rec - x).abs().mean()
+        err = (rec - x).abs()
+        l1 = err.mean()  # logged: the plain L1
         kl = post.kl().mean()  # summed over latent elements, averaged over the batch
-        loss = l1 + kl_weight * kl
+        loss = (w * err).mean() / w.mean() + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -410,7 +436,7 @@ def train_unet(
     out: str | os.PathLike,
     vae,
     n: int = 30000,
-    steps: int = 5000,
+    steps: int = 4000,
     batch_size: int = 64,
     lr: float = 5e-4,
     seed: int = 0,
@@ -677,7 +703,7 @@ def train(
     vae_steps: int = 2500,
     vae_batch_size: int = 16,
     unet_n: int = 30000,
-    unet_steps: int = 5000,
+    unet_steps: int = 4000,
     batch_size: int = 64,
     lr: float = 5e-4,
     seed: int = 0,
@@ -734,7 +760,7 @@ def main(argv=None) -> None:
     t.add_argument("--vae-steps", type=int, default=2500)
     t.add_argument("--vae-batch-size", type=int, default=16)
     t.add_argument("--unet-n", type=int, default=30000)
-    t.add_argument("--unet-steps", type=int, default=5000)
+    t.add_argument("--unet-steps", type=int, default=4000)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--seed", type=int, default=0)
