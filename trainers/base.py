@@ -237,3 +237,14 @@ def read_artifact_meta(folder: Path) -> dict:
     if not path.is_file():
         raise SpfbenchError(f"{folder} is not a method artifact ({ARTIFACT_META} missing)")
     return json.loads(path.read_text())
+
+
+def write_untrained_artifact(method: str, config: TrainConfig, folder: Path) -> Path:
+    """An artifact of a method that trains nothing (Magnet on a given UNet, the `original` row): only
+    ``method.json``, written atomically."""
+    from spfbench.io import atomic_write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / ARTIFACT_META, {"method": method, "config": config.to_dict(), "steps": 0})
+    return folder

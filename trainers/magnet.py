@@ -27,7 +27,6 @@ Per caption what happened is recorded in :attr:`Magnet.last_records` (the record
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -39,9 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from spfbench.errors import SpfbenchError
-from spfbench.io import atomic_write_json
 
-from .base import ARTIFACT_META, Models, TrainConfig
+from .base import Models, TrainConfig, write_untrained_artifact
 from .naive import Naive, NaiveConfig
 
 # Portrait nouns Magnet's default bank lacks (REFERENCE.md section 4), then everyday objects in the spirit of
@@ -236,10 +234,7 @@ class Magnet(Naive):
     def fit(cls, config: dict, data, out: Path, *, progress: bool = True, source: str = "config", **trainer_kwargs) -> Path:
         cfg = cls.Config.from_dict(dict(config), source=source)
         if cfg.base == "original" or cfg.naive_artifact is not None:  # nothing to train
-            folder = Path(out) / "artifact"
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(folder / ARTIFACT_META, {"method": cls.name, "config": cfg.to_dict(), "steps": 0})
-            return folder
+            return write_untrained_artifact(cls.name, cfg, Path(out) / "artifact")
         return super().fit(config, data, out, progress=progress, source=source, **trainer_kwargs)
 
     @classmethod
@@ -259,10 +254,7 @@ class Magnet(Naive):
         if config.base != "original":
             raise SpfbenchError("write_original_artifact needs base='original'")
         config.validate()
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / ARTIFACT_META).write_text(json.dumps({"method": cls.name, "config": config.to_dict(), "steps": 0}))
-        return folder
+        return write_untrained_artifact(cls.name, config, folder)
 
     @classmethod
     def apply_artifact(cls, pipe, folder: Path, config: TrainConfig) -> None:

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from spfbench.errors import SpfbenchError
-from spfbench.io import atomic_write_json
 
-from .base import ARTIFACT_META, Method, Models, TrainConfig
+from .base import Method, Models, TrainConfig, write_untrained_artifact
 
 
 class Original(Method):
@@ -26,11 +25,7 @@ class Original(Method):
 
     @classmethod
     def fit(cls, config: dict, data, out: Path, *, progress: bool = True, source: str = "config", **trainer_kwargs) -> Path:
-        cfg = cls.Config.from_dict(dict(config), source=source)
-        folder = Path(out) / "artifact"
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / ARTIFACT_META, {"method": cls.name, "config": cfg.to_dict(), "steps": 0})
-        return folder
+        return write_untrained_artifact(cls.name, cls.Config.from_dict(dict(config), source=source), Path(out) / "artifact")
 
     def setup(self, models: Models) -> list[torch.nn.Parameter]:
         raise SpfbenchError("method 'original' trains nothing: `spfbench run --method original` writes its artifact directly")
