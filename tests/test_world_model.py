@@ -4,6 +4,7 @@ resume, the saved diffusers folder, generation and evaluation."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,6 +154,8 @@ def test_world_preset_without_shipped_weights_names_the_training_command(tmp_pat
         load_pipeline("world", model=str(tmp_path / "nothing"))
 
 
+@pytest.mark.skipif(not (Path(M.DEFAULT_OUT) / "model_index.json").is_file(),
+                    reason="the world's original model is not shipped yet (issue 8: its training is a resumable CPU run in progress)")
 def test_shipped_model_loads_generates_and_keeps_its_card():
     """The shipped original model (spfbench/world/weights/model): loads through the `world` preset, and
     30 fresh generations, read back by the attribute reader, stay near what its card's evaluation

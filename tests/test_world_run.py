@@ -1,4 +1,9 @@
-"""A reduced Portrait World run with the shipped world models, through the CLI as `make demo` runs it."""
+"""A reduced Portrait World run through the CLI, as `make demo-world` runs it: world data, captions, a
+world test set, naive + SPF, the ten default metrics under the world preset, the attribute report.
+
+The original model here is a random-weight world model folder (the shipped architecture, written by
+``spfbench.world.model.save_pipeline``) passed with ``--model``, so the flow is tested whatever weights
+are shipped; the shipped model itself is tested in test_world_model.py."""
 
 import json
 
@@ -8,13 +13,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reduced_world_run(tmp_path, cli):
+    from spfbench.world import model as M
     from spfbench.world.attributes import TARGET_TEXTS
+
+    comps = M.build_components(0)
+    model = M.save_pipeline(tmp_path / "model", comps["unet"], comps["vae"], comps["text_encoder"], {"format": M.FORMAT})
 
     code, out, err = cli("world", "data", "--split", "finetune", "--n", "40", "--out", tmp_path / "data")
     assert code == 0, err
     code, out, err = cli("world", "captions", "--n", "5", "--out", tmp_path / "captions.jsonl")
     assert code == 0, err
-    code, out, err = cli("build-testset", "--preset", "world", "--captions", tmp_path / "captions.jsonl",
+    code, out, err = cli("build-testset", "--preset", "world", "--model", model, "--captions", tmp_path / "captions.jsonl",
                          "--out", tmp_path / "ts", "--steps", "6", "--no-progress")
     assert code == 0, err
     meta = json.loads((tmp_path / "ts" / "testset.json").read_text())
