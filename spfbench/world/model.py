@@ -201,6 +201,27 @@ def _check_args(ckpt_args: dict, args: dict, what: str, path: Path) -> None:
         raise SpfbenchError(f"{path} holds a {what} checkpoint of another training ({detail}); use another folder or the same arguments")
 
 
+def _resume(out: Path, args: dict, what: str, opt, sched, g, log):
+    """``(checkpoint, step, seconds)`` of ``out/checkpoint.pt`` (weights-only load) with the optimizer, LR
+    schedule and RNG restored and the log trimmed to it; ``(None, 0, 0.0)`` (and a stale log removed)
+    when there is none. The caller loads its own modules from the checkpoint."""
+    import torch
+
+    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    if not ckpt_path.is_file():
+        if log_path.exists():
+            log_path.unlink()
+        return None, 0, 0.0
+    ck = torch.load(ckpt_path, weights_only=True)
+    _check_args(ck["args"], args, what, out)
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    g.set_state(ck["rng"])
+    _trim_log(log_path, ck["step"])
+    log(f"resuming {what} training at step {ck['step']}")
+    return ck, ck["step"], ck["seconds"]
+
+
 class _EMA:
     def __init__(self, modules, decay: float):
         self.decay = decay
@@ -274,19 +295,9 @@ def train_vae(
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps, "cosine"))
     g = torch.Generator().manual_seed(seed)
-    step, seconds_before = 0, 0.0
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
-        _check_args(ck["args"], args, "VAE", out)
+    ck, step, seconds_before = _resume(out, args, "VAE", opt, sched, g, log)
+    if ck is not None:
         vae.load_state_dict(ck["vae"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        g.set_state(ck["rng"])
-        step, seconds_before = ck["step"], ck["seconds"]
-        _trim_log(log_path, step)
-        log(f"resuming VAE training at step {step}")
-    elif log_path.exists():
-        log_path.unlink()
     log(f"rendering {n} VAE training images ...")
     x_all, detail_all = render_batch_details([vae_mix(i, seed) for i in range(n)], list(range(n)))
 
@@ -409,7 +420,7 @@ def _latent_cache(out: Path, vae, n: int, seed: int, log):
     path = out / "latents.pt"
     key = {"n": n, "seed": seed, "scaling_factor": float(vae.config.scaling_factor), "vae_sum": float(sum(p.detach().double().sum() for p in vae.parameters()))}
     if path.is_file():
-        c = torch.load(path, weights_only=False)
+        c = torch.load(path, weights_only=True)
         if c["key"] == key:
             return c["latents"], c["ids"]
     log(f"rendering and encoding {n} pretrain images ...")
@@ -490,22 +501,12 @@ def train_unet(
     alphas = DDPMScheduler.from_config(scheduler_config()).alphas_cumprod.float()
     n_train_t = len(alphas)
     ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-    step, seconds_before = 0, 0.0
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
-        _check_args(ck["args"], args, "UNet", out)
+    ck, step, seconds_before = _resume(out, args, "UNet", opt, sched, g, log)
+    if ck is not None:
         unet.load_state_dict(ck["unet"])
         te.load_state_dict(ck["text_encoder"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        g.set_state(ck["rng"])
         if ema is not None:
             ema.shadow = [s.clone() for s in ck["ema"]]
-        step, seconds_before = ck["step"], ck["seconds"]
-        _trim_log(log_path, step)
-        log(f"resuming UNet training at step {step}")
-    elif log_path.exists():
-        log_path.unlink()
 
     def save_ckpt():
         _atomic_torch_save(
