@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
-DEMO_WORLD_OUT ?= runs/world-demo
+DEMO_TINY_OUT ?= runs/demo-tiny
 
-.PHONY: install test demo demo-world bench lock clean browser
+.PHONY: install test demo demo-tiny bench lock clean browser
 
 install: $(STAMP)
 
@@ -24,27 +24,26 @@ browser:
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
 
-# The embedded default, every code path in a few minutes with small random-weight models (`tiny`): toy
-# portraits, 16 triples, naive + LoRA + SPF fitted, generated, scored with the eight Table 1 metrics,
-# retention table; ends with Table 1 and the path of the HTML report. Rerun: resumes / reuses.
+# The embedded default: Portrait World (docs/world.md) end to end on CPU with the shipped world models
+# (spfbench/world/weights/): a polluted fine-tuning set, a test set of 50 triples whose originals the
+# world's original model makes, then naive, LoRA, AdaLoRA and SPF-Portrait fitted, generated and scored
+# (Table 1's eight metrics + the world's ground-truth GT-Target / GT-Preserve); ends with Table 1 and the
+# path of the HTML report. Rerun: resumes / reuses.
 SPF := HF_HUB_OFFLINE=1 $(BIN)/spfbench
 demo: install
-	$(SPF) make-toy-data --out $(DEMO_OUT)/data --n 32
-	$(SPF) build-testset --preset tiny --n 16 --steps 10 --out $(DEMO_OUT)/testset
+	$(SPF) world data --split finetune --n 2000 --out $(DEMO_OUT)/data
+	$(SPF) world captions --n 50 --out $(DEMO_OUT)/captions.jsonl
+	$(SPF) build-testset --preset world --captions $(DEMO_OUT)/captions.jsonl --out $(DEMO_OUT)/testset
 	$(SPF) run --testset $(DEMO_OUT)/testset --data $(DEMO_OUT)/data --out $(DEMO_OUT)/run \
-	  --method naive --method lora --method spf --config spfbench/configs/run/tiny-demo.json --retention
-
-# Portrait World (docs/world.md) end to end on CPU with the shipped world models (becomes `demo` once the
-# world's original model is shipped in spfbench/world/weights/model, issue 8): a
-# polluted fine-tuning set, a test set of 50 triples made by the world's original model, then naive, LoRA,
-# AdaLoRA and SPF-Portrait fitted, generated and scored (Table 1's eight metrics + the world's ground-truth
-# GT-Target / GT-Preserve); ends with Table 1 and the path of the HTML report. Rerun: resumes / reuses.
-demo-world: install
-	$(SPF) world data --split finetune --n 2000 --out $(DEMO_WORLD_OUT)/data
-	$(SPF) world captions --n 50 --out $(DEMO_WORLD_OUT)/captions.jsonl
-	$(SPF) build-testset --preset world --captions $(DEMO_WORLD_OUT)/captions.jsonl --out $(DEMO_WORLD_OUT)/testset
-	$(SPF) run --testset $(DEMO_WORLD_OUT)/testset --data $(DEMO_WORLD_OUT)/data --out $(DEMO_WORLD_OUT)/run \
 	  --method naive --method lora --method adalora --method spf --config spfbench/configs/run/world-demo.json
+
+# Every code path in a few minutes on small random-weight models (`tiny`, numbers meaningless): toy
+# portraits, 16 triples, naive + LoRA + SPF, the eight Table 1 metrics, retention table.
+demo-tiny: install
+	$(SPF) make-toy-data --out $(DEMO_TINY_OUT)/data --n 32
+	$(SPF) build-testset --preset tiny --n 16 --steps 10 --out $(DEMO_TINY_OUT)/testset
+	$(SPF) run --testset $(DEMO_TINY_OUT)/testset --data $(DEMO_TINY_OUT)/data --out $(DEMO_TINY_OUT)/run \
+	  --method naive --method lora --method spf --config spfbench/configs/run/tiny-demo.json --retention
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_build_testset.py --preset tiny

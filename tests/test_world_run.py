@@ -1,4 +1,4 @@
-"""A reduced Portrait World run through the CLI, as `make demo-world` runs it: world data, captions, a
+"""A reduced Portrait World run through the CLI, as `make demo` runs it: world data, captions, a
 world test set, naive + SPF, the ten default metrics under the world preset, the attribute report.
 
 The original model here is a random-weight world model folder (the shipped architecture, written by
