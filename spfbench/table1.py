@@ -197,7 +197,10 @@ def _groups(cols: list[str]) -> list[tuple[str, int]]:
 def fmt(value: float | None, col: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:.{DECIMALS[col]}f}"
+    d = DECIMALS[col]
+    if value != 0 and abs(value) < 0.5 * 10**-d:  # would print as 0.00: two significant digits instead
+        d = max(d, 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{d}f}"
 
 
 def ranks(rows: list[Row]) -> dict[tuple[int, str], int]:

@@ -226,3 +226,16 @@ def test_ground_truth_columns_appear_only_when_scored(tmp_path):
     assert "GT-Target (↑)" in t1.to_markdown(table)
     df = pd.read_csv(io.StringIO(t1.to_csv(table))).set_index("method")
     assert df.loc["naive", "GT-Target"] == 0.75 and pd.isna(df.loc["spf", "GT-Target"])
+
+
+def test_small_values_keep_two_significant_digits_and_rank_apart():
+    """A value that two decimals would print as 0.00 (FID on random-feature backbones) keeps two
+    significant digits; ranks follow the printed values, so 0.00003 beats 0.00032."""
+    assert t1.fmt(0.00031540992689601394, "FID") == "0.00032"
+    assert t1.fmt(3.13e-05, "FID") == "0.000031"
+    assert t1.fmt(0.0, "FID") == "0.00"
+    assert t1.fmt(0.0612, "LPIPS") == "0.06"  # the paper's two decimals otherwise
+    assert t1.fmt(0.0004, "GT-Target") == "0.00040"
+    rows = [t1.Row("naive", {"FID": t1.Cell(0.00032)}), t1.Row("lora", {"FID": t1.Cell(0.00003)})]
+    r = t1.ranks(rows)
+    assert r[(1, "FID")] == 1 and r[(0, "FID")] == 2
