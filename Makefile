@@ -27,6 +27,7 @@ browser:
 # The embedded default: Portrait World (docs/world.md) end to end on CPU with the shipped world models
 # (spfbench/world/weights/): a polluted fine-tuning set, a test set of 50 triples whose originals the
 # world's original model makes, then naive, LoRA, AdaLoRA and SPF-Portrait fitted, generated and scored
+# beside the untrained `original` reference row
 # (Table 1's eight metrics + the world's ground-truth GT-Target / GT-Preserve); ends with Table 1 and the
 # path of the HTML report. Rerun: resumes / reuses.
 SPF := HF_HUB_OFFLINE=1 $(BIN)/spfbench
@@ -35,7 +36,7 @@ demo: install
 	$(SPF) world captions --n 50 --out $(DEMO_OUT)/captions.jsonl
 	$(SPF) build-testset --preset world --captions $(DEMO_OUT)/captions.jsonl --out $(DEMO_OUT)/testset
 	$(SPF) run --testset $(DEMO_OUT)/testset --data $(DEMO_OUT)/data --out $(DEMO_OUT)/run \
-	  --method naive --method lora --method adalora --method spf --config spfbench/configs/run/world-demo.json
+	  --method original --method naive --method lora --method adalora --method spf --config spfbench/configs/run/world-demo.json
 
 # Every code path in a few minutes on small random-weight models (`tiny`, numbers meaningless): toy
 # portraits, 16 triples, naive + LoRA + SPF, the eight Table 1 metrics, retention table.

@@ -3,12 +3,11 @@
 # world, Table 1 with 95% bootstrap CIs, then which attributes moved. CPU (2 threads) or GPU; resumable:
 # rerun the same script after a kill. Outputs copied here at the end. Run from the repository root.
 set -eu
-OUT=runs/world-exp   # results/world/config.json names $OUT/val for the LoRA rank sweep
+OUT=runs/world-exp
 S="env HF_HUB_OFFLINE=1 .venv/bin/spfbench"
 $S world data --split finetune --n 4000 --out $OUT/data
 $S masks --preset world --data $OUT/data --no-progress
-$S world data --split finetune --n 400 --seed 1 --out $OUT/val
-$S world captions --n 250 --out $OUT/captions.jsonl
+$S world captions --n 150 --out $OUT/captions.jsonl
 $S build-testset --preset world --captions $OUT/captions.jsonl --out $OUT/testset
 $S run --testset $OUT/testset --data $OUT/data --out $OUT/run --config results/world/config.json \
   --method original --method naive --method lora --method adalora --method tokencompose --method magnet \
