@@ -14,7 +14,10 @@ attribute reader exactly as GT-Preserve / GT-Target do:
   is then a spurious reading);
 * ``naive, attn2 only`` and ``spf on naive, attn2 only``: a control for the implementation: stage 1
   re-run with the run's naive config but only attn2 trainable (all pollution within stage 2's reach),
-  then stage 2 with the run's SPF config on top of it. Trained in ``RUN/diagnostics/``.
+  then stage 2 with the run's SPF config on top of it. Trained in ``RUN/diagnostics/``;
+* ``spf, alignment x10``: stage 2 on the run's naive with lambda2 and lambda3 ten times the paper's
+  (the alignment terms' weight against L_diff, whose scale depends on the model's feature widths).
+Also recorded: the weighted loss terms of the run's SPF training (mean of its last 50 logged steps).
 
 Usage (after results/world/run.sh): python results/world/where_pollution_lives.py runs/world-exp/run [THREADS]
 Writes results/world/pollution.{json,md}.
@@ -108,7 +111,7 @@ def main(run: str, threads: int = 2) -> None:
 
     # the control: stage 1 with attn2 only, then stage 2 on it (the run's own configs and data)
     from trainers.naive import Naive
-    from trainers.spf import Spf
+    from trainers.spf import Spf, SpfConfig
 
     class NaiveAttn2(Naive):
         name = "naive-attn2"
@@ -127,12 +130,18 @@ def main(run: str, threads: int = 2) -> None:
     spf_cfg = json.loads((run / "methods" / "spf" / "config.json").read_text())
     stage1 = NaiveAttn2.fit(naive_cfg, spec["data"], diag / "naive-attn2", **kw)
     stage2 = Spf.fit({**spf_cfg, "stage1_artifact": str(stage1)}, spec["data"], diag / "spf-on-naive-attn2", **kw)
-    for name, art in (("naive, attn2 only", stage1), ("spf on naive, attn2 only", stage2)):
+    naive_art = run / "methods" / "naive" / "train" / "artifact"
+    strong = Spf.fit({**spf_cfg, "stage1_artifact": str(naive_art), "lambda2": 2.0, "lambda3": 1.0}, spec["data"], diag / "spf-align-x10", **kw)
+    for name, art in (("naive, attn2 only", stage1), ("spf on naive, attn2 only", stage2), ("spf, alignment x10", strong)):
         pipe.unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(art) / "unet", local_files_only=True).state_dict())
         rows[name] = _rates(orig_reads, reader.read(_generate(pipe, triples, settings, batch, False, name)), triples, False)
 
+    log = [json.loads(x) for x in (run / "methods" / "spf" / "train" / "log.jsonl").read_text().splitlines() if x.strip()][-50:]
+    cfg = SpfConfig.from_dict({k: v for k, v in spf_cfg.items() if k != "stage1_artifact"})
+    lam = {"loss_diffusion": 1.0, "loss_enhanced": cfg.lambda1, "loss_text": cfg.lambda2, "loss_fine": cfg.lambda3}
+    terms = {k: _mean([r[k] * w for r in log if k in r]) for k, w in lam.items()}
     res = {
-        "run": str(run), "triples": len(triples), "rows": rows,
+        "run": str(run), "triples": len(triples), "rows": rows, "spf_weighted_loss_terms": terms,
         "attn2_share_of_unet_parameters": n_attn2 / sum(v.numel() for v in original.values()),
         "relative_change_naive_vs_original": {"attn2": _mean([v for k, v in moved.items() if _attn2(k)]),
                                               "other": _mean([v for k, v in moved.items() if not _attn2(k)])},
@@ -150,7 +159,8 @@ def main(run: str, threads: int = 2) -> None:
     lines += ["", f"attn2 holds {res['attn2_share_of_unet_parameters']:.1%} of the UNet's parameters. Mean relative weight change "
               f"(||W - W0|| / ||W0|| per tensor): naive vs original attn2 {res['relative_change_naive_vs_original']['attn2']:.3f}, "
               f"other {res['relative_change_naive_vs_original']['other']:.3f}; spf vs naive attn2 "
-              f"{res['relative_change_spf_vs_naive']['attn2']:.3f}, other {res['relative_change_spf_vs_naive']['other']:.3f}.", ""]
+              f"{res['relative_change_spf_vs_naive']['attn2']:.3f}, other {res['relative_change_spf_vs_naive']['other']:.3f}.", "",
+              "SPF's weighted loss terms (last 50 logged steps): " + ", ".join(f"{k} {v:.4f}" for k, v in terms.items()), ""]
     atomic_write_text(out / "pollution.md", "\n".join(lines))
     print("\n".join(lines))
 
