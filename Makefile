@@ -1,6 +1,9 @@
 # Set-up and entry points. Each target creates .venv if needed and installs the exact versions of
-# requirements/lock.txt (re-installs only when pyproject.toml or the lock file changed).
+# requirements/lock.txt (re-installs only when pyproject.toml or the lock file changed). The install
+# runs through uv (pinned below; same versions as pip would install, ~0.5 min instead of pip's 5-7 min
+# for the 6.6 GB of torch + CUDA wheels); pip installs the same lock if uv cannot be installed or fails.
 PYTHON ?= python3
+UV_VERSION := 0.13.9
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -13,7 +16,10 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e ".[test]"
+	{ $(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION) && \
+	  $(BIN)/uv pip install --quiet --python $(BIN)/python -c requirements/lock.txt -e ".[test]"; } || \
+	{ echo "uv install failed; installing with pip (slower)"; \
+	  $(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e ".[test]"; }
 	touch $(STAMP)
 
 test: install browser
