@@ -99,6 +99,28 @@ def test_resume_matches_uninterrupted(tmp_path, micro_vae):
         _unet(tmp_path / "b", micro_vae, lr=5e-4)
 
 
+def test_continuation_equals_one_longer_run(tmp_path, micro_vae):
+    # 4 steps at a constant LR == 2 steps, then a continuation of 2 (weights, EMA, Adam moments, RNG carried)
+    const = dict(lr_schedule="constant", warmup=1)
+    full = _unet(tmp_path / "a", micro_vae, **const)
+    _unet(tmp_path / "b", micro_vae, steps=2, **const)
+    cont = _unet(tmp_path / "c", micro_vae, steps=2, init=tmp_path / "b" / "checkpoint.pt", **const)
+    assert cont["done"] and not (tmp_path / "c" / "latents.pt").exists()  # the first run's cache is reused
+    for name in ("unet", "text_encoder"):
+        a, c = full[name].state_dict(), cont[name].state_dict()
+        assert all(torch.equal(a[k], c[k]) for k in a), name
+    again = _unet(tmp_path / "d", micro_vae, steps=2, init=tmp_path / "b" / "checkpoint.pt", lr=1e-2, **const)
+    assert not torch.equal(next(iter(again["unet"].parameters())), next(iter(cont["unet"].parameters())))  # its own LR
+
+
+def test_continuation_refuses_an_unfinished_or_missing_run(tmp_path, micro_vae):
+    _unet(tmp_path / "p", micro_vae, stop_at=2)
+    with pytest.raises(Exception, match="stopped at step 2 of 4"):
+        _unet(tmp_path / "c", micro_vae, init=tmp_path / "p" / "checkpoint.pt")
+    with pytest.raises(Exception, match="no UNet checkpoint"):
+        _unet(tmp_path / "c", micro_vae, init=tmp_path / "nowhere" / "checkpoint.pt")
+
+
 def test_save_load_generate_evaluate(tmp_path, micro_vae):
     from diffusers import StableDiffusionPipeline
 
@@ -137,6 +159,30 @@ def test_save_load_generate_evaluate(tmp_path, micro_vae):
     assert set(r["uncaptioned_tv"]) == {"hair_style", "hair_color", "skin_tone", "position", "pose"}
     assert set(r["spurious_target_rate"]) == {"headwear", "eyewear", "freckles", "style"}
     assert all(0 <= v <= 1 for v in r["uncaptioned_tv"].values())
+
+
+def test_reading_report_counts_what_the_reader_saw():
+    from spfbench.world.attributes import ABSENT, CAPTIONED, distribution, sample
+
+    attrs = [sample("heldout", i, 3) for i in range(10)]
+    got = [dict(a) for a in attrs]  # a perfect reading ...
+    got[0]["subject"] = next(v for v in M.SCHEMA["subject"] if v != attrs[0]["subject"])  # ... but one subject
+    got[1]["freckles"] = next(v for v in M.SCHEMA["freckles"] if v != ABSENT["freckles"])  # and one spurious target
+    got[1]["eyewear"] = next(v for v in M.SCHEMA["eyewear"] if v != ABSENT["eyewear"])  # on the same image
+    r = M._reading_report(got, [{c: a[c] for c in CAPTIONED} for a in attrs])
+    assert r["captioned_accuracy"]["subject"] == 0.9 and r["captioned_accuracy"]["garment"] == 1.0
+    assert r["all_captioned"] == 0.9
+    assert r["spurious_target_rate"] == {"headwear": 0.0, "eyewear": 0.1, "freckles": 0.1, "style": 0.0}
+    assert r["spurious_any"] == 0.1
+    ref = distribution("pretrain")["pose"]
+    freq = {v: sum(a["pose"] == v for a in attrs) / 10 for v in ref}
+    assert r["uncaptioned_tv"]["pose"] == pytest.approx(0.5 * sum(abs(freq[v] - ref[v]) for v in ref), abs=1e-4)
+
+
+def test_ceiling_reads_reconstructions_of_the_heldout_renders(micro_vae):
+    r = M.ceiling(micro_vae, n=4, seed=5)
+    assert r["n"] == 4 and set(r["captioned_accuracy"]) == set(M.CAPTIONED)
+    assert all(0 <= v <= 1 for v in r["captioned_accuracy"].values())
 
 
 def test_load_missing_folder_names_command(tmp_path):

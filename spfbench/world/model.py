@@ -380,13 +380,10 @@ def _finish_vae(vae, out: Path, args: dict, seed: int, seconds: float, threads: 
         "parameters": sum(p.numel() for p in vae.parameters()),
     }
     try:  # how well the reader reads reconstructions (what fine-tuning/evaluation can resolve at best)
-        from PIL import Image
-
         from .reader import load_reader
 
         reader = load_reader()
-        imgs = [Image.fromarray(((r.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()) for r in recs]
-        got = reader.read(imgs)
+        got = reader.read([_to_pil(r) for r in recs])
         card["reader_accuracy_on_reconstructions"] = {a: round(sum(g[a] == t[a] for g, t in zip(got, attrs)) / n_val, 4) for a in SCHEMA}
     except SpfbenchError:
         pass
@@ -414,7 +411,8 @@ def encode_latents(vae, x_uint8, batch_size: int = 256):
 
 
 def _latent_cache(out: Path, vae, n: int, seed: int, log):
-    """(latents, token ids) of the first ``n`` pretrain renders; cached in ``OUT/latents.pt``."""
+    """(latents, token ids) of the first ``n`` pretrain renders; cached in ``OUT/latents.pt`` (``OUT``: the
+    training's folder, or the folder of the run it continues)."""
     import torch
 
     path = out / "latents.pt"
@@ -459,12 +457,18 @@ def train_unet(
     ckpt_every: int = 500,
     log_every: int = 50,
     overrides: dict | None = None,
+    init: str | os.PathLike | None = None,
     stop_at: int | None = None,
     progress: bool = True,
     log=print,
 ) -> dict:
     """Train text encoder + UNet jointly from scratch on ``n`` pretrain renders; returns
     ``{"unet", "text_encoder", "step", "done"}`` (EMA weights when ``ema_decay`` > 0 and done).
+
+    ``init``: the final ``checkpoint.pt`` of a finished ``train_unet`` run to continue instead of starting
+    from scratch: its weights, EMA, optimizer moments and RNG state carry on (its latent cache is reused);
+    ``steps``, ``lr``, ``warmup`` and ``lr_schedule`` describe the new schedule, which starts at its own
+    step 0. With the same constant LR this equals one longer run (tested).
 
     ``vae``: an ``AutoencoderKL`` or its folder. State in ``OUT/``: ``latents.pt`` (cached latents and
     token ids), ``checkpoint.pt`` (atomic, every ``ckpt_every`` steps and at the end: weights, EMA,
@@ -481,10 +485,21 @@ def train_unet(
                 warmup=warmup, lr_schedule=lr_schedule, overrides=overrides or {})
     torch.set_num_threads(threads)
     out = Path(out)
+    start = None
+    if init is not None:
+        init = Path(init)
+        if not init.is_file():
+            raise SpfbenchError(f"{init}: no UNet checkpoint to continue; train the first stage (its folder's checkpoint.pt) first")
+        start = torch.load(init, weights_only=True)
+        if start["args"].get("overrides", {}) != args["overrides"] or start["args"]["n"] != n or start["args"]["seed"] != seed:
+            raise SpfbenchError(f"{init} was trained with other data or architecture (n, seed, overrides); continue it with the same ones")
+        if start["step"] < start["args"]["steps"]:
+            raise SpfbenchError(f"{init} stopped at step {start['step']} of {start['args']['steps']}; finish that run before continuing it")
+        args["init"] = {"path": str(init), "steps_before": start["step"] + start["args"].get("init", {}).get("steps_before", 0)}
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     vae = _load_vae(vae)
-    latents, ids = _latent_cache(out, vae, n, seed, log)
+    latents, ids = _latent_cache(init.parent if init is not None else out, vae, n, seed, log)
     empty_ids = _tokenize([""])[0]
     comps = build_components(seed + 10, overrides)
     unet, te = comps["unet"], comps["text_encoder"]
@@ -493,9 +508,21 @@ def train_unet(
     modules = [unet, te]
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps, lr_schedule))
     ema = _EMA(modules, ema_decay) if ema_decay > 0 else None
     g = torch.Generator().manual_seed(seed)
+    offset = 0  # steps before this schedule (init's): the EMA's warm-up counts them
+    if start is not None:
+        unet.load_state_dict(start["unet"])
+        te.load_state_dict(start["text_encoder"])
+        opt.load_state_dict(start["opt"])
+        for group in opt.param_groups:  # the new schedule's LR, not the finished one's
+            group["lr"] = lr
+            group.pop("initial_lr", None)
+        g.set_state(start["rng"])
+        if ema is not None:
+            ema.shadow = [s.clone() for s in start["ema"]] if start["ema"] is not None else [p.detach().clone() for p in ema.params]
+        offset = args["init"]["steps_before"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps, lr_schedule))
     from diffusers import DDPMScheduler
 
     alphas = DDPMScheduler.from_config(scheduler_config()).alphas_cumprod.float()
@@ -538,7 +565,7 @@ def train_unet(
         opt.step()
         sched.step()
         if ema is not None:
-            ema.update(step)
+            ema.update(offset + step)
         step += 1
         run.append(loss.item())
         bar.update(1)
@@ -661,9 +688,46 @@ def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 25, settings=N
     for s in tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress):
         chunk = rows[s : s + batch_size]
         images += generate(pipe, [r["base_caption"] for r in chunk], [r["seed"] for r in chunk], settings)
-    got = reader.read(images)
-    acc = {a: sum(g[a] == r["base_attributes"][a] for g, r in zip(got, rows)) / n for a in CAPTIONED}
-    all_ok = sum(all(g[a] == r["base_attributes"][a] for a in CAPTIONED) for g, r in zip(got, rows)) / n
+    res = _reading_report(reader.read(images), [r["base_attributes"] for r in rows])
+    return {"n": n, "seed": seed, "settings": settings.to_dict(), **res, "seconds": round(time.time() - t0, 1)}
+
+
+def ceiling(vae, n: int = 200, seed: int = 0, reader=None) -> dict:
+    """:func:`evaluate`'s report on the VAE's reconstructions of the renders of the same held-out rows
+    (``sample("heldout", i, seed)``, variant i): what the autoencoder and the reader let any generation
+    show. A model's generations cannot be read better than this, so its bar is set against it."""
+    import torch
+
+    from .reader import load_reader
+
+    t0 = time.time()
+    reader = reader or load_reader()
+    attrs = [sample("heldout", i, seed) for i in range(n)]
+    vae = _load_vae(vae)
+    sf = vae.config.scaling_factor
+    images = []
+    with torch.no_grad():
+        for s in range(0, n, 100):
+            z = encode_latents(vae, render_batch(attrs[s : s + 100], list(range(s, min(n, s + 100)))))
+            x = vae.decode(z / sf).sample.clamp(-1, 1)
+            images += [_to_pil(im) for im in x]
+    res = _reading_report(reader.read(images), [{c: a[c] for c in CAPTIONED} for a in attrs])
+    return {"n": n, "seed": seed, "images": "VAE reconstructions of the held-out renders", **res, "seconds": round(time.time() - t0, 1)}
+
+
+def _to_pil(x):
+    """A [-1, 1] (3, H, W) tensor as an RGB PIL image (uint8, rounded)."""
+    from PIL import Image
+
+    return Image.fromarray(((x.permute(1, 2, 0).float() + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+
+
+def _reading_report(got: list[dict], captioned: list[dict]) -> dict:
+    """The reading statistics of :func:`evaluate` for reader outputs ``got`` against each image's
+    captioned attributes."""
+    n = len(got)
+    acc = {a: sum(g[a] == c[a] for g, c in zip(got, captioned)) / n for a in CAPTIONED}
+    all_ok = sum(all(g[a] == c[a] for a in CAPTIONED) for g, c in zip(got, captioned)) / n
     ref = distribution("pretrain")
     dist = {a: {v: sum(g[a] == v for g in got) / n for v in SCHEMA[a]} for a in UNCAPTIONED}
     tv = {a: 0.5 * sum(abs(dist[a][v] - ref[a][v]) for v in SCHEMA[a]) for a in UNCAPTIONED}
@@ -677,9 +741,6 @@ def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 25, settings=N
     )
     r4 = lambda v: round(v, 4)  # noqa: E731
     return {
-        "n": n,
-        "seed": seed,
-        "settings": settings.to_dict(),
         "captioned_accuracy": {a: r4(v) for a, v in acc.items()},
         "captioned_mean": r4(sum(acc.values()) / len(acc)),
         "all_captioned": r4(all_ok),
@@ -690,7 +751,6 @@ def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 25, settings=N
         "spurious_any": r4(spurious_any),
         "quality_bar": dict(QUALITY_BAR),
         "passed": bool(passed),
-        "seconds": round(time.time() - t0, 1),
     }
 
 
@@ -710,12 +770,16 @@ def train(
     seed: int = 0,
     threads: int = 2,
     eval_n: int = 200,
+    unet_more_steps: int = 0,
+    unet_more_lr: float = 3e-4,
     command: str | None = None,
     overrides: dict | None = None,
     progress: bool = True,
     log=print,
 ) -> dict | None:
-    """Both stages, then the pipeline folder at ``out`` with its card (and evaluation when ``eval_n``)."""
+    """Both stages, then the pipeline folder at ``out`` with its card (and evaluation when ``eval_n``).
+    ``unet_more_steps`` > 0 continues the finished UNet run (``work/unet``) in ``work/unet-2`` with a new
+    schedule (100 warm-up steps, cosine from ``unet_more_lr`` to 10%), optimizer and EMA carried on."""
     from ..io import atomic_write_json
 
     work = Path(work)
@@ -726,6 +790,14 @@ def train(
     res = train_unet(work / "unet", vae, unet_n, unet_steps, batch_size, lr, seed, threads, overrides=overrides, progress=progress, log=log)
     if not res["done"]:
         return None
+    stages = [{"steps": unet_steps, "lr": lr, "warmup": 300, "schedule": "cosine to 10%", "seconds": round(res["seconds"], 1)}]
+    if unet_more_steps:
+        res = train_unet(work / "unet-2", vae, unet_n, unet_more_steps, batch_size, unet_more_lr, seed, threads, warmup=100,
+                         overrides=overrides, init=work / "unet" / "checkpoint.pt", progress=progress, log=log)
+        if not res["done"]:
+            return None
+        stages.append({"steps": unet_more_steps, "lr": unet_more_lr, "warmup": 100, "schedule": "cosine to 10%",
+                       "seconds": round(res["seconds"], 1), "continues": "the first stage's weights, EMA, optimizer and RNG"})
     import torch
 
     card = {
@@ -733,9 +805,9 @@ def train(
         "training": {
             "command": command or f"python -m spfbench.world.model train --out {out} --work {work}",
             "vae": vae_card,
-            "unet": {"n": unet_n, "steps": unet_steps, "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads,
-                     "seconds": round(res["seconds"], 1), "caption_dropout": 0.1, "ema_decay": 0.999,
-                     "data": "pretrain renders (seed, variant = index) with base_caption"},
+            "unet": {"n": unet_n, "steps": sum(st["steps"] for st in stages), "batch_size": batch_size, "lr": lr, "seed": seed,
+                     "threads": threads, "seconds": round(sum(st["seconds"] for st in stages), 1), "stages": stages,
+                     "caption_dropout": 0.1, "ema_decay": 0.999, "data": "pretrain renders (seed, variant = index) with base_caption"},
             "torch": torch.__version__,
         },
         "parameters": parameter_counts({"unet": res["unet"], "vae": vae, "text_encoder": res["text_encoder"]}),
@@ -767,23 +839,29 @@ def main(argv=None) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--eval-n", type=int, default=200)
+    t.add_argument("--unet-more-steps", type=int, default=0, help="continue the finished UNet run this many steps (work/unet-2)")
+    t.add_argument("--unet-more-lr", type=float, default=3e-4, help="peak LR of the continuation (cosine to 10%%)")
     e = sub.add_parser("evaluate", help="generate for held-out captions and read the images back")
     e.add_argument("--model", default=str(DEFAULT_OUT))
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", help="write the result here too")
+    e.add_argument("--ceiling", action="store_true", help="also read the model VAE's reconstructions of the same rows' renders")
     a = p.parse_args(argv)
     try:
         if a.cmd == "train":
             cmd = "python -m spfbench.world.model " + " ".join(sys.argv[1:] if argv is None else argv)
             train(a.out, a.work, a.vae_n, a.vae_steps, a.vae_batch_size, a.unet_n, a.unet_steps, a.batch_size, a.lr, a.seed,
-                  a.threads, a.eval_n, command=cmd)
+                  a.threads, a.eval_n, a.unet_more_steps, a.unet_more_lr, command=cmd)
         else:
             import torch
 
             torch.set_num_threads(a.threads)
-            res = evaluate(load_world_pipeline(a.model), a.n, a.seed, progress=True)
+            pipe = load_world_pipeline(a.model)
+            res = evaluate(pipe, a.n, a.seed, progress=True)
+            if a.ceiling:
+                res["ceiling"] = ceiling(pipe.vae, a.n, a.seed)
             text = json.dumps(res, indent=2)
             print(text)
             if a.json:
