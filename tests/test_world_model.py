@@ -153,8 +153,9 @@ def test_save_load_generate_evaluate(tmp_path, micro_vae):
 
     r = M.evaluate(M.load_world_pipeline(out), n=3, batch_size=3, settings=GenerationSettings(steps=2))
     for k in ("captioned_accuracy", "captioned_mean", "all_captioned", "uncaptioned_distribution", "uncaptioned_tv",
-              "uncaptioned_tv_max", "spurious_target_rate", "spurious_any", "quality_bar", "passed", "n"):
+              "uncaptioned_tv_max", "spurious_target_rate", "spurious_any", "ceiling", "quality_bar", "bar", "passed", "n"):
         assert k in r
+    assert r["ceiling"]["n"] == 3 and r["passed"] == all(r["bar"].values())
     assert set(r["captioned_accuracy"]) == {"subject", "expression", "background", "clothing_color", "garment"}
     assert set(r["uncaptioned_tv"]) == {"hair_style", "hair_color", "skin_tone", "position", "pose"}
     assert set(r["spurious_target_rate"]) == {"headwear", "eyewear", "freckles", "style"}
@@ -177,6 +178,16 @@ def test_reading_report_counts_what_the_reader_saw():
     ref = distribution("pretrain")["pose"]
     freq = {v: sum(a["pose"] == v for a in attrs) / 10 for v in ref}
     assert r["uncaptioned_tv"]["pose"] == pytest.approx(0.5 * sum(abs(freq[v] - ref[v]) for v in ref), abs=1e-4)
+
+
+def test_quality_bar_is_set_against_the_ceiling():
+    ceil = {"captioned_accuracy": {a: 0.6 for a in M.CAPTIONED}, "uncaptioned_tv": {a: 0.05 for a in M.UNCAPTIONED}, "spurious_any": 0.02}
+    res = {"captioned_accuracy": {a: 0.51 for a in M.CAPTIONED}, "uncaptioned_tv": {a: 0.15 for a in M.UNCAPTIONED}, "spurious_any": 0.05}
+    assert all(M.meets_bar(res, ceil).values())  # 0.51 = 0.85 x 0.6; 0.15 = 0.05 + 0.10; 0.05 = 0.02 + 0.03
+    res["captioned_accuracy"]["subject"] = 0.50
+    res["uncaptioned_tv"]["pose"] = 0.16
+    res["spurious_any"] = 0.06
+    assert {k for k, v in M.meets_bar(res, ceil).items() if not v} == {"captioned subject", "tv pose", "spurious any"}
 
 
 def test_ceiling_reads_reconstructions_of_the_heldout_renders(micro_vae):
