@@ -113,6 +113,16 @@ def test_continuation_equals_one_longer_run(tmp_path, micro_vae):
     assert not torch.equal(next(iter(again["unet"].parameters())), next(iter(cont["unet"].parameters())))  # its own LR
 
 
+def test_checkpoint_pipeline_holds_the_runs_ema_weights(tmp_path, micro_vae):
+    res = _unet(tmp_path / "u", micro_vae, ema_decay=0.9)  # done: train_unet returns the EMA weights
+    pipe = M.checkpoint_pipeline(tmp_path / "u" / "checkpoint.pt", micro_vae)
+    for name, mod in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        a, b = res[name].state_dict(), mod.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    raw = torch.load(tmp_path / "u" / "checkpoint.pt", weights_only=True)["unet"]
+    assert any(not torch.equal(raw[k], pipe.unet.state_dict()[k]) for k in raw)  # not the raw weights
+
+
 def test_continuation_refuses_an_unfinished_or_missing_run(tmp_path, micro_vae):
     _unet(tmp_path / "p", micro_vae, stop_at=2)
     with pytest.raises(Exception, match="stopped at step 2 of 4"):

@@ -248,11 +248,19 @@ class _EMA:
             torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
 
     def copy_to(self, modules) -> None:
-        import torch
+        _copy_params(modules, self.shadow)
 
-        with torch.no_grad():
-            for p, s in zip([p for m in modules for p in m.parameters()], self.shadow):
-                p.copy_(s)
+
+def _copy_params(modules, tensors) -> None:
+    """Copy ``tensors`` (in ``parameters()`` order of ``modules``, as :class:`_EMA` keeps them) into the modules."""
+    import torch
+
+    params = [p for m in modules for p in m.parameters()]
+    if len(params) != len(tensors):
+        raise SpfbenchError(f"{len(tensors)} saved tensors for {len(params)} parameters: not this architecture's checkpoint")
+    with torch.no_grad():
+        for p, s in zip(params, tensors):
+            p.copy_(s)
 
 
 # ------------------------------------------------------------------------------------------ VAE
@@ -619,6 +627,27 @@ def make_pipeline(unet, vae, text_encoder):
     )
 
 
+def checkpoint_pipeline(checkpoint: str | os.PathLike, vae):
+    """A float32 pipeline of a UNet training checkpoint (``train_unet``'s ``checkpoint.pt``, weights-only
+    load): its EMA weights (raw weights when it keeps none) with ``vae`` (the VAE it was trained on, or
+    its folder), to evaluate a training in progress."""
+    import torch
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise SpfbenchError(f"no UNet checkpoint at {checkpoint}")
+    ck = torch.load(checkpoint, weights_only=True)
+    comps = build_components(0, ck["args"].get("overrides") or {})
+    unet, te = comps["unet"], comps["text_encoder"]
+    unet.load_state_dict(ck["unet"])
+    te.load_state_dict(ck["text_encoder"])
+    if ck.get("ema") is not None:
+        _copy_params([unet, te], ck["ema"])
+    pipe = make_pipeline(unet.eval(), _load_vae(vae), te.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def save_pipeline(out_dir: str | os.PathLike, unet, vae, text_encoder, card: dict | None = None) -> Path:
     """Write the diffusers folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``,
     fp16 safetensors; the real CLIP tokenizer files are saved too, so the folder loads on its own with
@@ -856,6 +885,8 @@ def main(argv=None) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", help="write the result here too")
+    e.add_argument("--checkpoint", help="evaluate this UNet training checkpoint (its EMA weights) instead of --model")
+    e.add_argument("--vae", default=str(DEFAULT_WORK / "vae"), help="the VAE the checkpoint was trained on (with --checkpoint)")
     a = p.parse_args(argv)
     try:
         if a.cmd == "train":
@@ -866,7 +897,8 @@ def main(argv=None) -> None:
             import torch
 
             torch.set_num_threads(a.threads)
-            res = evaluate(load_world_pipeline(a.model), a.n, a.seed, progress=True)
+            pipe = checkpoint_pipeline(a.checkpoint, a.vae) if a.checkpoint else load_world_pipeline(a.model)
+            res = evaluate(pipe, a.n, a.seed, progress=True)
             text = json.dumps(res, indent=2)
             print(text)
             if a.json:
