@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from spfbench.errors import SpfbenchError
 from spfbench.world import model as M
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,6 +112,18 @@ def test_continuation_equals_one_longer_run(tmp_path, micro_vae):
         assert all(torch.equal(a[k], c[k]) for k in a), name
     again = _unet(tmp_path / "d", micro_vae, steps=2, init=tmp_path / "b" / "checkpoint.pt", lr=1e-2, **const)
     assert not torch.equal(next(iter(again["unet"].parameters())), next(iter(cont["unet"].parameters())))  # its own LR
+    # a killed continuation resumes to the same weights; its folder cannot be resumed as a fresh run
+    part = _unet(tmp_path / "e", micro_vae, steps=2, init=tmp_path / "b" / "checkpoint.pt", stop_at=1, **const)
+    assert part["step"] == 1 and not part["done"]
+    resumed = _unet(tmp_path / "e", micro_vae, steps=2, init=tmp_path / "b" / "checkpoint.pt", **const)
+    assert all(torch.equal(a, b) for a, b in zip(resumed["unet"].state_dict().values(), cont["unet"].state_dict().values()))
+    with pytest.raises(SpfbenchError, match="another training.*init"):
+        _unet(tmp_path / "e", micro_vae, steps=2, **const)
+    # a continuation of a continuation still finds the first run's latent cache (and equals 6 steps)
+    full6 = _unet(tmp_path / "f", micro_vae, steps=6, **const)
+    cont2 = _unet(tmp_path / "g", micro_vae, steps=2, init=tmp_path / "c" / "checkpoint.pt", **const)
+    assert not (tmp_path / "g" / "latents.pt").exists()
+    assert all(torch.equal(a, b) for a, b in zip(full6["unet"].state_dict().values(), cont2["unet"].state_dict().values()))
 
 
 def test_checkpoint_pipeline_holds_the_runs_ema_weights(tmp_path, micro_vae):
@@ -125,10 +138,17 @@ def test_checkpoint_pipeline_holds_the_runs_ema_weights(tmp_path, micro_vae):
 
 def test_continuation_refuses_an_unfinished_or_missing_run(tmp_path, micro_vae):
     _unet(tmp_path / "p", micro_vae, stop_at=2)
-    with pytest.raises(Exception, match="stopped at step 2 of 4"):
+    with pytest.raises(SpfbenchError, match="stopped at step 2 of 4"):
         _unet(tmp_path / "c", micro_vae, init=tmp_path / "p" / "checkpoint.pt")
-    with pytest.raises(Exception, match="no UNet checkpoint"):
+    with pytest.raises(SpfbenchError, match="no UNet checkpoint"):
         _unet(tmp_path / "c", micro_vae, init=tmp_path / "nowhere" / "checkpoint.pt")
+    _unet(tmp_path / "q", micro_vae, steps=2)
+    with pytest.raises(SpfbenchError, match="other data or architecture.*n: 16 there, 8 now"):
+        _unet(tmp_path / "c", micro_vae, n=8, init=tmp_path / "q" / "checkpoint.pt")
+    (tmp_path / "q" / "latents.pt").unlink()
+    with pytest.raises(SpfbenchError, match="latents.pt is missing or was encoded with another VAE"):
+        _unet(tmp_path / "c", micro_vae, init=tmp_path / "q" / "checkpoint.pt")
+    assert not (tmp_path / "q" / "latents.pt").exists()  # nothing re-encoded into the first run's folder
 
 
 def test_save_load_generate_evaluate(tmp_path, micro_vae):
@@ -165,7 +185,7 @@ def test_save_load_generate_evaluate(tmp_path, micro_vae):
     for k in ("captioned_accuracy", "captioned_mean", "all_captioned", "uncaptioned_distribution", "uncaptioned_tv",
               "uncaptioned_tv_max", "spurious_target_rate", "spurious_any", "ceiling", "quality_bar", "bar", "passed", "n"):
         assert k in r
-    assert r["ceiling"]["n"] == 3 and r["passed"] == all(r["bar"].values())
+    assert r["ceiling"]["n"] == 3 and len(r["bar"]) == 11  # 5 captioned + 5 uncaptioned + spurious
     assert set(r["captioned_accuracy"]) == {"subject", "expression", "background", "clothing_color", "garment"}
     assert set(r["uncaptioned_tv"]) == {"hair_style", "hair_color", "skin_tone", "position", "pose"}
     assert set(r["spurious_target_rate"]) == {"headwear", "eyewear", "freckles", "style"}
@@ -192,18 +212,25 @@ def test_reading_report_counts_what_the_reader_saw():
 
 def test_quality_bar_is_set_against_the_ceiling():
     ceil = {"captioned_accuracy": {a: 0.6 for a in M.CAPTIONED}, "uncaptioned_tv": {a: 0.05 for a in M.UNCAPTIONED}, "spurious_any": 0.02}
-    res = {"captioned_accuracy": {a: 0.51 for a in M.CAPTIONED}, "uncaptioned_tv": {a: 0.15 for a in M.UNCAPTIONED}, "spurious_any": 0.05}
-    assert all(M.meets_bar(res, ceil).values())  # 0.51 = 0.85 x 0.6; 0.15 = 0.05 + 0.10; 0.05 = 0.02 + 0.03
-    res["captioned_accuracy"]["subject"] = 0.50
-    res["uncaptioned_tv"]["pose"] = 0.16
-    res["spurious_any"] = 0.06
+    e = 1e-6  # just inside each threshold (0.51 = 0.85 x 0.6; 0.15 = 0.05 + 0.10; 0.05 = 0.02 + 0.03) ...
+    res = {"captioned_accuracy": {a: 0.51 + e for a in M.CAPTIONED}, "uncaptioned_tv": {a: 0.15 - e for a in M.UNCAPTIONED}, "spurious_any": 0.05 - e}
+    assert all(M.meets_bar(res, ceil).values())
+    res["captioned_accuracy"]["subject"] = 0.51 - e  # ... and just outside
+    res["uncaptioned_tv"]["pose"] = 0.15 + e
+    res["spurious_any"] = 0.05 + e
     assert {k for k, v in M.meets_bar(res, ceil).items() if not v} == {"captioned subject", "tv pose", "spurious any"}
 
 
-def test_ceiling_reads_reconstructions_of_the_heldout_renders(micro_vae):
-    r = M.ceiling(micro_vae, n=4, seed=5)
-    assert r["n"] == 4 and set(r["captioned_accuracy"]) == set(M.CAPTIONED)
-    assert all(0 <= v <= 1 for v in r["captioned_accuracy"].values())
+def test_ceiling_reads_reconstructions_of_the_rows_evaluate_generates():
+    from spfbench.world.attributes import sample
+    from spfbench.world.datasets import world_captions
+
+    # the ceiling's images are renders of the very rows evaluate() captions
+    rows = world_captions(20, 5)
+    assert [r["base_attributes"] for r in rows] == [{c: sample("heldout", i, 5)[c] for c in M.CAPTIONED} for i in range(20)]
+    # with the shipped VAE, the coarse attributes survive reconstruction (misaligned rows would read ~1/8 right)
+    r = M.ceiling(Path(M.DEFAULT_OUT) / "vae", n=20, seed=5)
+    assert r["n"] == 20 and r["captioned_accuracy"]["background"] >= 0.9 and r["captioned_accuracy"]["clothing_color"] >= 0.9
 
 
 def test_load_missing_folder_names_command(tmp_path):

@@ -207,9 +207,10 @@ def _trim_log(path: Path, step: int) -> None:
 
 
 def _check_args(ckpt_args: dict, args: dict, what: str, path: Path) -> None:
-    diffs = [k for k in args if k not in ("stop_at", "threads", "progress") and ckpt_args.get(k) != args[k]]
+    keys = sorted(set(args) | set(ckpt_args), key=list({**args, **ckpt_args}).index)
+    diffs = [k for k in keys if k not in ("stop_at", "threads", "progress") and ckpt_args.get(k) != args.get(k)]
     if diffs:
-        detail = "; ".join(f"{k}: {ckpt_args.get(k)!r} there, {args[k]!r} now" for k in diffs[:4])
+        detail = "; ".join(f"{k}: {ckpt_args.get(k)!r} there, {args.get(k)!r} now" for k in diffs[:4])
         raise SpfbenchError(f"{path} holds a {what} checkpoint of another training ({detail}); use another folder or the same arguments")
 
 
@@ -430,9 +431,10 @@ def encode_latents(vae, x_uint8, batch_size: int = 256):
     return torch.cat(out)
 
 
-def _latent_cache(out: Path, vae, n: int, seed: int, log):
+def _latent_cache(out: Path, vae, n: int, seed: int, log, reuse_only: bool = False):
     """(latents, token ids) of the first ``n`` pretrain renders; cached in ``OUT/latents.pt`` (``OUT``: the
-    training's folder, or the folder of the run it continues)."""
+    training's folder, or the first run's folder for a continuation, which only reuses it:
+    ``reuse_only`` refuses a missing or mismatching cache instead of re-encoding into another run's folder)."""
     import torch
 
     path = out / "latents.pt"
@@ -441,6 +443,9 @@ def _latent_cache(out: Path, vae, n: int, seed: int, log):
         c = torch.load(path, weights_only=True)
         if c["key"] == key:
             return c["latents"], c["ids"]
+    if reuse_only:
+        raise SpfbenchError(f"{path} is missing or was encoded with another VAE (or n, seed) than the run being continued; "
+                            "continue with the VAE, n and seed the first run was trained with")
     log(f"rendering and encoding {n} pretrain images ...")
     attrs = [sample("pretrain", i, seed) for i in range(n)]
     vae.eval()
@@ -453,11 +458,25 @@ def _latent_cache(out: Path, vae, n: int, seed: int, log):
     return latents, ids
 
 
+def _first_run(checkpoint: Path) -> Path:
+    """The folder of the first run of a chain of continuations ending at ``checkpoint`` (where its latent cache is)."""
+    import torch
+
+    while not (checkpoint.parent / "latents.pt").is_file():
+        prev = torch.load(checkpoint, weights_only=True)["args"].get("init")
+        if prev is None:
+            break
+        checkpoint = Path(prev["path"])
+    return checkpoint.parent
+
+
 def _load_vae(vae):
     from diffusers import AutoencoderKL
 
     if isinstance(vae, (str, os.PathLike)):
-        vae = AutoencoderKL.from_pretrained(vae)
+        if not (Path(vae) / "config.json").is_file():
+            raise SpfbenchError(f"no VAE at {vae} (no config.json); the world model's VAE is its folder's vae/ or the training's work/vae")
+        return AutoencoderKL.from_pretrained(vae).float().eval()
     return vae.float().eval()
 
 
@@ -511,15 +530,19 @@ def train_unet(
         if not init.is_file():
             raise SpfbenchError(f"{init}: no UNet checkpoint to continue; train the first stage (its folder's checkpoint.pt) first")
         start = torch.load(init, weights_only=True)
-        if start["args"].get("overrides", {}) != args["overrides"] or start["args"]["n"] != n or start["args"]["seed"] != seed:
-            raise SpfbenchError(f"{init} was trained with other data or architecture (n, seed, overrides); continue it with the same ones")
+        if "unet" not in start:
+            raise SpfbenchError(f"{init} is not a UNet training checkpoint (train_unet's checkpoint.pt)")
+        other = [k for k in ("n", "seed", "overrides") if start["args"].get(k, {} if k == "overrides" else None) != args[k]]
+        if other:
+            detail = "; ".join(f"{k}: {start['args'].get(k)!r} there, {args[k]!r} now" for k in other)
+            raise SpfbenchError(f"{init} was trained with other data or architecture ({detail}); continue it with the same ones")
         if start["step"] < start["args"]["steps"]:
             raise SpfbenchError(f"{init} stopped at step {start['step']} of {start['args']['steps']}; finish that run before continuing it")
         args["init"] = {"path": str(init), "steps_before": start["step"] + start["args"].get("init", {}).get("steps_before", 0)}
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     vae = _load_vae(vae)
-    latents, ids = _latent_cache(init.parent if init is not None else out, vae, n, seed, log)
+    latents, ids = _latent_cache(_first_run(init) if init is not None else out, vae, n, seed, log, reuse_only=init is not None)
     empty_ids = _tokenize([""])[0]
     comps = build_components(seed + 10, overrides)
     unet, te = comps["unet"], comps["text_encoder"]
@@ -637,6 +660,8 @@ def checkpoint_pipeline(checkpoint: str | os.PathLike, vae):
     if not checkpoint.is_file():
         raise SpfbenchError(f"no UNet checkpoint at {checkpoint}")
     ck = torch.load(checkpoint, weights_only=True)
+    if "unet" not in ck:
+        raise SpfbenchError(f"{checkpoint} is not a UNet training checkpoint (train_unet's checkpoint.pt)")
     comps = build_components(0, ck["args"].get("overrides") or {})
     unet, te = comps["unet"], comps["text_encoder"]
     unet.load_state_dict(ck["unet"])
@@ -748,14 +773,14 @@ def ceiling(vae, n: int = 200, seed: int = 0, reader=None) -> dict:
     t0 = time.time()
     reader = reader or load_reader()
     attrs = [sample("heldout", i, seed) for i in range(n)]
-    vae = _load_vae(vae)
-    sf = vae.config.scaling_factor
+    if isinstance(vae, (str, os.PathLike)):
+        vae = _load_vae(vae)
     images = []
     with torch.no_grad():
         for s in range(0, n, 100):
-            z = encode_latents(vae, render_batch(attrs[s : s + 100], list(range(s, min(n, s + 100)))).to(vae.device))
-            x = vae.decode(z / sf).sample.clamp(-1, 1)
-            images += [_to_pil(im) for im in x]
+            x = _to_float(render_batch(attrs[s : s + 100], list(range(s, min(n, s + 100))))).to(vae.device, vae.dtype)
+            z = vae.encode(x).latent_dist.mean
+            images += [_to_pil(im) for im in vae.decode(z).sample.clamp(-1, 1)]
     res = _reading_report(reader.read(images), [{c: a[c] for c in CAPTIONED} for a in attrs])
     return {"n": n, "seed": seed, "images": "VAE reconstructions of the held-out renders", **res, "seconds": round(time.time() - t0, 1)}
 
