@@ -458,6 +458,18 @@ def _latent_cache(out: Path, vae, n: int, seed: int, log, reuse_only: bool = Fal
     return latents, ids
 
 
+def _load_unet_checkpoint(path: Path, hint: str) -> dict:
+    """``train_unet``'s ``checkpoint.pt`` at ``path`` (weights-only load), or a clear error (``hint``: what to do)."""
+    import torch
+
+    if not path.is_file():
+        raise SpfbenchError(f"{path}: no UNet checkpoint; {hint}")
+    ck = torch.load(path, weights_only=True)
+    if not isinstance(ck, dict) or "unet" not in ck or "args" not in ck:
+        raise SpfbenchError(f"{path} is not a UNet training checkpoint (train_unet's checkpoint.pt); {hint}")
+    return ck
+
+
 def _first_run(checkpoint: Path) -> Path:
     """The folder of the first run of a chain of continuations ending at ``checkpoint`` (where its latent cache is)."""
     import torch
@@ -527,11 +539,7 @@ def train_unet(
     start = None
     if init is not None:
         init = Path(init)
-        if not init.is_file():
-            raise SpfbenchError(f"{init}: no UNet checkpoint to continue; train the first stage (its folder's checkpoint.pt) first")
-        start = torch.load(init, weights_only=True)
-        if "unet" not in start:
-            raise SpfbenchError(f"{init} is not a UNet training checkpoint (train_unet's checkpoint.pt)")
+        start = _load_unet_checkpoint(init, "train the first stage (its folder's checkpoint.pt) first")
         other = [k for k in ("n", "seed", "overrides") if start["args"].get(k, {} if k == "overrides" else None) != args[k]]
         if other:
             detail = "; ".join(f"{k}: {start['args'].get(k)!r} there, {args[k]!r} now" for k in other)
@@ -654,14 +662,7 @@ def checkpoint_pipeline(checkpoint: str | os.PathLike, vae):
     """A float32 pipeline of a UNet training checkpoint (``train_unet``'s ``checkpoint.pt``, weights-only
     load): its EMA weights (raw weights when it keeps none) with ``vae`` (the VAE it was trained on, or
     its folder), to evaluate a training in progress."""
-    import torch
-
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise SpfbenchError(f"no UNet checkpoint at {checkpoint}")
-    ck = torch.load(checkpoint, weights_only=True)
-    if "unet" not in ck:
-        raise SpfbenchError(f"{checkpoint} is not a UNet training checkpoint (train_unet's checkpoint.pt)")
+    ck = _load_unet_checkpoint(Path(checkpoint), "give train_unet's checkpoint.pt (WORK/unet or WORK/unet-2)")
     comps = build_components(0, ck["args"].get("overrides") or {})
     unet, te = comps["unet"], comps["text_encoder"]
     unet.load_state_dict(ck["unet"])
