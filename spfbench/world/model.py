@@ -561,17 +561,21 @@ def train_unet(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = _EMA(modules, ema_decay) if ema_decay > 0 else None
     g = torch.Generator().manual_seed(seed)
+
+    def load_weights(c):  # a checkpoint's weights and EMA into this run's modules
+        unet.load_state_dict(c["unet"])
+        te.load_state_dict(c["text_encoder"])
+        if ema is not None:
+            ema.shadow = [t.clone() for t in c["ema"]] if c["ema"] is not None else [p.detach().clone() for p in ema.params]
+
     offset = 0  # steps before this schedule (init's): the EMA's warm-up counts them
     if start is not None:
-        unet.load_state_dict(start["unet"])
-        te.load_state_dict(start["text_encoder"])
+        load_weights(start)
         opt.load_state_dict(start["opt"])
         for group in opt.param_groups:  # the new schedule's LR, not the finished one's
             group["lr"] = lr
             group.pop("initial_lr", None)
         g.set_state(start["rng"])
-        if ema is not None:
-            ema.shadow = [s.clone() for s in start["ema"]] if start["ema"] is not None else [p.detach().clone() for p in ema.params]
         offset = args["init"]["steps_before"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps, lr_schedule))
     from diffusers import DDPMScheduler
@@ -581,10 +585,7 @@ def train_unet(
     ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
     ck, step, seconds_before = _resume(out, args, "UNet", opt, sched, g, log)
     if ck is not None:
-        unet.load_state_dict(ck["unet"])
-        te.load_state_dict(ck["text_encoder"])
-        if ema is not None:
-            ema.shadow = [s.clone() for s in ck["ema"]]
+        load_weights(ck)
 
     def save_ckpt():
         _atomic_torch_save(
