@@ -1,7 +1,7 @@
 # Set-up and entry points. Each target creates .venv if needed and installs the exact versions of
 # requirements/lock.txt (re-installs only when pyproject.toml or the lock file changed). The install
-# runs through uv (pinned below; same versions as pip would install, ~0.5 min instead of pip's 5-7 min
-# for the 6.6 GB of torch + CUDA wheels); pip installs the same lock if uv cannot be installed or fails
+# runs through uv (pinned below; same versions as pip would install, ~0.5 min instead of pip's 4-7 min
+# for the 6.6 GB of torch + CUDA wheels: benchmarks/bench_install.sh -> results/install_cpu.json); pip installs the same lock if uv cannot be installed or fails
 # (uv reads no pip.conf: a machine that reaches packages only through a pip mirror takes the pip path).
 PYTHON ?= python3
 UV_VERSION := 0.13.9
