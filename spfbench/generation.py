@@ -10,6 +10,7 @@ customized image and its original therefore start from identical noise.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 
 import torch
@@ -66,7 +67,17 @@ def make_scheduler(base_config, sampler: str):
     if sampler not in SAMPLERS:
         raise SpfbenchError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     cls_name, extra = SAMPLERS[sampler]
-    return getattr(diffusers, cls_name).from_config(base_config, **extra)
+    cls = getattr(diffusers, cls_name)
+    if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+        ok = [k for k, (c, e) in SAMPLERS.items()
+              if "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, c).__init__).parameters and not e.get("use_karras_sigmas")]
+        raise SpfbenchError(f"this model's noise schedule is rescaled to zero terminal SNR, which {cls_name} ({sampler}) cannot "
+                            f"sample; choose one of: {', '.join(ok)}")
+    if base_config.get("rescale_betas_zero_snr") and extra.get("use_karras_sigmas"):
+        # Karras sigmas would start at sigma 4096 (a_T = 2**-24) and diffusers 0.42's DPM-Solver steps past its sigmas
+        raise SpfbenchError(f"this model's noise schedule is rescaled to zero terminal SNR: Karras sigmas ({sampler}) do not "
+                            "apply to it; choose dpmpp-2m or ddim (trailing timesteps)")
+    return cls.from_config(base_config, **extra)
 
 
 def use_sampler(pipe, sampler: str) -> None:

@@ -3,9 +3,11 @@ resume, the saved diffusers folder, generation and evaluation."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -265,3 +267,93 @@ def test_shipped_model_loads_generates_and_keeps_its_card():
     # 30 images x 5 captioned attributes: binomial slack of 0.1 below the card's mean
     assert r["captioned_mean"] >= ev["captioned_mean"] - 0.1, (r["captioned_accuracy"], ev["captioned_accuracy"])
     assert r["spurious_any"] <= max(0.1, ev["spurious_any"] + 0.07)
+
+
+def test_training_noise_offset_adds_per_channel_constants():
+    # the spatial mean of each (image, channel) has variance 1/(H W) for plain noise, 1/(H W) + offset^2 with
+    # the offset; the offset is constant over the image, so the centred noise is the plain draw
+    shape = (4096, 8, 16, 16)
+    plain = M.training_noise(shape, torch.Generator().manual_seed(0))
+    off = M.training_noise(shape, torch.Generator().manual_seed(0), noise_offset=0.1)
+    assert torch.equal(plain, M.training_noise(shape, torch.Generator().manual_seed(0), noise_offset=0.0))
+    assert plain.mean(dim=(2, 3)).var().item() == pytest.approx(1 / 256, rel=0.05)
+    assert off.mean(dim=(2, 3)).var().item() == pytest.approx(1 / 256 + 0.01, rel=0.05)
+    centred = lambda x: x - x.mean(dim=(2, 3), keepdim=True)  # noqa: E731
+    assert torch.allclose(centred(off), centred(plain), atol=1e-5)
+
+
+def test_noise_offset_is_part_of_the_runs_arguments(tmp_path, micro_vae):
+    plain = _unet(tmp_path / "a", micro_vae, steps=2)
+    assert "noise_offset" not in torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["args"]
+    off = _unet(tmp_path / "b", micro_vae, steps=2, noise_offset=0.1)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["args"]["noise_offset"] == 0.1
+    assert not torch.equal(next(iter(plain["unet"].parameters())), next(iter(off["unet"].parameters())))
+    with pytest.raises(SpfbenchError, match="another training.*noise_offset"):
+        _unet(tmp_path / "b", micro_vae, steps=2, noise_offset=0.2)
+    cont = _unet(tmp_path / "c", micro_vae, steps=2, init=tmp_path / "a" / "checkpoint.pt", noise_offset=0.1)
+    assert cont["done"]  # a plain run can be continued with offset noise
+
+
+def test_train_chains_continuations_and_records_each_stage(tmp_path):
+    stages = [{"steps": 2, "lr": 1e-3}, {"steps": 2, "lr": 1e-3, "noise_offset": 0.1}]
+    card = M.train(tmp_path / "model", tmp_path / "work", vae_n=16, vae_steps=2, vae_batch_size=8, unet_n=16, unet_steps=2,
+                   batch_size=8, eval_n=0, continuations=stages, overrides=MICRO, **QUIET)
+    got = card["training"]["unet"]["stages"]
+    assert [(s["steps"], s["noise_offset"]) for s in got] == [(2, 0.0), (2, 0.0), (2, 0.1)]
+    assert card["training"]["unet"]["steps"] == 6
+    last = torch.load(tmp_path / "work" / "unet-3" / "checkpoint.pt", weights_only=True)
+    assert last["args"]["noise_offset"] == 0.1 and last["args"]["init"] == {"path": str(tmp_path / "work" / "unet-2" / "checkpoint.pt"), "steps_before": 4}
+    assert M.load_world_pipeline(tmp_path / "model").unet is not None
+
+
+def test_cli_continuation_stages_parse_or_say_what_to_give():
+    assert M._continuation("6000:3e-4") == {"steps": 6000, "lr": 3e-4}
+    assert M._continuation("2000:1e-4:offset=0.1:vzero") == {"steps": 2000, "lr": 1e-4, "noise_offset": 0.1, "vzero": True}
+    for bad in ("6000", "6000:x", "0:1e-4", "10:1e-4:offset=-1", "1:2:3", "1:2:vzero:vzero", "1:2:offset=x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="STEPS:LR|positive"):
+            M._continuation(bad)
+    for text in ("2000:0.0001:offset=0.1", "2000:0.0001:vzero", "6000:0.0003"):
+        assert M._stage_text(M._continuation(text)) == text
+
+
+def test_vzero_trains_for_velocity_at_zero_terminal_snr_and_samples_with_it(tmp_path, micro_vae):
+    from diffusers import DDPMScheduler
+
+    from spfbench.generation import GenerationSettings, generate, make_scheduler
+
+    cfg = M.scheduler_config(vzero=True)
+    sched = DDPMScheduler.from_config(cfg)
+    assert sched.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-8)  # x_T carries nothing of x_0
+    assert M.scheduler_config()["prediction_type"] == "epsilon"
+    _unet(tmp_path / "a", micro_vae, steps=2)
+    cont = _unet(tmp_path / "v", micro_vae, steps=2, init=tmp_path / "a" / "checkpoint.pt", vzero=True)
+    assert cont["done"]
+    pipe = M.checkpoint_pipeline(tmp_path / "v" / "checkpoint.pt", micro_vae)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+    ims = generate(pipe, ["A man, smiling, with a red background, in a blue shirt"], [0], GenerationSettings(sampler="ddim", steps=2))
+    assert np.isfinite(np.asarray(ims[0], dtype=float)).all()
+    with pytest.raises(SpfbenchError, match="zero terminal SNR.*choose one of: dpmpp-2m, ddim, euler"):
+        make_scheduler(pipe.scheduler.config, "pndm")
+    with pytest.raises(SpfbenchError, match="zero terminal SNR: Karras sigmas .* choose dpmpp-2m or ddim"):
+        make_scheduler(pipe.scheduler.config, "dpmpp-2m-karras")
+    assert make_scheduler(pipe.scheduler.config, "dpmpp-2m").config.rescale_betas_zero_snr
+    # the loss target differs from an epsilon run's: same data, same RNG, other weights
+    eps = _unet(tmp_path / "e", micro_vae, steps=2, init=tmp_path / "a" / "checkpoint.pt")
+    assert not torch.equal(next(iter(eps["unet"].parameters())), next(iter(cont["unet"].parameters())))
+
+
+def test_switching_to_vzero_restarts_ema_and_adam_but_keeps_the_weights(tmp_path, micro_vae):
+    _unet(tmp_path / "a", micro_vae, steps=2, ema_decay=0.999)
+    first = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    v = _unet(tmp_path / "v", micro_vae, steps=1, init=tmp_path / "a" / "checkpoint.pt", vzero=True, ema_decay=0.999, warmup=0)
+    ck = torch.load(tmp_path / "v" / "checkpoint.pt", weights_only=True)
+    assert ck["args"]["init"]["objective_changed"] is True
+    # Adam restarted: one step of fresh moments (bias corrected) counts 1, not 3
+    assert all(s["step"] == 1 for s in ck["opt"]["state"].values())
+    # EMA restarted from the loaded raw weights: after one update at warm-up decay 1/10 it is 0.1 x loaded + 0.9 x new
+    raw0, raw1 = first["unet"], ck["unet"]
+    names = list(raw0)
+    k = next(i for i, n in enumerate(names) if not torch.equal(raw0[n], raw1[n]))
+    expect = raw0[names[k]].lerp(raw1[names[k]], 0.9)
+    assert torch.allclose(ck["ema"][k], expect, atol=1e-6)
+    assert torch.equal(v["unet"].state_dict()[names[k]], ck["ema"][k])

@@ -100,8 +100,13 @@ def parameter_counts(comps: dict) -> dict:
     return {k: sum(p.numel() for p in m.parameters()) for k, m in comps.items() if hasattr(m, "parameters")}
 
 
-def scheduler_config() -> dict:
-    return json.loads((CONFIG / "scheduler" / "scheduler_config.json").read_text())
+def scheduler_config(vzero: bool = False) -> dict:
+    """SD1.5's scheduler config (``spfbench/configs/world/scheduler``); ``vzero``: with v-prediction, betas
+    rescaled to zero terminal SNR and trailing timesteps (Lin et al. 2024; docs/world.md, "Terminal SNR")."""
+    cfg = json.loads((CONFIG / "scheduler" / "scheduler_config.json").read_text())
+    if vzero:
+        cfg.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -458,6 +463,18 @@ def _latent_cache(out: Path, vae, n: int, seed: int, log, reuse_only: bool = Fal
     return latents, ids
 
 
+def training_noise(shape, g, noise_offset: float = 0.0):
+    """The noise of a training step: standard normal, plus ``noise_offset`` x a standard normal constant
+    per image and channel ("offset noise", diffusers' ``--noise_offset``) when ``noise_offset`` > 0.
+    Why the world model needs it: docs/world.md, "Terminal SNR"."""
+    import torch
+
+    noise = torch.randn(shape, generator=g)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=g)
+    return noise
+
+
 def _load_unet_checkpoint(path: Path, hint: str) -> dict:
     """``train_unet``'s ``checkpoint.pt`` at ``path`` (weights-only load), or a clear error (``hint``: what to do)."""
     import torch
@@ -509,6 +526,8 @@ def train_unet(
     log_every: int = 50,
     overrides: dict | None = None,
     init: str | os.PathLike | None = None,
+    noise_offset: float = 0.0,
+    vzero: bool = False,
     stop_at: int | None = None,
     progress: bool = True,
     log=print,
@@ -520,6 +539,12 @@ def train_unet(
     from scratch: its weights, EMA, optimizer moments and RNG state carry on (its latent cache is reused);
     ``steps``, ``lr``, ``warmup`` and ``lr_schedule`` describe the new schedule, which starts at its own
     step 0. With the same constant LR this equals one longer run (tested).
+
+    ``noise_offset``: offset noise (:func:`training_noise`); recorded in the run's arguments only when
+    used, so runs from before the option resume and continue unchanged. ``vzero``: train for
+    :func:`scheduler_config` ``(vzero=True)`` (v-prediction target, zero terminal SNR), the same way; a
+    continuation that switches it starts its EMA (from the loaded weights, with its warm-up) and AdamW
+    moments afresh: the earlier objective's averages say nothing of the new one.
 
     ``vae``: an ``AutoencoderKL`` or its folder. State in ``OUT/``: ``latents.pt`` (cached latents and
     token ids), ``checkpoint.pt`` (atomic, every ``ckpt_every`` steps and at the end: weights, EMA,
@@ -534,6 +559,10 @@ def train_unet(
         raise SpfbenchError(f"lr_schedule must be cosine or constant, got {lr_schedule!r}")
     args = dict(n=n, steps=steps, batch_size=batch_size, lr=lr, seed=seed, caption_dropout=caption_dropout, ema_decay=ema_decay,
                 warmup=warmup, lr_schedule=lr_schedule, overrides=overrides or {})
+    if noise_offset:  # only when used: runs from before the option keep resuming
+        args["noise_offset"] = noise_offset
+    if vzero:
+        args["vzero"] = True
     torch.set_num_threads(threads)
     out = Path(out)
     start = None
@@ -547,6 +576,8 @@ def train_unet(
         if start["step"] < start["args"]["steps"]:
             raise SpfbenchError(f"{init} stopped at step {start['step']} of {start['args']['steps']}; finish that run before continuing it")
         args["init"] = {"path": str(init), "steps_before": start["step"] + start["args"].get("init", {}).get("steps_before", 0)}
+        if start["args"].get("vzero", False) != vzero:  # another loss: its EMA and Adam moments start afresh
+            args["init"]["objective_changed"] = True
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     vae = _load_vae(vae)
@@ -571,16 +602,21 @@ def train_unet(
     offset = 0  # steps before this schedule (init's): the EMA's warm-up counts them
     if start is not None:
         load_weights(start)
-        opt.load_state_dict(start["opt"])
+        if args["init"].get("objective_changed"):
+            if ema is not None:
+                ema.shadow = [p.detach().clone() for p in ema.params]
+        else:
+            opt.load_state_dict(start["opt"])
+            offset = args["init"]["steps_before"]
         for group in opt.param_groups:  # the new schedule's LR, not the finished one's
             group["lr"] = lr
             group.pop("initial_lr", None)
         g.set_state(start["rng"])
-        offset = args["init"]["steps_before"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps, lr_schedule))
     from diffusers import DDPMScheduler
 
-    alphas = DDPMScheduler.from_config(scheduler_config()).alphas_cumprod.float()
+    noise_sched = DDPMScheduler.from_config(scheduler_config(vzero))
+    alphas = noise_sched.alphas_cumprod.float()
     n_train_t = len(alphas)
     ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
     ck, step, seconds_before = _resume(out, args, "UNet", opt, sched, g, log)
@@ -605,12 +641,12 @@ def train_unet(
         drop = torch.rand(batch_size, generator=g) < caption_dropout
         tok[drop] = empty_ids.long()
         t = torch.randint(0, n_train_t, (batch_size,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = training_noise(x0.shape, g, noise_offset)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         h = te(tok)[0]
         pred = unet(xt, t, h).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, noise_sched.get_velocity(x0, noise, t) if vzero else noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -642,8 +678,10 @@ def train_unet(
 # ------------------------------------------------------------------------------------------ pipeline
 
 
-def make_pipeline(unet, vae, text_encoder):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def make_pipeline(unet, vae, text_encoder, vzero: bool = False):
+    """The pipeline of the world's components (``vzero``: a model trained with ``vzero``; its scheduler
+    is then DDIM, PNDM cannot rescale to zero terminal SNR)."""
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 
     from ..clip_tokenizer import clip_tokenizer
 
@@ -652,7 +690,7 @@ def make_pipeline(unet, vae, text_encoder):
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
-        scheduler=PNDMScheduler.from_config(scheduler_config()),
+        scheduler=(DDIMScheduler if vzero else PNDMScheduler).from_config(scheduler_config(vzero)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -670,12 +708,12 @@ def checkpoint_pipeline(checkpoint: str | os.PathLike, vae):
     te.load_state_dict(ck["text_encoder"])
     if ck.get("ema") is not None:
         _copy_params([unet, te], ck["ema"])
-    pipe = make_pipeline(unet.eval(), _load_vae(vae), te.eval())
+    pipe = make_pipeline(unet.eval(), _load_vae(vae), te.eval(), vzero=ck["args"].get("vzero", False))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def save_pipeline(out_dir: str | os.PathLike, unet, vae, text_encoder, card: dict | None = None) -> Path:
+def save_pipeline(out_dir: str | os.PathLike, unet, vae, text_encoder, card: dict | None = None, vzero: bool = False) -> Path:
     """Write the diffusers folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``,
     fp16 safetensors; the real CLIP tokenizer files are saved too, so the folder loads on its own with
     ``StableDiffusionPipeline.from_pretrained(dir)``) plus ``world_model.json`` (``card``). The folder
@@ -686,7 +724,7 @@ def save_pipeline(out_dir: str | os.PathLike, unet, vae, text_encoder, card: dic
 
     out_dir = Path(out_dir)
     comps = {k: torch.nn.Module.to(copy.deepcopy(m), torch.float16) for k, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
-    pipe = make_pipeline(**comps)
+    pipe = make_pipeline(**comps, vzero=vzero)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -835,16 +873,17 @@ def train(
     seed: int = 0,
     threads: int = 2,
     eval_n: int = 200,
-    unet_more_steps: int = 0,
-    unet_more_lr: float = 3e-4,
+    continuations: list[dict] = (),
     command: str | None = None,
     overrides: dict | None = None,
     progress: bool = True,
     log=print,
 ) -> dict | None:
     """Both stages, then the pipeline folder at ``out`` with its card (and evaluation when ``eval_n``).
-    ``unet_more_steps`` > 0 continues the finished UNet run (``work/unet``) in ``work/unet-2`` with a new
-    schedule (100 warm-up steps, cosine from ``unet_more_lr`` to 10%), optimizer and EMA carried on."""
+    ``continuations``: stages that continue the finished UNet run one after the other, each a dict
+    ``{"steps", "lr", "noise_offset" (optional, 0), "vzero" (optional, False)}`` trained in ``work/unet-2``, ``work/unet-3``, ...
+    with a new schedule (100 warm-up steps, cosine from its ``lr`` to 10%), the previous stage's weights,
+    EMA, optimizer and RNG carried on (:func:`train_unet` with ``init``)."""
     from ..io import atomic_write_json
 
     work = Path(work)
@@ -855,14 +894,17 @@ def train(
     res = train_unet(work / "unet", vae, unet_n, unet_steps, batch_size, lr, seed, threads, overrides=overrides, progress=progress, log=log)
     if not res["done"]:
         return None
-    stages = [{"steps": unet_steps, "lr": lr, "warmup": 300, "schedule": "cosine to 10%", "seconds": round(res["seconds"], 1)}]
-    if unet_more_steps:
-        res = train_unet(work / "unet-2", vae, unet_n, unet_more_steps, batch_size, unet_more_lr, seed, threads, warmup=100,
-                         overrides=overrides, init=work / "unet" / "checkpoint.pt", progress=progress, log=log)
+    stages = [{"steps": unet_steps, "lr": lr, "warmup": 300, "schedule": "cosine to 10%", "noise_offset": 0.0, "vzero": False, "seconds": round(res["seconds"], 1)}]
+    prev = work / "unet"
+    for i, c in enumerate(continuations, start=2):
+        offset, vzero = c.get("noise_offset", 0.0), c.get("vzero", False)
+        res = train_unet(work / f"unet-{i}", vae, unet_n, c["steps"], batch_size, c["lr"], seed, threads, warmup=100, overrides=overrides,
+                         init=prev / "checkpoint.pt", noise_offset=offset, vzero=vzero, progress=progress, log=log)
         if not res["done"]:
             return None
-        stages.append({"steps": unet_more_steps, "lr": unet_more_lr, "warmup": 100, "schedule": "cosine to 10%",
-                       "seconds": round(res["seconds"], 1), "continues": "the first stage's weights, EMA, optimizer and RNG"})
+        stages.append({"steps": c["steps"], "lr": c["lr"], "warmup": 100, "schedule": "cosine to 10%", "noise_offset": offset, "vzero": vzero,
+                       "seconds": round(res["seconds"], 1), "continues": f"{prev.name}: weights, EMA, optimizer and RNG"})
+        prev = work / f"unet-{i}"
     import torch
 
     card = {
@@ -877,7 +919,7 @@ def train(
         },
         "parameters": parameter_counts({"unet": res["unet"], "vae": vae, "text_encoder": res["text_encoder"]}),
     }
-    save_pipeline(out, res["unet"], vae, res["text_encoder"], card)
+    save_pipeline(out, res["unet"], vae, res["text_encoder"], card, vzero=stages[-1]["vzero"])
     card["bytes"] = folder_bytes(out)
     if eval_n:
         log(f"evaluating on {eval_n} held-out captions ...")
@@ -886,6 +928,35 @@ def train(
     atomic_write_json(Path(out) / CARD, card)
     log(f"saved {out} ({card['bytes']['total'] / 1e6:.1f} MB)")
     return card
+
+
+# the shipped model's stages after the first (the CLI's default): docs/world.md, "Shipped model"
+CONTINUATIONS: list[dict] = []
+
+
+def _continuation(text: str) -> dict:
+    """``STEPS:LR[:offset=X][:vzero]`` -> a ``train`` continuation."""
+    parts = text.split(":")
+    try:
+        if len(parts) < 2:
+            raise ValueError
+        c = {"steps": int(parts[0]), "lr": float(parts[1])}
+        for opt in parts[2:]:
+            if opt == "vzero" and "vzero" not in c:
+                c["vzero"] = True
+            elif opt.startswith("offset=") and "noise_offset" not in c:
+                c["noise_offset"] = float(opt[len("offset="):])
+            else:
+                raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give STEPS:LR, then optionally :offset=X and :vzero, e.g. 6000:3e-4 or 2000:1e-4:vzero") from None
+    if c["steps"] <= 0 or c["lr"] <= 0 or c.get("noise_offset", 0.0) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: steps and LR must be positive, the noise offset >= 0")
+    return c
+
+
+def _stage_text(c: dict) -> str:
+    return f"{c['steps']}:{c['lr']:g}" + (f":offset={c['noise_offset']:g}" if c.get("noise_offset") else "") + (":vzero" if c.get("vzero") else "")
 
 
 def main(argv=None) -> None:
@@ -904,8 +975,10 @@ def main(argv=None) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--eval-n", type=int, default=200)
-    t.add_argument("--unet-more-steps", type=int, default=0, help="continue the finished UNet run this many steps (work/unet-2)")
-    t.add_argument("--unet-more-lr", type=float, default=3e-4, help="peak LR of the continuation (cosine to 10%%)")
+    t.add_argument("--unet-more", type=_continuation, action="append", default=None, metavar="STEPS:LR[:offset=X][:vzero]",
+                   help="continue the finished UNet run (repeatable, one stage each, in work/unet-2, unet-3, ...; "
+                   f"cosine from LR to 10%%; offset=X: offset noise, vzero: v-prediction at zero terminal SNR); default: "
+                   f"{' '.join(f'--unet-more {_stage_text(c)}' for c in CONTINUATIONS) or 'none'}, the shipped model's")
     e = sub.add_parser("evaluate", help="generate for held-out captions and read the images back")
     e.add_argument("--model", default=str(DEFAULT_OUT))
     e.add_argument("--n", type=int, default=200)
@@ -919,7 +992,7 @@ def main(argv=None) -> None:
         if a.cmd == "train":
             cmd = "python -m spfbench.world.model " + " ".join(sys.argv[1:] if argv is None else argv)
             train(a.out, a.work, a.vae_n, a.vae_steps, a.vae_batch_size, a.unet_n, a.unet_steps, a.batch_size, a.lr, a.seed,
-                  a.threads, a.eval_n, a.unet_more_steps, a.unet_more_lr, command=cmd)
+                  a.threads, a.eval_n, a.unet_more or CONTINUATIONS, command=cmd)
         else:
             import torch
 
