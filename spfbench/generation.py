@@ -80,6 +80,13 @@ def make_scheduler(base_config, sampler: str):
     return cls.from_config(base_config, **extra)
 
 
+def default_sampler(scheduler_config) -> str:
+    """The protocol's sampler (:class:`GenerationSettings`' default) for a model with this scheduler
+    config, or ``dpmpp-2m`` (trailing timesteps from the config) when its schedule is rescaled to zero
+    terminal SNR, where Karras sigmas do not apply."""
+    return "dpmpp-2m" if scheduler_config.get("rescale_betas_zero_snr") else GenerationSettings.sampler
+
+
 def use_sampler(pipe, sampler: str) -> None:
     """Set ``pipe.scheduler`` to ``sampler``, built from the model's scheduler config (kept aside once)."""
     if getattr(pipe, "_spfbench_sampler", None) == sampler:

@@ -337,6 +337,8 @@ def test_vzero_trains_for_velocity_at_zero_terminal_snr_and_samples_with_it(tmp_
     with pytest.raises(SpfbenchError, match="zero terminal SNR: Karras sigmas .* choose dpmpp-2m or ddim"):
         make_scheduler(pipe.scheduler.config, "dpmpp-2m-karras")
     assert make_scheduler(pipe.scheduler.config, "dpmpp-2m").config.rescale_betas_zero_snr
+    r = M.evaluate(pipe, n=2, batch_size=2)  # its default sampler is one that works for it
+    assert r["settings"]["sampler"] == "dpmpp-2m" and r["n"] == 2
     # the loss target differs from an epsilon run's: same data, same RNG, other weights
     eps = _unet(tmp_path / "e", micro_vae, steps=2, init=tmp_path / "a" / "checkpoint.pt")
     assert not torch.equal(next(iter(eps["unet"].parameters())), next(iter(cont["unet"].parameters())))

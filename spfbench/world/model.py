@@ -769,7 +769,8 @@ def load_world_pipeline(path: str | os.PathLike = DEFAULT_OUT, device: str = "cp
 
 def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 25, settings=None, reader=None, progress: bool = False) -> dict:
     """Generate ``n`` images for held-out base captions (``world_captions(n, seed)``: the heldout stream,
-    each row's own seed; suite's ``generate`` with ``settings``, default dpmpp-2m-karras 25 steps CFG 7)
+    each row's own seed; suite's ``generate`` with ``settings``, default dpmpp-2m-karras 25 steps CFG 7,
+    dpmpp-2m for a ``vzero`` model: ``generation.default_sampler``)
     and read them back with the attribute reader. Keys:
 
     * ``captioned_accuracy``: attribute -> rate at which the reader finds the caption's value;
@@ -783,12 +784,12 @@ def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 25, settings=N
     """
     from tqdm import tqdm
 
-    from ..generation import GenerationSettings, generate
+    from ..generation import GenerationSettings, default_sampler, generate
     from .datasets import world_captions
     from .reader import load_reader
 
     t0 = time.time()
-    settings = settings or GenerationSettings()
+    settings = settings or GenerationSettings(sampler=default_sampler(pipe.scheduler.config))
     reader = reader or load_reader()
     rows = world_captions(n, seed)
     images = []
