@@ -68,15 +68,14 @@ def make_scheduler(base_config, sampler: str):
         raise SpfbenchError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     cls_name, extra = SAMPLERS[sampler]
     cls = getattr(diffusers, cls_name)
-    if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
-        ok = [k for k, (c, e) in SAMPLERS.items()
-              if "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, c).__init__).parameters and not e.get("use_karras_sigmas")]
-        raise SpfbenchError(f"this model's noise schedule is rescaled to zero terminal SNR, which {cls_name} ({sampler}) cannot "
-                            f"sample; choose one of: {', '.join(ok)}")
-    if base_config.get("rescale_betas_zero_snr") and extra.get("use_karras_sigmas"):
-        # Karras sigmas would start at sigma 4096 (a_T = 2**-24) and diffusers 0.42's DPM-Solver steps past its sigmas
-        raise SpfbenchError(f"this model's noise schedule is rescaled to zero terminal SNR: Karras sigmas ({sampler}) do not "
-                            "apply to it; choose dpmpp-2m or ddim (trailing timesteps)")
+    if base_config.get("rescale_betas_zero_snr"):
+        def fits(c, e):  # Karras sigmas would start at sigma 4096 (a_T = 2**-24); diffusers 0.42's DPM-Solver steps past them
+            return "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, c).__init__).parameters and not e.get("use_karras_sigmas")
+
+        if not fits(cls_name, extra):
+            ok = ", ".join(k for k, (c, e) in SAMPLERS.items() if fits(c, e))
+            raise SpfbenchError(f"this model's noise schedule is rescaled to zero terminal SNR, which {sampler} ({cls_name}"
+                                f"{' with Karras sigmas' if extra.get('use_karras_sigmas') else ''}) cannot sample; choose one of: {ok}")
     return cls.from_config(base_config, **extra)
 
 

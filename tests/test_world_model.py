@@ -309,7 +309,7 @@ def test_train_chains_continuations_and_records_each_stage(tmp_path):
 def test_cli_continuation_stages_parse_or_say_what_to_give():
     assert M._continuation("6000:3e-4") == {"steps": 6000, "lr": 3e-4}
     assert M._continuation("2000:1e-4:offset=0.1:vzero") == {"steps": 2000, "lr": 1e-4, "noise_offset": 0.1, "vzero": True}
-    for bad in ("6000", "6000:x", "0:1e-4", "10:1e-4:offset=-1", "1:2:3", "1:2:vzero:vzero", "1:2:offset=x"):
+    for bad in ("6000", "6000:x", "0:1e-4", "10:1e-4:offset=-1", "1:2:3", "1:2:vzero:vzero", "1:2:offset=x", "1:nan", "1:1e-4:offset=inf"):
         with pytest.raises(argparse.ArgumentTypeError, match="STEPS:LR|positive"):
             M._continuation(bad)
     for text in ("2000:0.0001:offset=0.1", "2000:0.0001:vzero", "6000:0.0003"):
@@ -334,8 +334,13 @@ def test_vzero_trains_for_velocity_at_zero_terminal_snr_and_samples_with_it(tmp_
     assert np.isfinite(np.asarray(ims[0], dtype=float)).all()
     with pytest.raises(SpfbenchError, match="zero terminal SNR.*choose one of: dpmpp-2m, ddim, euler"):
         make_scheduler(pipe.scheduler.config, "pndm")
-    with pytest.raises(SpfbenchError, match="zero terminal SNR: Karras sigmas .* choose dpmpp-2m or ddim"):
+    with pytest.raises(SpfbenchError, match="zero terminal SNR, which dpmpp-2m-karras .*Karras sigmas.* choose one of: dpmpp-2m, ddim"):
         make_scheduler(pipe.scheduler.config, "dpmpp-2m-karras")
+    # the loss target: v = sqrt(a) eps - sqrt(1 - a) x0, and at the last timestep x_t is pure noise, v = -x0
+    x0, eps, t = torch.randn(3, 8, 4, 4), torch.randn(3, 8, 4, 4), torch.tensor([0, 500, 999])
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(sched.get_velocity(x0, eps, t), a.sqrt() * eps - (1 - a).sqrt() * x0, atol=1e-6)
+    assert torch.allclose(sched.get_velocity(x0, eps, t)[2], -x0[2], atol=1e-6)
     assert make_scheduler(pipe.scheduler.config, "dpmpp-2m").config.rescale_betas_zero_snr
     r = M.evaluate(pipe, n=2, batch_size=2)  # its default sampler is one that works for it
     assert r["settings"]["sampler"] == "dpmpp-2m" and r["n"] == 2
@@ -359,3 +364,8 @@ def test_switching_to_vzero_restarts_ema_and_adam_but_keeps_the_weights(tmp_path
     expect = raw0[names[k]].lerp(raw1[names[k]], 0.9)
     assert torch.allclose(ck["ema"][k], expect, atol=1e-6)
     assert torch.equal(v["unet"].state_dict()[names[k]], ck["ema"][k])
+    # a later stage with the same loss counts its EMA's age from the switch, not from the first run
+    w = _unet(tmp_path / "w", micro_vae, steps=1, init=tmp_path / "v" / "checkpoint.pt", vzero=True, ema_decay=0.999)
+    assert w["done"]
+    init = torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=True)["args"]["init"]
+    assert init["steps_before"] == 3 and init["ema_steps_before"] == 1

@@ -575,9 +575,14 @@ def train_unet(
             raise SpfbenchError(f"{init} was trained with other data or architecture ({detail}); continue it with the same ones")
         if start["step"] < start["args"]["steps"]:
             raise SpfbenchError(f"{init} stopped at step {start['step']} of {start['args']['steps']}; finish that run before continuing it")
-        args["init"] = {"path": str(init), "steps_before": start["step"] + start["args"].get("init", {}).get("steps_before", 0)}
+        before = start["args"].get("init", {})
+        args["init"] = {"path": str(init), "steps_before": start["step"] + before.get("steps_before", 0)}
         if start["args"].get("vzero", False) != vzero:  # another loss: its EMA and Adam moments start afresh
             args["init"]["objective_changed"] = True
+        else:  # the EMA's age: the steps since the last change of loss (recorded when that is not all of them)
+            ema_age = start["step"] + (0 if before.get("objective_changed") else before.get("ema_steps_before", before.get("steps_before", 0)))
+            if ema_age != args["init"]["steps_before"]:
+                args["init"]["ema_steps_before"] = ema_age
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     vae = _load_vae(vae)
@@ -607,7 +612,7 @@ def train_unet(
                 ema.shadow = [p.detach().clone() for p in ema.params]
         else:
             opt.load_state_dict(start["opt"])
-            offset = args["init"]["steps_before"]
+            offset = args["init"].get("ema_steps_before", args["init"]["steps_before"])
         for group in opt.param_groups:  # the new schedule's LR, not the finished one's
             group["lr"] = lr
             group.pop("initial_lr", None)
@@ -903,8 +908,9 @@ def train(
                          init=prev / "checkpoint.pt", noise_offset=offset, vzero=vzero, progress=progress, log=log)
         if not res["done"]:
             return None
+        carried = "weights and RNG (EMA and AdamW restarted: another loss)" if vzero != stages[-1]["vzero"] else "weights, EMA, optimizer and RNG"
         stages.append({"steps": c["steps"], "lr": c["lr"], "warmup": 100, "schedule": "cosine to 10%", "noise_offset": offset, "vzero": vzero,
-                       "seconds": round(res["seconds"], 1), "continues": f"{prev.name}: weights, EMA, optimizer and RNG"})
+                       "seconds": round(res["seconds"], 1), "continues": f"{prev.name}: {carried}"})
         prev = work / f"unet-{i}"
     import torch
 
@@ -951,7 +957,7 @@ def _continuation(text: str) -> dict:
                 raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give STEPS:LR, then optionally :offset=X and :vzero, e.g. 6000:3e-4 or 2000:1e-4:vzero") from None
-    if c["steps"] <= 0 or c["lr"] <= 0 or c.get("noise_offset", 0.0) < 0:
+    if c["steps"] <= 0 or not 0 < c["lr"] < math.inf or not 0 <= c.get("noise_offset", 0.0) < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r}: steps and LR must be positive, the noise offset >= 0")
     return c
 
