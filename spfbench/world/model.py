@@ -620,6 +620,8 @@ def train_unet(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps, lr_schedule))
     from diffusers import DDPMScheduler
 
+    from trainers.base import diffusion_target  # the trainers' epsilon / v-prediction target, one definition
+
     noise_sched = DDPMScheduler.from_config(scheduler_config(vzero))
     alphas = noise_sched.alphas_cumprod.float()
     n_train_t = len(alphas)
@@ -651,7 +653,7 @@ def train_unet(
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         h = te(tok)[0]
         pred = unet(xt, t, h).sample
-        loss = F.mse_loss(pred, noise_sched.get_velocity(x0, noise, t) if vzero else noise)
+        loss = F.mse_loss(pred, diffusion_target(noise_sched, x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
