@@ -29,13 +29,14 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),
 }
+PROTOCOL_SAMPLER = "dpmpp-2m-karras"  # the protocol's sampler (docs/testset.md), for every model it can sample
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
     """How an image is sampled. Defaults follow Realistic Vision V4.0's model card (docs/testset.md)."""
 
-    sampler: str = "dpmpp-2m-karras"
+    sampler: str | None = None  # None: the model's default (:func:`default_sampler`)
     steps: int = 25
     guidance_scale: float = 7.0
     height: int | None = None  # None: the model's native size
@@ -43,7 +44,7 @@ class GenerationSettings:
     negative_prompt: str = ""
 
     def validate(self) -> "GenerationSettings":
-        if self.sampler not in SAMPLERS:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise SpfbenchError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if self.steps <= 0:
             raise SpfbenchError(f"steps must be positive, got {self.steps}")
@@ -53,9 +54,12 @@ class GenerationSettings:
                 raise SpfbenchError(f"{name} must be a positive multiple of 8, got {v}")
         return self
 
-    def resolved(self, native_size: int) -> "GenerationSettings":
-        """The same settings with the image size filled in."""
-        return GenerationSettings(**{**asdict(self), "height": self.height or native_size, "width": self.width or native_size})
+    def resolved(self, native_size: int, scheduler_config=None) -> "GenerationSettings":
+        """The same settings with the image size and the sampler filled in from the model (its native
+        size and its scheduler config; no config: the protocol's sampler)."""
+        sampler = self.sampler or default_sampler(scheduler_config or {})
+        return GenerationSettings(**{**asdict(self), "sampler": sampler, "height": self.height or native_size,
+                                     "width": self.width or native_size})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,19 +84,24 @@ def make_scheduler(base_config, sampler: str):
 
 
 def default_sampler(scheduler_config) -> str:
-    """The protocol's sampler (:class:`GenerationSettings`' default) for a model with this scheduler
-    config, or ``dpmpp-2m`` (trailing timesteps from the config) when its schedule is rescaled to zero
-    terminal SNR, where Karras sigmas do not apply."""
-    return "dpmpp-2m" if scheduler_config.get("rescale_betas_zero_snr") else GenerationSettings.sampler
+    """The sampler a model gets when none is named: the protocol's (:data:`PROTOCOL_SAMPLER`), or
+    ``dpmpp-2m`` (trailing timesteps from the config) when its schedule is rescaled to zero terminal
+    SNR, where Karras sigmas do not apply."""
+    return "dpmpp-2m" if scheduler_config.get("rescale_betas_zero_snr") else PROTOCOL_SAMPLER
+
+
+def model_scheduler_config(pipe):
+    """The model's own scheduler config, whichever sampler :func:`use_sampler` has set since."""
+    return getattr(pipe, "_spfbench_base_scheduler_config", pipe.scheduler.config)
 
 
 def use_sampler(pipe, sampler: str) -> None:
     """Set ``pipe.scheduler`` to ``sampler``, built from the model's scheduler config (kept aside once)."""
     if getattr(pipe, "_spfbench_sampler", None) == sampler:
         return
-    if not hasattr(pipe, "_spfbench_base_scheduler_config"):
-        pipe._spfbench_base_scheduler_config = pipe.scheduler.config
-    pipe.scheduler = make_scheduler(pipe._spfbench_base_scheduler_config, sampler)
+    base = model_scheduler_config(pipe)
+    pipe.scheduler = make_scheduler(base, sampler)
+    pipe._spfbench_base_scheduler_config = base
     pipe._spfbench_sampler = sampler
 
 
@@ -132,7 +141,7 @@ def generate(
         raise ValueError("pass exactly one of prompts or prompt_embeds")
     settings.validate()
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    s = settings.resolved(native)
+    s = settings.resolved(native, model_scheduler_config(pipe))
     use_sampler(pipe, s.sampler)
     shape = latent_shape(pipe, s.height, s.width)
     noises, generators = zip(*(initial_noise(seed, shape) for seed in seeds))

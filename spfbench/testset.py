@@ -37,7 +37,7 @@ from .captions import (
     vocab_sha256,
 )
 from .errors import SpfbenchError
-from .generation import GenerationSettings, generate
+from .generation import GenerationSettings, generate, model_scheduler_config
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_png, remove_stale_tmp
 
 FORMAT_VERSION = 1
@@ -302,7 +302,7 @@ class TestsetBuilder:
         if pipeline is None:
             pipeline = load_pipeline(self.preset.name, device=self.device, dtype=self.dtype, **self.load_kwargs)
         pipe, info = pipeline
-        resolved = self.settings.resolved(info.native_size)
+        resolved = self.settings.resolved(info.native_size, model_scheduler_config(pipe))
         self._record_model(info, resolved)
 
         mine = [t for batch in self.my_batches() for t in batch]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from spfbench.errors import SpfbenchError
 from spfbench.world import model as M
@@ -344,6 +345,18 @@ def test_vzero_trains_for_velocity_at_zero_terminal_snr_and_samples_with_it(tmp_
     assert make_scheduler(pipe.scheduler.config, "dpmpp-2m").config.rescale_betas_zero_snr
     r = M.evaluate(pipe, n=2, batch_size=2)  # its default sampler is one that works for it
     assert r["settings"]["sampler"] == "dpmpp-2m" and r["n"] == 2
+    # so is a test set's, when the command names none: recorded, and the images are dpmpp-2m's
+    from spfbench.models import ModelInfo
+    from spfbench.testset import TestsetBuilder, load_testset
+
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    built = TestsetBuilder(tmp_path / "ts", preset="world", n=2, settings=GenerationSettings(steps=2), device="cpu").run(
+        progress=False, pipeline=(pipe, ModelInfo(preset="world", source="test", native_size=native)))
+    assert built.complete and built.meta["generation"]["sampler"] == "dpmpp-2m"
+    _, triples = load_testset(tmp_path / "ts")
+    want = generate(pipe, [triples[0].base_caption], [triples[0].seed], GenerationSettings(sampler="dpmpp-2m", steps=2), output_type="np")
+    got = np.asarray(Image.open(tmp_path / "ts" / triples[0].original), dtype=float) / 255
+    assert np.abs(got - want[0]).max() <= 1 / 255 + 1e-6
     # the loss target differs from an epsilon run's: same data, same RNG, other weights
     eps = _unet(tmp_path / "e", micro_vae, steps=2, init=tmp_path / "a" / "checkpoint.pt")
     assert not torch.equal(next(iter(eps["unet"].parameters())), next(iter(cont["unet"].parameters())))

@@ -56,7 +56,7 @@ def leak(pipe, n: int = 512) -> dict:
 
     attrs = [sample("pretrain", 10**6 + i, 0) for i in range(n)]
     z = M.encode_latents(pipe.vae, M.render_batch(attrs, list(range(n))))
-    a_t = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod[-1].item()  # 0 for a vzero model
+    a_t = DDPMScheduler.from_config(generation.model_scheduler_config(pipe)).alphas_cumprod[-1].item()  # 0 for a vzero model
     h, w = z.shape[2:]
     mean_std = z.mean(dim=(2, 3)).std(dim=0)
     return {"sqrt_alpha_T": round(a_t**0.5, 4), "latent_channel_mean_std_rms": round(mean_std.pow(2).mean().sqrt().item(), 4),
