@@ -941,7 +941,7 @@ def train(
 
 
 # the shipped model's stages after the first (the CLI's default): docs/world.md, "Shipped model"
-CONTINUATIONS: list[dict] = []
+CONTINUATIONS: list[dict] = [{"steps": 6000, "lr": 3e-4}, {"steps": 3000, "lr": 3e-4, "vzero": True}]
 
 
 def _continuation(text: str) -> dict:
