@@ -10,14 +10,15 @@ Training (two stages, both resumable; the command records itself in the card)::
 
     python -m spfbench.world.model train --out spfbench/world/weights/model --work runs/world-model
 
-* :func:`train_vae`: the autoencoder (downsample 4: 64 px -> 16 x 16 x 4 latents) on a render mix
+* :func:`train_vae`: the autoencoder (downsample 4: 64 px -> 16 x 16 x 8 latents) on a render mix
   (index mod 10: 0-6 pretrain, 7-8 finetune, 9 the reader's uniform stream) so it also reconstructs
   the targets fine-tuning will need; loss L1 + ``kl_weight`` x KL; then ``scaling_factor = 1 / std``
   of the posterior means of renders.
 * :func:`train_unet`: text encoder + UNet jointly from scratch on cached latents of ``pretrain``
   renders with ``base_caption`` (empty caption with probability ``caption_dropout``, for CFG);
-  epsilon loss with the scheduler config's DDPM noise schedule; AdamW, warmup + cosine LR, EMA;
-  periodic atomic checkpoints (a killed run continues where its last checkpoint left it).
+  epsilon loss with the scheduler config's DDPM noise schedule (or, ``vzero``, v-prediction at zero
+  terminal SNR); AdamW, warmup + cosine LR, EMA; periodic atomic checkpoints (a killed run continues
+  where its last checkpoint left it); continuation stages (``continuations``) chain further runs.
 * :func:`save_pipeline`: the diffusers folder (fp16 safetensors, tokenizer included).
 * :func:`evaluate`: generate for held-out captions, read the images back with the attribute reader.
 
