@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import sync, write_result  # noqa: E402
 
-from spfbench.generation import GenerationSettings, use_sampler  # noqa: E402
+from spfbench.generation import GenerationSettings, model_scheduler_config, use_sampler  # noqa: E402
 from spfbench.models import dtype_name, load_pipeline, resolve_device, resolve_dtype  # noqa: E402
 from spfbench.testset import Shard, TestsetBuilder, plan_triples  # noqa: E402
 
@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--sampler", default="dpmpp-2m-karras")
+    ap.add_argument("--sampler", default=None, help="default: the model's (generation.default_sampler)")
     ap.add_argument("--size", type=int, default=None, help="image size (default: the model's native size)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
@@ -79,7 +79,7 @@ def main():
     args.dtype = dtype_name(dtype)
     pipeline = load_pipeline(args.preset, device=device, dtype=dtype)
     pipe, info = pipeline
-    settings = GenerationSettings(sampler=args.sampler, steps=args.steps, height=args.size, width=args.size).resolved(info.native_size)
+    settings = GenerationSettings(sampler=args.sampler, steps=args.steps, height=args.size, width=args.size).resolved(info.native_size, model_scheduler_config(pipe))
     use_sampler(pipe, settings.sampler)  # the plain loop uses the same sampler
     triples = plan_triples(args.n, 0)
 
@@ -111,7 +111,7 @@ def main():
     result = {
         "benchmark": "build-testset vs plain diffusers loop",
         "preset": args.preset, "device": device_name, "dtype": args.dtype, "n": args.n, "batch_size": args.batch_size,
-        "steps": args.steps, "sampler": args.sampler, "size": settings.height, "repeats": args.repeats,
+        "steps": args.steps, "sampler": settings.sampler, "size": settings.height, "repeats": args.repeats,
         "seconds": times, "images_per_s": {k: round(v, 3) for k, v in ips.items()},
         "pair_ratios": [round(r, 3) for r in pair_ratios], "ratio": round(ratio, 3),
         "torch": torch.__version__,

@@ -217,7 +217,6 @@ def training_curve(
     from trainers.loop import Trainer
 
     train_dir, testset_dir, out_dir = Path(train_dir), Path(testset_dir), Path(out_dir)
-    settings = (settings or GenerationSettings()).validate()
     metric_ids = list(metric_ids)
     unknown = [m for m in metric_ids if m not in REGISTRY]
     if unknown or not metric_ids or len(set(metric_ids)) != len(metric_ids):
@@ -233,6 +232,7 @@ def training_curve(
     meta, all_triples = load_testset(testset_dir)
     if meta.get("status") != "complete":
         raise SpfbenchError(f"test set {testset_dir} is not complete: finish it with the same build-testset command first")
+    settings = (settings or GenerationSettings(**meta["generation"])).validate()  # default: the originals' own
     triples = list(all_triples if triples is None else triples)
     if not triples:
         raise SpfbenchError("no triples to generate for the curve")

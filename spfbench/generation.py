@@ -54,10 +54,10 @@ class GenerationSettings:
                 raise SpfbenchError(f"{name} must be a positive multiple of 8, got {v}")
         return self
 
-    def resolved(self, native_size: int, scheduler_config=None) -> "GenerationSettings":
-        """The same settings with the image size and the sampler filled in from the model (its native
-        size and its scheduler config; no config: the protocol's sampler)."""
-        sampler = self.sampler or default_sampler(scheduler_config or {})
+    def resolved(self, native_size: int, scheduler_config) -> "GenerationSettings":
+        """The same settings with the image size and the sampler filled in from the model: its native
+        size and its own scheduler config (:func:`model_scheduler_config`)."""
+        sampler = self.sampler or default_sampler(scheduler_config)
         return GenerationSettings(**{**asdict(self), "sampler": sampler, "height": self.height or native_size,
                                      "width": self.width or native_size})
 

@@ -220,9 +220,13 @@ class TestsetBuilder:
             if old != self.spec:
                 diffs = [k for k in sorted(set(old) | set(self.spec)) if old.get(k) != self.spec.get(k)]
                 detail = "; ".join(f"{k}: {old.get(k)!r} there, {self.spec.get(k)!r} now" for k in diffs[:4])
-                raise SpfbenchError(
-                    f"{out} holds a different test set ({detail}); use another --out, or the same arguments to resume"
-                )
+                hint = "use another --out, or the same arguments to resume"
+                was = (old.get("generation") or {}).get("sampler")
+                if diffs == ["generation"] and self.spec["generation"]["sampler"] is None and was and \
+                        {**old["generation"], "sampler": None} == self.spec["generation"]:
+                    hint = (f"it was built with --sampler {was} (named, or the default before no --sampler came to mean"
+                            f" the model's own); pass --sampler {was} to resume it, or use another --out")
+                raise SpfbenchError(f"{out} holds a different test set ({detail}); {hint}")
             return meta
         # Hidden entries are ignored: another shard's temporary file may already be there.
         if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
@@ -326,6 +330,10 @@ class TestsetBuilder:
 
     def _record_model(self, info, resolved: GenerationSettings) -> None:
         meta = json.loads((self.out / META).read_text())
+        if meta.get("generation") not in (None, resolved.to_dict()):
+            raise SpfbenchError(f"{self.out}'s originals so far were made with {meta['generation']}, but this model resolves"
+                                f" the same arguments to {resolved.to_dict()} (its scheduler config changed?): finish the"
+                                " set with the model that began it, or use another --out")
         meta["model"] = info.to_dict()
         meta["generation"] = resolved.to_dict()
         meta["environment"] = environment(self.device)

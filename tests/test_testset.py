@@ -206,6 +206,30 @@ def test_bad_inputs_fail_cleanly_and_lose_nothing(cli, tmp_path):
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
 
 
+def test_no_sampler_is_the_models_default_and_a_resume_never_switches_sampler(cli, tmp_path):
+    named, default = tmp_path / "named", tmp_path / "default"
+    build(cli, named, "--sampler", "dpmpp-2m-karras", n=2)
+    build(cli, default, n=2)
+    meta, _ = load_testset(default)
+    assert meta["spec"]["generation"]["sampler"] is None and meta["generation"]["sampler"] == "dpmpp-2m-karras"
+    pngs = lambda d: {k: v for k, v in snapshot(d).items() if k.startswith("originals/")}  # noqa: E731
+    assert pngs(named) == pngs(default)  # the tiny model's default is the protocol's sampler
+    # a folder built with a named sampler: resuming without it says which one to pass
+    before = snapshot(named)
+    line = _bad(cli, "--preset", "tiny", "--n", "2", "--out", named)
+    assert "holds a different test set" in line and "pass --sampler dpmpp-2m-karras to resume it" in line
+    # originals made with one sampler are never continued with another (the model's config changed)
+    meta_path = default / "testset.json"
+    m = json.loads(meta_path.read_text())
+    m["generation"]["sampler"], m["status"] = "ddim", "incomplete"
+    meta_path.write_text(json.dumps(m))
+    _, triples = load_testset(default)
+    (default / triples[0].original).unlink()
+    line = _bad(cli, "--preset", "tiny", "--n", "2", "--out", default)
+    assert "originals so far were made with" in line and "'sampler': 'ddim'" in line
+    assert (default / triples[1].original).is_file() and snapshot(named) == before
+
+
 def test_missing_weights_is_a_clean_cli_error(cli, tmp_path):
     line = _bad(cli, "--n", "2", "--out", tmp_path / "rv")
     assert "missing weights: UNet of realistic-vision-v4" in line and "SG161222/Realistic_Vision_V4.0_noVAE" in line

@@ -252,7 +252,7 @@ def test_world_preset_without_shipped_weights_names_the_training_command(tmp_pat
 
 
 @pytest.mark.skipif(not (Path(M.DEFAULT_OUT) / "model_index.json").is_file(),
-                    reason="the world's original model is not shipped yet (issue 8: its training is a resumable CPU run in progress)")
+                    reason="the world's original model is not in this checkout (spfbench/world/weights/model)")
 def test_shipped_model_loads_generates_and_keeps_its_card():
     """The shipped original model (spfbench/world/weights/model): loads through the `world` preset, and
     30 fresh generations, read back by the attribute reader, stay near what its card's evaluation

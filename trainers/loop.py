@@ -375,4 +375,6 @@ def _training_scheduler(pipe):
     """The DDPM noise schedule of the model's own scheduler config (betas, prediction type)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(pipe.scheduler.config)
+    from spfbench.generation import model_scheduler_config
+
+    return DDPMScheduler.from_config(model_scheduler_config(pipe))
