@@ -95,6 +95,11 @@ def model_scheduler_config(pipe):
     return getattr(pipe, "_spfbench_base_scheduler_config", pipe.scheduler.config)
 
 
+def settings_for(pipe, settings: GenerationSettings) -> GenerationSettings:
+    """``settings`` resolved against this pipeline: its native size and its own scheduler config."""
+    return settings.resolved(pipe.unet.config.sample_size * pipe.vae_scale_factor, model_scheduler_config(pipe))
+
+
 def use_sampler(pipe, sampler: str) -> None:
     """Set ``pipe.scheduler`` to ``sampler``, built from the model's scheduler config (kept aside once)."""
     if getattr(pipe, "_spfbench_sampler", None) == sampler:
@@ -140,8 +145,7 @@ def generate(
     if (prompts is None) == (prompt_embeds is None):
         raise ValueError("pass exactly one of prompts or prompt_embeds")
     settings.validate()
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    s = settings.resolved(native, model_scheduler_config(pipe))
+    s = settings_for(pipe, settings)
     use_sampler(pipe, s.sampler)
     shape = latent_shape(pipe, s.height, s.width)
     noises, generators = zip(*(initial_noise(seed, shape) for seed in seeds))

@@ -792,13 +792,12 @@ def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 25, settings=N
     """
     from tqdm import tqdm
 
-    from ..generation import GenerationSettings, generate, model_scheduler_config
+    from ..generation import GenerationSettings, generate, settings_for
     from .datasets import world_captions
     from .reader import load_reader
 
     t0 = time.time()
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    settings = (settings or GenerationSettings()).resolved(native, model_scheduler_config(pipe))
+    settings = settings_for(pipe, settings or GenerationSettings())
     reader = reader or load_reader()
     rows = world_captions(n, seed)
     images = []
