@@ -286,6 +286,37 @@ def test_adalora_allocation_matches_peft_documented_order():
     assert ours.tuner.peft_config["default"].rank_pattern == peft_model.peft_config["default"].rank_pattern
 
 
+def test_adalora_setup_freezes_peft_ranknum_and_refuses_other_trainables(monkeypatch):
+    """peft 0.21.0 (seen on the GPU machine) leaves each layer's constant ``ranknum`` trainable: setup must
+    freeze it, not refuse to run; any other non-adapter parameter left trainable is still an error."""
+    import peft
+
+    real = peft.get_peft_model
+
+    def leaky(model, config, **kw):
+        out = real(model, config, **kw)
+        for n, p in model.named_parameters():
+            if ".ranknum." in n:
+                p.requires_grad_(True)
+        return out
+
+    monkeypatch.setattr(peft, "get_peft_model", leaky)
+    pipe, models = fresh()
+    params = AdaLora(AdaLoraConfig(**ADA)).setup(models)
+    ranknum = [p for n, p in pipe.unet.named_parameters() if ".ranknum." in n]
+    assert len(ranknum) == 56 and not any(p.requires_grad for p in ranknum)
+    assert len(params) == 56 * 3 and not any(p is q for p in params for q in ranknum)
+
+    def leaky_conv(model, config, **kw):
+        out = real(model, config, **kw)
+        model.conv_in.weight.requires_grad_(True)
+        return out
+
+    monkeypatch.setattr(peft, "get_peft_model", leaky_conv)
+    with pytest.raises(SpfbenchError, match="unexpected trainable parameter conv_in.weight"):
+        AdaLora(AdaLoraConfig(**ADA)).setup(fresh()[1])
+
+
 def test_adalora_config_defaults_and_validation():
     cfg = AdaLoraConfig()
     assert (cfg.init_r, cfg.target_r, cfg.deltaT, cfg.beta1, cfg.beta2, cfg.orth_reg_weight, cfg.lora_alpha) == (12, 8, 1, 0.85, 0.85, 0.5, 8)

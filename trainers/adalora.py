@@ -178,6 +178,8 @@ class AdaLora(Method):
                 p.data = p.data.float()
                 p.requires_grad_(True)
                 params.append(p)
+            elif f".ranknum.{ADAPTER}" in n:
+                p.requires_grad_(False)  # peft's constant current rank; peft 0.21.0 leaves it trainable
             elif p.requires_grad:
                 raise SpfbenchError(f"adalora: unexpected trainable parameter {n}")
         if not params:
