@@ -231,7 +231,7 @@ def _resume(out: Path, args: dict, what: str, opt, sched, g, log):
         if log_path.exists():
             log_path.unlink()
         return None, 0, 0.0
-    ck = torch.load(ckpt_path, weights_only=True)
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     _check_args(ck["args"], args, what, out)
     opt.load_state_dict(ck["opt"])
     sched.load_state_dict(ck["sched"])
@@ -446,7 +446,7 @@ def _latent_cache(out: Path, vae, n: int, seed: int, log, reuse_only: bool = Fal
     path = out / "latents.pt"
     key = {"n": n, "seed": seed, "scaling_factor": float(vae.config.scaling_factor), "vae_sum": float(sum(p.detach().double().sum() for p in vae.parameters()))}
     if path.is_file():
-        c = torch.load(path, weights_only=True)
+        c = torch.load(path, map_location="cpu", weights_only=True)
         if c["key"] == key:
             return c["latents"], c["ids"]
     if reuse_only:
@@ -482,7 +482,7 @@ def _load_unet_checkpoint(path: Path, hint: str) -> dict:
 
     if not path.is_file():
         raise SpfbenchError(f"{path}: no UNet checkpoint; {hint}")
-    ck = torch.load(path, weights_only=True)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ck, dict) or "unet" not in ck or "args" not in ck:
         raise SpfbenchError(f"{path} is not a UNet training checkpoint (train_unet's checkpoint.pt); {hint}")
     return ck
@@ -493,7 +493,7 @@ def _first_run(checkpoint: Path) -> Path:
     import torch
 
     while not (checkpoint.parent / "latents.pt").is_file():
-        prev = torch.load(checkpoint, weights_only=True)["args"].get("init")
+        prev = torch.load(checkpoint, map_location="cpu", weights_only=True)["args"].get("init")
         if prev is None:
             break
         checkpoint = Path(prev["path"])
@@ -530,6 +530,7 @@ def train_unet(
     noise_offset: float = 0.0,
     vzero: bool = False,
     stop_at: int | None = None,
+    device: str | None = None,
     progress: bool = True,
     log=print,
 ) -> dict:
@@ -551,6 +552,10 @@ def train_unet(
     token ids), ``checkpoint.pt`` (atomic, every ``ckpt_every`` steps and at the end: weights, EMA,
     optimizer, LR schedule, RNG state; a rerun with the same arguments continues from it, giving the
     same weights as an uninterrupted run), ``log.jsonl`` (step, loss, lr, seconds).
+
+    ``device`` (default CPU): where the models and the step run. Every random draw (batch indices, caption
+    dropout, timesteps, noise) stays on a CPU generator, so a run draws the same batches on any device
+    and a checkpoint continues on another one; the returned modules are on the CPU.
     """
     import torch
     import torch.nn.functional as F
@@ -588,9 +593,11 @@ def train_unet(
     t0 = time.time()
     vae = _load_vae(vae)
     latents, ids = _latent_cache(_first_run(init) if init is not None else out, vae, n, seed, log, reuse_only=init is not None)
-    empty_ids = _tokenize([""])[0]
+    dev = torch.device(device or "cpu")
+    empty_ids = _tokenize([""])[0].to(dev)
     comps = build_components(seed + 10, overrides)
-    unet, te = comps["unet"], comps["text_encoder"]
+    unet, te = comps["unet"].to(dev), comps["text_encoder"].to(dev)
+    latents, ids = latents.to(dev), ids.to(dev)
     unet.train()
     te.train()
     modules = [unet, te]
@@ -603,7 +610,7 @@ def train_unet(
         unet.load_state_dict(c["unet"])
         te.load_state_dict(c["text_encoder"])
         if ema is not None:
-            ema.shadow = [t.clone() for t in c["ema"]] if c["ema"] is not None else [p.detach().clone() for p in ema.params]
+            ema.shadow = [t.to(dev, copy=True) for t in c["ema"]] if c["ema"] is not None else [p.detach().clone() for p in ema.params]
 
     offset = 0  # steps before this schedule (init's): the EMA's warm-up counts them
     if start is not None:
@@ -624,7 +631,7 @@ def train_unet(
     from trainers.base import diffusion_target  # the trainers' epsilon / v-prediction target, one definition
 
     noise_sched = DDPMScheduler.from_config(scheduler_config(vzero))
-    alphas = noise_sched.alphas_cumprod.float()
+    alphas = noise_sched.alphas_cumprod.float().to(dev)
     n_train_t = len(alphas)
     ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
     ck, step, seconds_before = _resume(out, args, "UNet", opt, sched, g, log)
@@ -643,13 +650,13 @@ def train_unet(
     bar = tqdm(total=steps, initial=step, desc="unet", disable=not progress)
     run = []
     while step < end:
-        idx = torch.randint(0, n, (batch_size,), generator=g)
+        idx = torch.randint(0, n, (batch_size,), generator=g).to(dev)
         x0 = latents[idx]
         tok = ids[idx].long()
-        drop = torch.rand(batch_size, generator=g) < caption_dropout
+        drop = (torch.rand(batch_size, generator=g) < caption_dropout).to(dev)
         tok[drop] = empty_ids.long()
-        t = torch.randint(0, n_train_t, (batch_size,), generator=g)
-        noise = training_noise(x0.shape, g, noise_offset)
+        t = torch.randint(0, n_train_t, (batch_size,), generator=g).to(dev)
+        noise = training_noise(x0.shape, g, noise_offset).to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         h = te(tok)[0]
@@ -678,8 +685,8 @@ def train_unet(
         log(f"stopped at step {step} of {steps} (checkpoint {ckpt_path}); run again to continue")
     if ema is not None and done:
         ema.copy_to(modules)
-    unet.eval()
-    te.eval()
+    unet.eval().cpu()
+    te.eval().cpu()
     return {"unet": unet, "text_encoder": te, "step": step, "done": done, "seconds": seconds_before + time.time() - t0}
 
 
@@ -885,6 +892,7 @@ def train(
     continuations: list[dict] = (),
     command: str | None = None,
     overrides: dict | None = None,
+    device: str | None = None,
     progress: bool = True,
     log=print,
 ) -> dict | None:
@@ -892,7 +900,8 @@ def train(
     ``continuations``: stages that continue the finished UNet run one after the other, each a dict
     ``{"steps", "lr", "noise_offset" (optional, 0), "vzero" (optional, False)}`` trained in ``work/unet-2``, ``work/unet-3``, ...
     with a new schedule (100 warm-up steps, cosine from its ``lr`` to 10%), the previous stage's weights,
-    EMA, optimizer and RNG carried on (:func:`train_unet` with ``init``)."""
+    EMA, optimizer and RNG carried on (:func:`train_unet` with ``init``). ``device``: where the UNet stages
+    train (:func:`train_unet`; the VAE and the evaluation stay on the CPU)."""
     from ..io import atomic_write_json
 
     work = Path(work)
@@ -900,7 +909,8 @@ def train(
     if not (work / "vae" / "vae_card.json").is_file():
         return None
     vae_card = json.loads((work / "vae" / "vae_card.json").read_text())
-    res = train_unet(work / "unet", vae, unet_n, unet_steps, batch_size, lr, seed, threads, overrides=overrides, progress=progress, log=log)
+    res = train_unet(work / "unet", vae, unet_n, unet_steps, batch_size, lr, seed, threads, overrides=overrides, device=device,
+                     progress=progress, log=log)
     if not res["done"]:
         return None
     stages = [{"steps": unet_steps, "lr": lr, "warmup": 300, "schedule": "cosine to 10%", "noise_offset": 0.0, "vzero": False, "seconds": round(res["seconds"], 1)}]
@@ -908,7 +918,7 @@ def train(
     for i, c in enumerate(continuations, start=2):
         offset, vzero = c.get("noise_offset", 0.0), c.get("vzero", False)
         res = train_unet(work / f"unet-{i}", vae, unet_n, c["steps"], batch_size, c["lr"], seed, threads, warmup=100, overrides=overrides,
-                         init=prev / "checkpoint.pt", noise_offset=offset, vzero=vzero, progress=progress, log=log)
+                         init=prev / "checkpoint.pt", noise_offset=offset, vzero=vzero, device=device, progress=progress, log=log)
         if not res["done"]:
             return None
         carried = "weights and RNG (EMA and AdamW restarted: another loss)" if vzero != stages[-1]["vzero"] else "weights, EMA, optimizer and RNG"
@@ -923,7 +933,7 @@ def train(
             "command": command or f"python -m spfbench.world.model train --out {out} --work {work}",
             "vae": vae_card,
             "unet": {"n": unet_n, "steps": sum(st["steps"] for st in stages), "batch_size": batch_size, "lr": lr, "seed": seed,
-                     "threads": threads, "seconds": round(sum(st["seconds"] for st in stages), 1), "stages": stages,
+                     "threads": threads, "device": device or "cpu", "seconds": round(sum(st["seconds"] for st in stages), 1), "stages": stages,
                      "caption_dropout": 0.1, "ema_decay": 0.999, "data": "pretrain renders (seed, variant = index) with base_caption"},
             "torch": torch.__version__,
         },
@@ -985,6 +995,7 @@ def main(argv=None) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--eval-n", type=int, default=200)
+    t.add_argument("--device", default=None, help="where the UNet stages train (default: cpu; e.g. cuda)")
     t.add_argument("--unet-more", type=_continuation, action="append", default=None, metavar="STEPS:LR[:offset=X][:vzero]",
                    help="continue the finished UNet run (repeatable, one stage each, in work/unet-2, unet-3, ...; "
                    f"cosine from LR to 10%%; offset=X: offset noise, vzero: v-prediction at zero terminal SNR); default: "
@@ -1002,7 +1013,7 @@ def main(argv=None) -> None:
         if a.cmd == "train":
             cmd = "python -m spfbench.world.model " + " ".join(sys.argv[1:] if argv is None else argv)
             train(a.out, a.work, a.vae_n, a.vae_steps, a.vae_batch_size, a.unet_n, a.unet_steps, a.batch_size, a.lr, a.seed,
-                  a.threads, a.eval_n, a.unet_more or CONTINUATIONS, command=cmd)
+                  a.threads, a.eval_n, a.unet_more or CONTINUATIONS, command=cmd, device=a.device)
         else:
             import torch
 
