@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import sync, write_result  # noqa: E402
+from common import fresh_peak, sync, write_result  # noqa: E402
 
 import trainers  # noqa: E402
 from spfbench.data import PortraitDataset, collate  # noqa: E402
@@ -44,7 +44,9 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def plain_steps(method_name, cfg, args, data, device) -> tuple[list[float], float | None]:
-    """The hand-written step; returns per-step seconds (after warm-up) and the peak GPU GiB."""
+    """The hand-written step; returns per-step seconds (after warm-up), the peak GPU GiB (model loading
+    included, as in the loop's) and the GiB left allocated before it started."""
+    left = fresh_peak(device)
     pipe, _ = load_pipeline(args.preset, device=device, dtype=torch.float32)
     wd = DTYPES[args.precision]
     models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe), wd)
@@ -59,8 +61,6 @@ def plain_steps(method_name, cfg, args, data, device) -> tuple[list[float], floa
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
     autocast = torch.autocast(device.type, dtype=wd, enabled=args.precision != "no")
     g = torch.Generator(device)  # one stream for the whole run
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     times, step = [], 0
     sync(device)
     t = time.perf_counter()
@@ -84,19 +84,18 @@ def plain_steps(method_name, cfg, args, data, device) -> tuple[list[float], floa
             if step >= args.warmup + args.steps:
                 break
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return times, peak
+    return times, peak, left
 
 
 def loop_steps(method_name, cfg, args, data, device, out: Path) -> tuple[list[float], float | None]:
     method = trainers.create(method_name, {**cfg, "max_train_steps": args.warmup + args.steps, "checkpointing_steps": 10**9,
                                            "checkpoints_total_limit": 1, "mixed_precision": args.precision,
                                            "train_batch_size": args.batch_size})
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    left = fresh_peak(device)
     Trainer(method, data, out, preset=args.preset, device=None if device.type == "cuda" else "cpu").run(progress=False)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return [e["seconds"] for e in log[args.warmup:]], peak
+    return [e["seconds"] for e in log[args.warmup:]], peak, left
 
 
 def main() -> None:
@@ -119,21 +118,26 @@ def main() -> None:
     rows = {}
     for name in args.method or ["naive", "lora", "adalora"]:
         cfg = {"max_train_steps": args.warmup + args.steps}
-        plain, ours, peaks = [], [], {}
+        plain, ours, peaks, left = [], [], {"plain": [], "loop": []}, []
         for r in range(args.repeats):
             order = ["plain", "loop"] if r % 2 == 0 else ["loop", "plain"]
             for side in order:
                 if side == "plain":
-                    t, peaks["plain"] = plain_steps(name, cfg, args, tmp / "data", device)
+                    t, peak, lf = plain_steps(name, cfg, args, tmp / "data", device)
                     plain.append(statistics.median(t))
                 else:
-                    t, peaks["loop"] = loop_steps(name, cfg, args, tmp / "data", device, tmp / f"{name}-{r}")
+                    t, peak, lf = loop_steps(name, cfg, args, tmp / "data", device, tmp / f"{name}-{r}")
                     ours.append(statistics.median(t))
+                peaks[side].append(peak)
+                left.append(lf)
         a, b = statistics.median(plain), statistics.median(ours)
         samples = args.batch_size / b
+        gpu = device.type == "cuda"
+        peak = {k: max(v) if gpu else None for k, v in peaks.items()}  # over repeats: each run starts freed
         rows[name] = {"plain_step_s": a, "loop_step_s": b, "ratio": b / a, "loop_samples_per_s": samples,
-                      "plain_peak_gib": peaks.get("plain"), "loop_peak_gib": peaks.get("loop")}
-        mem = f"   peak GiB plain {peaks['plain']:.2f} loop {peaks['loop']:.2f}" if peaks.get("loop") is not None else ""
+                      "plain_peak_gib": peak["plain"], "loop_peak_gib": peak["loop"],
+                      "peak_gib_per_run": peaks if gpu else None, "left_allocated_gib_max": max(left) if gpu else None}
+        mem = f"   peak GiB plain {peak['plain']:.2f} loop {peak['loop']:.2f} (left before a run <= {max(left):.2f})" if gpu else ""
         print(f"{name:<8} plain {a * 1000:8.1f} ms/step   loop {b * 1000:8.1f} ms/step   ratio {b / a:5.3f} (target <= 1.05){mem}", flush=True)
     result = {"command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]), "preset": args.preset,
               "precision": args.precision, "device": str(device), "cpu_threads": torch.get_num_threads(),

@@ -119,9 +119,20 @@ def test_unet_trains_on_cuda_like_cpu_and_moves_between_devices(tmp_path, micro_
     assert [r["loss"] for r in log("cpu")] == pytest.approx([r["loss"] for r in log("gpu")], rel=2e-3)
     part = _unet(tmp_path / "mixed", micro_vae, lr_schedule="constant", device="cuda", stop_at=2)
     assert not part["done"]
+    ck = torch.load(tmp_path / "mixed" / "checkpoint.pt", weights_only=True)  # as saved: it did train on cuda
+    assert all(t.is_cuda for t in ck["unet"].values())
     mixed = _unet(tmp_path / "mixed", micro_vae, lr_schedule="constant")
     assert mixed["done"] and [r["step"] for r in log("mixed")] == [1, 2, 3, 4]
     assert [r["loss"] for r in log("mixed")] == pytest.approx([r["loss"] for r in log("gpu")], rel=2e-3)
+
+
+def test_train_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
+    with pytest.raises(SpfbenchError, match="'gpu' is not a device torch knows.*cpu, cuda"):
+        M.train(tmp_path / "o", tmp_path / "w", device="gpu", **QUIET)
+    if not torch.cuda.is_available():
+        with pytest.raises(SpfbenchError, match="no CUDA device on this machine"):
+            M.train(tmp_path / "o", tmp_path / "w", device="cuda", **QUIET)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
 def test_continuation_equals_one_longer_run(tmp_path, micro_vae):

@@ -500,6 +500,19 @@ def _first_run(checkpoint: Path) -> Path:
     return checkpoint.parent
 
 
+def _training_device(device: str | None):
+    """``device`` as a torch device (None: the CPU), or a clear error when it does not exist here."""
+    import torch
+
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError as e:
+        raise SpfbenchError(f"--device {device!r} is not a device torch knows ({e}); give cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpfbenchError(f"--device {device}: no CUDA device on this machine; leave --device out to train on the CPU")
+    return dev
+
+
 def _load_vae(vae):
     from diffusers import AutoencoderKL
 
@@ -593,7 +606,7 @@ def train_unet(
     t0 = time.time()
     vae = _load_vae(vae)
     latents, ids = _latent_cache(_first_run(init) if init is not None else out, vae, n, seed, log, reuse_only=init is not None)
-    dev = torch.device(device or "cpu")
+    dev = _training_device(device)
     empty_ids = _tokenize([""])[0].to(dev)
     comps = build_components(seed + 10, overrides)
     unet, te = comps["unet"].to(dev), comps["text_encoder"].to(dev)
@@ -904,6 +917,7 @@ def train(
     train (:func:`train_unet`; the VAE and the evaluation stay on the CPU)."""
     from ..io import atomic_write_json
 
+    _training_device(device)  # a bad --device fails now, not after the VAE stage
     work = Path(work)
     vae = train_vae(work / "vae", vae_n, vae_steps, vae_batch_size, seed, threads, overrides=overrides, progress=progress, log=log)
     if not (work / "vae" / "vae_card.json").is_file():
@@ -933,7 +947,7 @@ def train(
             "command": command or f"python -m spfbench.world.model train --out {out} --work {work}",
             "vae": vae_card,
             "unet": {"n": unet_n, "steps": sum(st["steps"] for st in stages), "batch_size": batch_size, "lr": lr, "seed": seed,
-                     "threads": threads, "device": device or "cpu", "seconds": round(sum(st["seconds"] for st in stages), 1), "stages": stages,
+                     "threads": threads, "seconds": round(sum(st["seconds"] for st in stages), 1), "stages": stages,
                      "caption_dropout": 0.1, "ema_decay": 0.999, "data": "pretrain renders (seed, variant = index) with base_caption"},
             "torch": torch.__version__,
         },
