@@ -488,6 +488,19 @@ def _load_unet_checkpoint(path: Path, hint: str) -> dict:
     return ck
 
 
+def _model_start(folder: Path) -> dict:
+    """A saved world model folder as the start of a weights-only continuation (checkpoint-shaped: its UNet
+    and text-encoder weights in float32, no EMA, optimizer or random state; ``step``: the UNet steps its
+    card records)."""
+    if not (folder / CARD).is_file():
+        raise SpfbenchError(f"{folder} is neither a UNet checkpoint.pt nor a world model folder (no {CARD}); "
+                            "continue a checkpoint file or a folder saved by train/continue")
+    card = json.loads((folder / CARD).read_text())
+    pipe = load_world_pipeline(folder)
+    sd = {k: {n: t.float() for n, t in getattr(pipe, k).state_dict().items()} for k in ("unet", "text_encoder")}
+    return {**sd, "ema": None, "rng": None, "step": int(card.get("training", {}).get("unet", {}).get("steps", 0))}
+
+
 def _first_run(checkpoint: Path) -> Path:
     """The folder of the first run of a chain of continuations ending at ``checkpoint`` (where its latent cache is)."""
     import torch
@@ -553,7 +566,10 @@ def train_unet(
     ``init``: the final ``checkpoint.pt`` of a finished ``train_unet`` run to continue instead of starting
     from scratch: its weights, EMA, optimizer moments and RNG state carry on (its latent cache is reused);
     ``steps``, ``lr``, ``warmup`` and ``lr_schedule`` describe the new schedule, which starts at its own
-    step 0. With the same constant LR this equals one longer run (tested).
+    step 0. With the same constant LR this equals one longer run (tested). ``init`` may instead be a saved
+    world model folder (the shipped one, say): its (EMA) weights are the start, and EMA, AdamW and the
+    random stream start afresh (weights only: the folder keeps nothing else); the latent cache is built
+    in ``OUT`` with ``vae``, which must be the folder's own.
 
     ``noise_offset``: offset noise (:func:`training_noise`); recorded in the run's arguments only when
     used, so runs from before the option resume and continue unchanged. ``vzero``: train for
@@ -585,7 +601,12 @@ def train_unet(
     torch.set_num_threads(threads)
     out = Path(out)
     start = None
-    if init is not None:
+    from_model = init is not None and Path(init).is_dir()
+    if from_model:
+        init = Path(init)
+        start = _model_start(init)
+        args["init"] = {"model": str(init), "steps_before": start["step"], "objective_changed": True}
+    elif init is not None:
         init = Path(init)
         start = _load_unet_checkpoint(init, "train the first stage (its folder's checkpoint.pt) first")
         other = [k for k in ("n", "seed", "overrides") if start["args"].get(k, {} if k == "overrides" else None) != args[k]]
@@ -605,7 +626,8 @@ def train_unet(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     vae = _load_vae(vae)
-    latents, ids = _latent_cache(_first_run(init) if init is not None else out, vae, n, seed, log, reuse_only=init is not None)
+    chained = init is not None and not from_model  # a checkpoint's continuation reuses the first run's cache
+    latents, ids = _latent_cache(_first_run(init) if chained else out, vae, n, seed, log, reuse_only=chained)
     dev = _training_device(device)
     empty_ids = _tokenize([""])[0].to(dev)
     comps = build_components(seed + 10, overrides)
@@ -627,7 +649,10 @@ def train_unet(
 
     offset = 0  # steps before this schedule (init's): the EMA's warm-up counts them
     if start is not None:
-        load_weights(start)
+        try:
+            load_weights(start)
+        except RuntimeError as e:
+            raise SpfbenchError(f"{init} does not hold this architecture's weights (overrides {overrides or {}}): {str(e)[:300]}") from None
         if args["init"].get("objective_changed"):
             if ema is not None:
                 ema.shadow = [p.detach().clone() for p in ema.params]
@@ -637,7 +662,8 @@ def train_unet(
         for group in opt.param_groups:  # the new schedule's LR, not the finished one's
             group["lr"] = lr
             group.pop("initial_lr", None)
-        g.set_state(start["rng"])
+        if start["rng"] is not None:
+            g.set_state(start["rng"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps, lr_schedule))
     from diffusers import DDPMScheduler
 
@@ -964,6 +990,67 @@ def train(
     return card
 
 
+def continue_model(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    work: str | os.PathLike,
+    steps: int,
+    lr: float = 3e-4,
+    batch_size: int = 64,
+    n: int = 30000,
+    seed: int = 0,
+    threads: int = 2,
+    vzero: bool | None = None,
+    noise_offset: float = 0.0,
+    eval_n: int = 200,
+    device: str | None = None,
+    command: str | None = None,
+    overrides: dict | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict | None:
+    """Train a saved world model folder further, weights only (:func:`train_unet` with ``init=model``;
+    resumable in ``work/unet``), and save it at ``out`` with its card extended by the new stage (and
+    evaluated when ``eval_n``). ``vzero`` None keeps the model's own objective. For a GPU that holds the
+    shipped model but none of its training state."""
+    import copy as _copy
+
+    from ..io import atomic_write_json
+
+    _training_device(device)
+    model, work = Path(model), Path(work)
+    if not (model / CARD).is_file():
+        raise SpfbenchError(f"no world model folder at {model} (no {CARD})")
+    card = json.loads((model / CARD).read_text())
+    if vzero is None:
+        vzero = json.loads((model / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type") == "v_prediction"
+    vae = _load_vae(model / "vae")
+    res = train_unet(work / "unet", vae, n, steps, batch_size, lr, seed, threads, warmup=100, overrides=overrides, init=model,
+                     noise_offset=noise_offset, vzero=vzero, device=device, progress=progress, log=log)
+    if not res["done"]:
+        return None
+    card = _copy.deepcopy(card)
+    card.pop("evaluation", None)
+    card.pop("bytes", None)
+    unet_card = card.setdefault("training", {}).setdefault("unet", {})
+    unet_card.setdefault("stages", []).append({
+        "steps": steps, "lr": lr, "batch_size": batch_size, "n": n, "seed": seed, "warmup": 100, "schedule": "cosine to 10%",
+        "noise_offset": noise_offset, "vzero": vzero, "seconds": round(res["seconds"], 1),
+        "continues": f"{model}: weights only (EMA, AdamW and the random stream restarted; latents re-encoded)",
+        "command": command or f"python -m spfbench.world.model continue --model {model} --out {out} --work {work} --steps {steps}",
+    })
+    unet_card["steps"] = unet_card.get("steps", 0) + steps
+    save_pipeline(out, res["unet"], vae, res["text_encoder"], card, vzero=vzero)
+    card["bytes"] = folder_bytes(out)
+    if eval_n:
+        log(f"evaluating on {eval_n} held-out captions ...")
+        card["evaluation"] = evaluate(load_world_pipeline(out), eval_n, progress=progress)
+        log(json.dumps({k: card["evaluation"][k] for k in ("captioned_accuracy", "uncaptioned_tv", "spurious_any", "bar", "passed")}))
+    atomic_write_json(Path(out) / CARD, card)
+    log(f"saved {out} ({card['bytes']['total'] / 1e6:.1f} MB)")
+    return card
+
+
 # the shipped model's stages after the first (the CLI's default): docs/world.md, "Shipped model"
 CONTINUATIONS: list[dict] = [{"steps": 6000, "lr": 3e-4}, {"steps": 3000, "lr": 3e-4, "vzero": True}]
 
@@ -1014,6 +1101,21 @@ def main(argv=None) -> None:
                    help="continue the finished UNet run (repeatable, one stage each, in work/unet-2, unet-3, ...; "
                    f"cosine from LR to 10%%; offset=X: offset noise, vzero: v-prediction at zero terminal SNR); default: "
                    f"{' '.join(f'--unet-more {_stage_text(c)}' for c in CONTINUATIONS) or 'none'}, the shipped model's")
+    c = sub.add_parser("continue", help="train a saved model folder further (weights only), save it elsewhere")
+    c.add_argument("--model", default=str(DEFAULT_OUT), help="the folder to continue (default: the shipped model)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--work", required=True, help="checkpoint, latent cache, log (resumable)")
+    c.add_argument("--steps", type=int, required=True)
+    c.add_argument("--lr", type=float, default=3e-4)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--unet-n", type=int, default=30000)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--noise-offset", type=float, default=0.0)
+    c.add_argument("--objective", choices=["model", "epsilon", "vzero"], default="model",
+                   help="the loss: the model's own (default), epsilon, or v-prediction at zero terminal SNR")
+    c.add_argument("--eval-n", type=int, default=200)
+    c.add_argument("--device", default=None, help="where the UNet trains (default: cpu; e.g. cuda)")
     e = sub.add_parser("evaluate", help="generate for held-out captions and read the images back")
     e.add_argument("--model", default=str(DEFAULT_OUT))
     e.add_argument("--n", type=int, default=200)
@@ -1028,6 +1130,11 @@ def main(argv=None) -> None:
             cmd = "python -m spfbench.world.model " + " ".join(sys.argv[1:] if argv is None else argv)
             train(a.out, a.work, a.vae_n, a.vae_steps, a.vae_batch_size, a.unet_n, a.unet_steps, a.batch_size, a.lr, a.seed,
                   a.threads, a.eval_n, a.unet_more or CONTINUATIONS, command=cmd, device=a.device)
+        elif a.cmd == "continue":
+            cmd = "python -m spfbench.world.model " + " ".join(sys.argv[1:] if argv is None else argv)
+            vzero = {"model": None, "epsilon": False, "vzero": True}[a.objective]
+            continue_model(a.model, a.out, a.work, a.steps, a.lr, a.batch_size, a.unet_n, a.seed, a.threads, vzero, a.noise_offset,
+                           a.eval_n, a.device, command=cmd)
         else:
             import torch
 
