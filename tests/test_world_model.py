@@ -419,35 +419,48 @@ def test_switching_to_vzero_restarts_ema_and_adam_but_keeps_the_weights(tmp_path
 
 
 def test_continue_a_saved_model_folder_weights_only(tmp_path):
+    # a micro model trained like the shipped one: epsilon, then a v-prediction (zero terminal SNR) stage
     M.train(tmp_path / "model", tmp_path / "work", vae_n=16, vae_steps=2, vae_batch_size=8, unet_n=16, unet_steps=2,
-            batch_size=8, eval_n=0, continuations=[], overrides=MICRO, **QUIET)
+            batch_size=8, eval_n=0, continuations=[{"steps": 1, "lr": 1e-3, "vzero": True}], overrides=MICRO, **QUIET)
     kw = dict(batch_size=8, n=16, eval_n=0, overrides=MICRO, **QUIET)
 
     def weights(d):
         pipe = M.load_world_pipeline(tmp_path / d)
-        return {f"{k}.{n}": t for k in ("unet", "text_encoder", "vae") for n, t in getattr(pipe, k).state_dict().items()}
+        return {f"{k}.{n}": t for k, m in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder), ("vae", pipe.vae))
+                for n, t in m.state_dict().items()}
 
     # lr 0: the continuation saves the very weights it started from; the card gains the stage
     card = M.continue_model(tmp_path / "model", tmp_path / "same", tmp_path / "w0", steps=2, lr=0.0, **kw)
     a, b = weights("model"), weights("same")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     stages = card["training"]["unet"]["stages"]
-    assert len(stages) == 2 and stages[-1]["continues"].startswith(f"{tmp_path / 'model'}: weights only")
-    assert card["training"]["unet"]["steps"] == 4 and stages[-1]["vzero"] is False  # the model's own objective
-    ck = torch.load(tmp_path / "w0" / "unet" / "checkpoint.pt", weights_only=True)
-    assert ck["args"]["init"] == {"model": str(tmp_path / "model"), "steps_before": 2, "objective_changed": True}
-    assert (tmp_path / "w0" / "unet" / "latents.pt").is_file()  # encoded with the folder's own VAE, in its work folder
-    # lr > 0: it trains
+    assert len(stages) == 3 and stages[-1]["continues"].startswith(f"{tmp_path / 'model'}: weights only")
+    assert card["training"]["unet"]["steps"] == 5 and stages[-1]["vzero"] is True  # the model's own objective
+    assert M.load_world_pipeline(tmp_path / "same").scheduler.config.prediction_type == "v_prediction"
+    ck = torch.load(tmp_path / "w0" / "unet-continue" / "checkpoint.pt", weights_only=True)
+    assert ck["args"]["init"] == {"model": str((tmp_path / "model").resolve()), "steps_before": 3, "objective_changed": True}
+    assert ck["args"]["vzero"] is True
+    cache = torch.load(tmp_path / "w0" / "unet-continue" / "latents.pt", weights_only=True)  # encoded with the folder's VAE
+    vae = M.load_world_pipeline(tmp_path / "model").vae.float()
+    assert cache["key"]["vae_sum"] == float(sum(p.detach().double().sum() for p in vae.parameters()))
+    # lr > 0: it trains; killed and rerun, it resumes to the uninterrupted run's weights
     M.continue_model(tmp_path / "model", tmp_path / "more", tmp_path / "w1", steps=2, lr=1e-2, **kw)
     c = weights("more")
     assert not all(torch.equal(a[k], c[k]) for k in a if k.startswith("unet."))
     assert all(torch.equal(a[k], c[k]) for k in a if k.startswith("vae."))
-    # errors: not a model folder; a folder of another architecture
+    run = dict(n=16, steps=2, batch_size=8, lr=1e-2, warmup=100, ckpt_every=1, overrides=MICRO, init=tmp_path / "model", vzero=True, **QUIET)
+    full = M.train_unet(tmp_path / "w5", tmp_path / "model" / "vae", **run)
+    assert not M.train_unet(tmp_path / "w6", tmp_path / "model" / "vae", stop_at=1, **run)["done"]
+    resumed = M.train_unet(tmp_path / "w6", tmp_path / "model" / "vae", **run)
+    assert all(torch.equal(x, y) for x, y in zip(full["unet"].state_dict().values(), resumed["unet"].state_dict().values()))
+    # errors: not a model folder; the folder itself as --out; a folder of another architecture (before any encoding)
     with pytest.raises(SpfbenchError, match="no world model folder"):
         M.continue_model(tmp_path / "work", tmp_path / "x", tmp_path / "w2", steps=2, **kw)
+    with pytest.raises(SpfbenchError, match="--out is the folder being continued"):
+        M.continue_model(tmp_path / "model", tmp_path / "model", tmp_path / "w2", steps=2, **kw)
     with pytest.raises(SpfbenchError, match="does not hold this architecture's weights"):
         M.continue_model(tmp_path / "model", tmp_path / "x", tmp_path / "w3", steps=2, **{**kw, "overrides": None})
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "w3" / "unet-continue" / "latents.pt").exists()
     for args, msg in [(["--model", str(tmp_path / "work")], "no world model folder"), (["--device", "gpu"], "'gpu' is not a device")]:
         with pytest.raises(SystemExit, match=msg):
             M.main(["continue", "--out", str(tmp_path / "x"), "--work", str(tmp_path / "w4"), "--steps", "1", *args])

@@ -507,7 +507,7 @@ def _first_run(checkpoint: Path) -> Path:
 
     while not (checkpoint.parent / "latents.pt").is_file():
         prev = torch.load(checkpoint, map_location="cpu", weights_only=True)["args"].get("init")
-        if prev is None:
+        if prev is None or "path" not in prev:  # a first run, or one that started from a model folder
             break
         checkpoint = Path(prev["path"])
     return checkpoint.parent
@@ -603,8 +603,15 @@ def train_unet(
     start = None
     from_model = init is not None and Path(init).is_dir()
     if from_model:
-        init = Path(init)
+        init = Path(init).resolve()
         start = _model_start(init)
+        probe = build_components(seed + 10, overrides)  # a wrong architecture fails now, not after the latent cache
+        try:
+            probe["unet"].load_state_dict(start["unet"])
+            probe["text_encoder"].load_state_dict(start["text_encoder"])
+        except RuntimeError as e:
+            raise SpfbenchError(f"{init} does not hold this architecture's weights (overrides {overrides or {}}): {str(e)[:300]}") from None
+        del probe
         args["init"] = {"model": str(init), "steps_before": start["step"], "objective_changed": True}
     elif init is not None:
         init = Path(init)
@@ -649,10 +656,7 @@ def train_unet(
 
     offset = 0  # steps before this schedule (init's): the EMA's warm-up counts them
     if start is not None:
-        try:
-            load_weights(start)
-        except RuntimeError as e:
-            raise SpfbenchError(f"{init} does not hold this architecture's weights (overrides {overrides or {}}): {str(e)[:300]}") from None
+        load_weights(start)
         if args["init"].get("objective_changed"):
             if ema is not None:
                 ema.shadow = [p.detach().clone() for p in ema.params]
@@ -1010,22 +1014,26 @@ def continue_model(
     log=print,
 ) -> dict | None:
     """Train a saved world model folder further, weights only (:func:`train_unet` with ``init=model``;
-    resumable in ``work/unet``), and save it at ``out`` with its card extended by the new stage (and
+    resumable in ``work/unet-continue``), and save it at ``out`` with its card extended by the new stage (and
     evaluated when ``eval_n``). ``vzero`` None keeps the model's own objective. For a GPU that holds the
     shipped model but none of its training state."""
     import copy as _copy
 
     from ..io import atomic_write_json
 
+    import torch
+
     _training_device(device)
     model, work = Path(model), Path(work)
-    if not (model / CARD).is_file():
-        raise SpfbenchError(f"no world model folder at {model} (no {CARD})")
+    if not (model / CARD).is_file() or not (model / "scheduler" / "scheduler_config.json").is_file():
+        raise SpfbenchError(f"no world model folder at {model} (no {CARD} or scheduler/); give a folder saved by train or continue")
+    if Path(out).resolve() == model.resolve():
+        raise SpfbenchError(f"--out is the folder being continued ({model}); save the continuation in a new folder")
     card = json.loads((model / CARD).read_text())
     if vzero is None:
         vzero = json.loads((model / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type") == "v_prediction"
     vae = _load_vae(model / "vae")
-    res = train_unet(work / "unet", vae, n, steps, batch_size, lr, seed, threads, warmup=100, overrides=overrides, init=model,
+    res = train_unet(work / "unet-continue", vae, n, steps, batch_size, lr, seed, threads, warmup=100, overrides=overrides, init=model,
                      noise_offset=noise_offset, vzero=vzero, device=device, progress=progress, log=log)
     if not res["done"]:
         return None
@@ -1038,8 +1046,10 @@ def continue_model(
         "noise_offset": noise_offset, "vzero": vzero, "seconds": round(res["seconds"], 1),
         "continues": f"{model}: weights only (EMA, AdamW and the random stream restarted; latents re-encoded)",
         "command": command or f"python -m spfbench.world.model continue --model {model} --out {out} --work {work} --steps {steps}",
+        "torch": torch.__version__,
     })
     unet_card["steps"] = unet_card.get("steps", 0) + steps
+    unet_card["seconds"] = round(unet_card.get("seconds", 0) + res["seconds"], 1)
     save_pipeline(out, res["unet"], vae, res["text_encoder"], card, vzero=vzero)
     card["bytes"] = folder_bytes(out)
     if eval_n:
