@@ -945,8 +945,6 @@ def train(
     with a new schedule (100 warm-up steps, cosine from its ``lr`` to 10%), the previous stage's weights,
     EMA, optimizer and RNG carried on (:func:`train_unet` with ``init``). ``device``: where the UNet stages
     train (:func:`train_unet`; the VAE and the evaluation stay on the CPU)."""
-    from ..io import atomic_write_json
-
     _training_device(device)  # a bad --device fails now, not after the VAE stage
     work = Path(work)
     vae = train_vae(work / "vae", vae_n, vae_steps, vae_batch_size, seed, threads, overrides=overrides, progress=progress, log=log)
@@ -983,15 +981,7 @@ def train(
         },
         "parameters": parameter_counts({"unet": res["unet"], "vae": vae, "text_encoder": res["text_encoder"]}),
     }
-    save_pipeline(out, res["unet"], vae, res["text_encoder"], card, vzero=stages[-1]["vzero"])
-    card["bytes"] = folder_bytes(out)
-    if eval_n:
-        log(f"evaluating on {eval_n} held-out captions ...")
-        card["evaluation"] = evaluate(load_world_pipeline(out), eval_n, progress=progress)
-        log(json.dumps({k: card["evaluation"][k] for k in ("captioned_accuracy", "uncaptioned_tv", "spurious_any", "bar", "passed")}))
-    atomic_write_json(Path(out) / CARD, card)
-    log(f"saved {out} ({card['bytes']['total'] / 1e6:.1f} MB)")
-    return card
+    return _save_and_evaluate(out, res, vae, card, stages[-1]["vzero"], eval_n, progress, log)
 
 
 def continue_model(
@@ -1017,10 +1007,6 @@ def continue_model(
     resumable in ``work/unet-continue``), and save it at ``out`` with its card extended by the new stage (and
     evaluated when ``eval_n``). ``vzero`` None keeps the model's own objective. For a GPU that holds the
     shipped model but none of its training state."""
-    import copy as _copy
-
-    from ..io import atomic_write_json
-
     import torch
 
     _training_device(device)
@@ -1037,7 +1023,7 @@ def continue_model(
                      noise_offset=noise_offset, vzero=vzero, device=device, progress=progress, log=log)
     if not res["done"]:
         return None
-    card = _copy.deepcopy(card)
+    card = copy.deepcopy(card)
     card.pop("evaluation", None)
     card.pop("bytes", None)
     unet_card = card.setdefault("training", {}).setdefault("unet", {})
@@ -1050,6 +1036,13 @@ def continue_model(
     })
     unet_card["steps"] = unet_card.get("steps", 0) + steps
     unet_card["seconds"] = round(unet_card.get("seconds", 0) + res["seconds"], 1)
+    return _save_and_evaluate(out, res, vae, card, vzero, eval_n, progress, log)
+
+
+def _save_and_evaluate(out, res: dict, vae, card: dict, vzero: bool, eval_n: int, progress: bool, log) -> dict:
+    """Save the trained pipeline folder with its card, evaluate it when ``eval_n``, and write the card."""
+    from ..io import atomic_write_json
+
     save_pipeline(out, res["unet"], vae, res["text_encoder"], card, vzero=vzero)
     card["bytes"] = folder_bytes(out)
     if eval_n:
