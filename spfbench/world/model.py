@@ -605,13 +605,6 @@ def train_unet(
     if from_model:
         init = Path(init).resolve()
         start = _model_start(init)
-        probe = build_components(seed + 10, overrides)  # a wrong architecture fails now, not after the latent cache
-        try:
-            probe["unet"].load_state_dict(start["unet"])
-            probe["text_encoder"].load_state_dict(start["text_encoder"])
-        except RuntimeError as e:
-            raise SpfbenchError(f"{init} does not hold this architecture's weights (overrides {overrides or {}}): {str(e)[:300]}") from None
-        del probe
         args["init"] = {"model": str(init), "steps_before": start["step"], "objective_changed": True}
     elif init is not None:
         init = Path(init)
@@ -633,13 +626,10 @@ def train_unet(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     vae = _load_vae(vae)
-    chained = init is not None and not from_model  # a checkpoint's continuation reuses the first run's cache
-    latents, ids = _latent_cache(_first_run(init) if chained else out, vae, n, seed, log, reuse_only=chained)
     dev = _training_device(device)
     empty_ids = _tokenize([""])[0].to(dev)
     comps = build_components(seed + 10, overrides)
     unet, te = comps["unet"].to(dev), comps["text_encoder"].to(dev)
-    latents, ids = latents.to(dev), ids.to(dev)
     unet.train()
     te.train()
     modules = [unet, te]
@@ -656,7 +646,10 @@ def train_unet(
 
     offset = 0  # steps before this schedule (init's): the EMA's warm-up counts them
     if start is not None:
-        load_weights(start)
+        try:
+            load_weights(start)
+        except RuntimeError as e:
+            raise SpfbenchError(f"{init} does not hold this architecture's weights (overrides {overrides or {}}): {str(e)[:300]}") from None
         if args["init"].get("objective_changed"):
             if ema is not None:
                 ema.shadow = [p.detach().clone() for p in ema.params]
@@ -680,6 +673,10 @@ def train_unet(
     ck, step, seconds_before = _resume(out, args, "UNet", opt, sched, g, log)
     if ck is not None:
         load_weights(ck)
+    # the latents last: a wrong architecture or another run's checkpoint is refused before any encoding
+    chained = init is not None and not from_model  # a checkpoint's continuation reuses the first run's cache
+    latents, ids = _latent_cache(_first_run(init) if chained else out, vae, n, seed, log, reuse_only=chained)
+    latents, ids = latents.to(dev), ids.to(dev)
 
     def save_ckpt():
         _atomic_torch_save(
