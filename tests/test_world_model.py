@@ -161,6 +161,61 @@ def test_continuation_equals_one_longer_run(tmp_path, micro_vae):
     assert all(torch.equal(a, b) for a, b in zip(full6["unet"].state_dict().values(), cont2["unet"].state_dict().values()))
 
 
+def test_detail_weighted_mse_weighs_face_latents_and_keeps_the_plain_scale():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    share = torch.rand(2, 1, 4, 4, generator=g)
+    share[0, 0, 0, 0] = 0.0
+    # no detail anywhere, or a zero weight: the plain MSE
+    plain = torch.nn.functional.mse_loss(pred, target)
+    assert torch.allclose(M.detail_weighted_mse(pred, target, torch.zeros_like(share), 10.0), plain)
+    assert torch.allclose(M.detail_weighted_mse(pred, target, share, 0.0), plain)
+    # by hand: sum over pixels and channels of w * err^2 / (channels x sum of w), w = 1 + 10 x share
+    w = (1 + 10 * share.double()).numpy()[:, 0]
+    err = ((pred - target).double() ** 2).numpy()
+    want = (w[:, None] * err).sum() / (3 * w.sum())
+    assert M.detail_weighted_mse(pred, target, share, 10.0).item() == pytest.approx(want, rel=1e-6)
+    # the gradient of a face latent's error outweighs a background one's in proportion to their weights
+    p = pred.clone().requires_grad_()
+    M.detail_weighted_mse(p, target, share, 10.0).backward()
+    i, j = (0, 0, 0, 0), (0, 0, 1, 1)
+    ratio = (p.grad[i] / (p[i] - target[i])) / (p.grad[j] / (p[j] - target[j]))
+    assert ratio.item() == pytest.approx(1 / (1 + 10 * share[0, 0, 1, 1].item()), rel=1e-5)
+
+
+def test_detail_cache_holds_the_part_masks_shares_and_is_reused(tmp_path, monkeypatch):
+    from spfbench.world.attributes import sample
+    from spfbench.world.render import render_parts
+
+    d = M._detail_cache(tmp_path, 6, 3, 16, lambda *a: None)
+    assert d.shape == (6, 1, 16, 16) and d.dtype == torch.float16 and 0 <= d.min() and d.max() <= 1
+    for i in (0, 5):  # each latent pixel: the share of its 4 x 4 pixels on a detail part, from the renderer's masks
+        parts = render_parts(sample("pretrain", i, 3), 64, variant=i)[1]
+        mask = np.any([parts[p] for p in M.DETAIL_PARTS], axis=0).astype(np.float64)
+        want = mask.reshape(16, 4, 16, 4).mean(axis=(1, 3))
+        assert np.allclose(d[i, 0].double().numpy(), want, atol=1e-3) and want.max() == 1 and want.min() == 0
+    monkeypatch.setattr(M, "render_batch_details", lambda *a: pytest.fail("re-rendered a cached set"))
+    assert torch.equal(M._detail_cache(tmp_path, 6, 3, 16, lambda *a: None), d)
+    with pytest.raises(pytest.fail.Exception):  # another n is another set
+        M._detail_cache(tmp_path, 7, 3, 16, lambda *a: None)
+
+
+def test_unet_detail_weight_changes_training_and_resumes(tmp_path, micro_vae):
+    const = dict(lr_schedule="constant", warmup=1, ema_decay=0.0)
+    plain = _unet(tmp_path / "p", micro_vae, **const)
+    full = _unet(tmp_path / "d", micro_vae, detail_weight=10.0, **const)
+    assert (tmp_path / "d" / "details.pt").is_file() and not (tmp_path / "p" / "details.pt").exists()
+    a, b = plain["unet"].state_dict(), full["unet"].state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the weighted loss is the one trained
+    assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["args"]["detail_weight"] == 10.0
+    assert "detail_weight" not in torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=True)["args"]  # older runs resume
+    _unet(tmp_path / "k", micro_vae, detail_weight=10.0, stop_at=2, **const)
+    with pytest.raises(SpfbenchError, match="another training"):
+        _unet(tmp_path / "k", micro_vae, **const)  # a killed weighted run is not resumed as a plain one
+    resumed = _unet(tmp_path / "k", micro_vae, detail_weight=10.0, **const)
+    assert all(torch.equal(x, y) for x, y in zip(resumed["unet"].state_dict().values(), b.values()))
+
+
 def test_checkpoint_pipeline_holds_the_runs_ema_weights(tmp_path, micro_vae):
     res = _unet(tmp_path / "u", micro_vae, ema_decay=0.9)  # done: train_unet returns the EMA weights
     pipe = M.checkpoint_pipeline(tmp_path / "u" / "checkpoint.pt", micro_vae)
@@ -344,10 +399,12 @@ def test_train_chains_continuations_and_records_each_stage(tmp_path):
 def test_cli_continuation_stages_parse_or_say_what_to_give():
     assert M._continuation("6000:3e-4") == {"steps": 6000, "lr": 3e-4}
     assert M._continuation("2000:1e-4:offset=0.1:vzero") == {"steps": 2000, "lr": 1e-4, "noise_offset": 0.1, "vzero": True}
-    for bad in ("6000", "6000:x", "0:1e-4", "10:1e-4:offset=-1", "1:2:3", "1:2:vzero:vzero", "1:2:offset=x", "1:nan", "1:1e-4:offset=inf"):
+    assert M._continuation("1500:2e-4:vzero:detail=10") == {"steps": 1500, "lr": 2e-4, "vzero": True, "detail_weight": 10.0}
+    for bad in ("6000", "6000:x", "0:1e-4", "10:1e-4:offset=-1", "1:2:3", "1:2:vzero:vzero", "1:2:offset=x", "1:nan", "1:1e-4:offset=inf",
+                "1:1e-4:detail=-1", "1:1e-4:detail=x", "1:1e-4:detail=1:detail=2"):
         with pytest.raises(argparse.ArgumentTypeError, match="STEPS:LR|positive"):
             M._continuation(bad)
-    for text in ("2000:0.0001:offset=0.1", "2000:0.0001:vzero", "6000:0.0003"):
+    for text in ("2000:0.0001:offset=0.1", "2000:0.0001:vzero", "6000:0.0003", "1500:0.0002:vzero:detail=10"):
         assert M._stage_text(M._continuation(text)) == text
 
 

@@ -464,6 +464,38 @@ def _latent_cache(out: Path, vae, n: int, seed: int, log, reuse_only: bool = Fal
     return latents, ids
 
 
+def _detail_cache(out: Path, n: int, seed: int, latent_size: int, log):
+    """float16 (n, 1, latent_size, latent_size): the share of each latent pixel's 64 / latent_size square
+    of pixels that lies on :data:`DETAIL_PARTS` (the renderer's part masks), for the first ``n`` pretrain
+    renders (the latent cache's); cached in ``OUT/details.pt``."""
+    import torch
+    import torch.nn.functional as F
+
+    path = out / "details.pt"
+    key = {"n": n, "seed": seed, "parts": list(DETAIL_PARTS), "latent_size": latent_size}
+    if path.is_file():
+        c = torch.load(path, map_location="cpu", weights_only=True)
+        if c["key"] == key:
+            return c["details"]
+    log(f"rendering the detail masks of {n} pretrain images ...")
+    attrs = [sample("pretrain", i, seed) for i in range(n)]
+    out_ = []
+    for s in range(0, n, 2048):
+        masks = render_batch_details(attrs[s : s + 2048], list(range(s, min(n, s + 2048))))[1]
+        out_.append(F.adaptive_avg_pool2d(masks.float(), latent_size).half())
+    details = torch.cat(out_)
+    _atomic_torch_save({"key": key, "details": details}, path)
+    return details
+
+
+def detail_weighted_mse(pred, target, share, detail_weight: float):
+    """Mean squared error with each latent pixel weighted ``1 + detail_weight x share`` (``share``: its
+    :data:`DETAIL_PARTS` share, (B, 1, h, w)), normalised by the batch's mean weight, as the VAE weighs
+    its pixels: the loss's scale stays that of the plain MSE, its gradient goes to the faces."""
+    w = 1.0 + detail_weight * share.to(pred.dtype)
+    return (w * (pred - target) ** 2).mean() / w.mean()
+
+
 def training_noise(shape, g, noise_offset: float = 0.0):
     """The noise of a training step: standard normal, plus ``noise_offset`` x a standard normal constant
     per image and channel ("offset noise", diffusers' ``--noise_offset``) when ``noise_offset`` > 0.
@@ -555,6 +587,7 @@ def train_unet(
     init: str | os.PathLike | None = None,
     noise_offset: float = 0.0,
     vzero: bool = False,
+    detail_weight: float = 0.0,
     stop_at: int | None = None,
     device: str | None = None,
     progress: bool = True,
@@ -575,7 +608,9 @@ def train_unet(
     used, so runs from before the option resume and continue unchanged. ``vzero``: train for
     :func:`scheduler_config` ``(vzero=True)`` (v-prediction target, zero terminal SNR), the same way; a
     continuation that switches it starts its EMA (from the loaded weights, with its warm-up) and AdamW
-    moments afresh: the earlier objective's averages say nothing of the new one.
+    moments afresh: the earlier objective's averages say nothing of the new one. ``detail_weight``: the
+    loss weighs each latent pixel by its share of face and hair pixels (:func:`detail_weighted_mse`,
+    shares cached in ``OUT/details.pt``), the way the VAE's loss does; recorded only when used, too.
 
     ``vae``: an ``AutoencoderKL`` or its folder. State in ``OUT/``: ``latents.pt`` (cached latents and
     token ids), ``checkpoint.pt`` (atomic, every ``ckpt_every`` steps and at the end: weights, EMA,
@@ -598,6 +633,8 @@ def train_unet(
         args["noise_offset"] = noise_offset
     if vzero:
         args["vzero"] = True
+    if detail_weight:
+        args["detail_weight"] = detail_weight
     torch.set_num_threads(threads)
     out = Path(out)
     start = None
@@ -677,6 +714,7 @@ def train_unet(
     chained = init is not None and not from_model  # a checkpoint's continuation reuses the first run's cache
     latents, ids = _latent_cache(_first_run(init) if chained else out, vae, n, seed, log, reuse_only=chained)
     latents, ids = latents.to(dev), ids.to(dev)
+    details = _detail_cache(out, n, seed, latents.shape[-1], log).to(dev) if detail_weight else None
 
     def save_ckpt():
         _atomic_torch_save(
@@ -701,7 +739,8 @@ def train_unet(
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         h = te(tok)[0]
         pred = unet(xt, t, h).sample
-        loss = F.mse_loss(pred, diffusion_target(noise_sched, x0, noise, t))
+        target = diffusion_target(noise_sched, x0, noise, t)
+        loss = F.mse_loss(pred, target) if details is None else detail_weighted_mse(pred, target, details[idx], detail_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -938,7 +977,7 @@ def train(
 ) -> dict | None:
     """Both stages, then the pipeline folder at ``out`` with its card (and evaluation when ``eval_n``).
     ``continuations``: stages that continue the finished UNet run one after the other, each a dict
-    ``{"steps", "lr", "noise_offset" (optional, 0), "vzero" (optional, False)}`` trained in ``work/unet-2``, ``work/unet-3``, ...
+    ``{"steps", "lr", "noise_offset" (optional, 0), "vzero" (optional, False), "detail_weight" (optional, 0)}`` trained in ``work/unet-2``, ``work/unet-3``, ...
     with a new schedule (100 warm-up steps, cosine from its ``lr`` to 10%), the previous stage's weights,
     EMA, optimizer and RNG carried on (:func:`train_unet` with ``init``). ``device``: where the UNet stages
     train (:func:`train_unet`; the VAE and the evaluation stay on the CPU)."""
@@ -955,14 +994,16 @@ def train(
     stages = [{"steps": unet_steps, "lr": lr, "warmup": 300, "schedule": "cosine to 10%", "noise_offset": 0.0, "vzero": False, "seconds": round(res["seconds"], 1)}]
     prev = work / "unet"
     for i, c in enumerate(continuations, start=2):
-        offset, vzero = c.get("noise_offset", 0.0), c.get("vzero", False)
+        offset, vzero, detail = c.get("noise_offset", 0.0), c.get("vzero", False), c.get("detail_weight", 0.0)
         res = train_unet(work / f"unet-{i}", vae, unet_n, c["steps"], batch_size, c["lr"], seed, threads, warmup=100, overrides=overrides,
-                         init=prev / "checkpoint.pt", noise_offset=offset, vzero=vzero, device=device, progress=progress, log=log)
+                         init=prev / "checkpoint.pt", noise_offset=offset, vzero=vzero, detail_weight=detail, device=device,
+                         progress=progress, log=log)
         if not res["done"]:
             return None
         carried = "weights and RNG (EMA and AdamW restarted: another loss)" if vzero != stages[-1]["vzero"] else "weights, EMA, optimizer and RNG"
         stages.append({"steps": c["steps"], "lr": c["lr"], "warmup": 100, "schedule": "cosine to 10%", "noise_offset": offset, "vzero": vzero,
-                       "seconds": round(res["seconds"], 1), "continues": f"{prev.name}: {carried}"})
+                       **({"detail_weight": detail} if detail else {}), "seconds": round(res["seconds"], 1),
+                       "continues": f"{prev.name}: {carried}"})
         prev = work / f"unet-{i}"
     import torch
 
@@ -996,6 +1037,7 @@ def continue_model(
     eval_n: int = 200,
     device: str | None = None,
     command: str | None = None,
+    detail_weight: float = 0.0,
     overrides: dict | None = None,
     progress: bool = True,
     log=print,
@@ -1017,7 +1059,7 @@ def continue_model(
         vzero = json.loads((model / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type") == "v_prediction"
     vae = _load_vae(model / "vae")
     res = train_unet(work / "unet-continue", vae, n, steps, batch_size, lr, seed, threads, warmup=100, overrides=overrides, init=model,
-                     noise_offset=noise_offset, vzero=vzero, device=device, progress=progress, log=log)
+                     noise_offset=noise_offset, vzero=vzero, detail_weight=detail_weight, device=device, progress=progress, log=log)
     if not res["done"]:
         return None
     card = copy.deepcopy(card)
@@ -1026,7 +1068,8 @@ def continue_model(
     unet_card = card.setdefault("training", {}).setdefault("unet", {})
     unet_card.setdefault("stages", []).append({
         "steps": steps, "lr": lr, "batch_size": batch_size, "n": n, "seed": seed, "warmup": 100, "schedule": "cosine to 10%",
-        "noise_offset": noise_offset, "vzero": vzero, "seconds": round(res["seconds"], 1),
+        "noise_offset": noise_offset, "vzero": vzero, **({"detail_weight": detail_weight} if detail_weight else {}),
+        "seconds": round(res["seconds"], 1),
         "continues": f"{model}: weights only (EMA, AdamW and the random stream restarted; latents re-encoded)",
         "command": command or f"python -m spfbench.world.model continue --model {model} --out {out} --work {work} --steps {steps}",
         "torch": torch.__version__,
@@ -1056,7 +1099,7 @@ CONTINUATIONS: list[dict] = [{"steps": 6000, "lr": 3e-4}, {"steps": 3000, "lr": 
 
 
 def _continuation(text: str) -> dict:
-    """``STEPS:LR[:offset=X][:vzero]`` -> a ``train`` continuation."""
+    """``STEPS:LR[:offset=X][:vzero][:detail=W]`` -> a ``train`` continuation."""
     parts = text.split(":")
     try:
         if len(parts) < 2:
@@ -1067,17 +1110,20 @@ def _continuation(text: str) -> dict:
                 c["vzero"] = True
             elif opt.startswith("offset=") and "noise_offset" not in c:
                 c["noise_offset"] = float(opt[len("offset="):])
+            elif opt.startswith("detail=") and "detail_weight" not in c:
+                c["detail_weight"] = float(opt[len("detail="):])
             else:
                 raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give STEPS:LR, then optionally :offset=X and :vzero, e.g. 6000:3e-4 or 2000:1e-4:vzero") from None
-    if c["steps"] <= 0 or not 0 < c["lr"] < math.inf or not 0 <= c.get("noise_offset", 0.0) < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r}: steps and LR must be positive, the noise offset >= 0")
+        raise argparse.ArgumentTypeError(f"{text!r}: give STEPS:LR, then optionally :offset=X, :vzero and :detail=W, e.g. 6000:3e-4 or 2000:1e-4:vzero:detail=10") from None
+    if c["steps"] <= 0 or not 0 < c["lr"] < math.inf or not all(0 <= c.get(k, 0.0) < math.inf for k in ("noise_offset", "detail_weight")):
+        raise argparse.ArgumentTypeError(f"{text!r}: steps and LR must be positive, the noise offset and detail weight >= 0")
     return c
 
 
 def _stage_text(c: dict) -> str:
-    return f"{c['steps']}:{c['lr']:g}" + (f":offset={c['noise_offset']:g}" if c.get("noise_offset") else "") + (":vzero" if c.get("vzero") else "")
+    return (f"{c['steps']}:{c['lr']:g}" + (f":offset={c['noise_offset']:g}" if c.get("noise_offset") else "") + (":vzero" if c.get("vzero") else "")
+            + (f":detail={c['detail_weight']:g}" if c.get("detail_weight") else ""))
 
 
 def main(argv=None) -> None:
@@ -1097,9 +1143,10 @@ def main(argv=None) -> None:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--eval-n", type=int, default=200)
     t.add_argument("--device", default=None, help="where the UNet stages train (default: cpu; e.g. cuda)")
-    t.add_argument("--unet-more", type=_continuation, action="append", default=None, metavar="STEPS:LR[:offset=X][:vzero]",
+    t.add_argument("--unet-more", type=_continuation, action="append", default=None, metavar="STEPS:LR[:offset=X][:vzero][:detail=W]",
                    help="continue the finished UNet run (repeatable, one stage each, in work/unet-2, unet-3, ...; "
-                   f"cosine from LR to 10%%; offset=X: offset noise, vzero: v-prediction at zero terminal SNR); default: "
+                   f"cosine from LR to 10%%; offset=X: offset noise, vzero: v-prediction at zero terminal SNR, detail=W: face and "
+                   f"hair latents weighted 1 + W in the loss); default: "
                    f"{' '.join(f'--unet-more {_stage_text(c)}' for c in CONTINUATIONS) or 'none'}, the shipped model's")
     c = sub.add_parser("continue", help="train a saved model folder further (weights only), save it elsewhere")
     c.add_argument("--model", default=str(DEFAULT_OUT), help="the folder to continue (default: the shipped model)")
@@ -1112,6 +1159,7 @@ def main(argv=None) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--noise-offset", type=float, default=0.0)
+    c.add_argument("--detail-weight", type=float, default=0.0, help="face and hair latents weighted 1 + W in the loss (default 0: plain MSE)")
     c.add_argument("--objective", choices=["model", "epsilon", "vzero"], default="model",
                    help="the loss: the model's own (default), epsilon, or v-prediction at zero terminal SNR")
     c.add_argument("--eval-n", type=int, default=200)
@@ -1134,7 +1182,7 @@ def main(argv=None) -> None:
             cmd = "python -m spfbench.world.model " + " ".join(sys.argv[1:] if argv is None else argv)
             vzero = {"model": None, "epsilon": False, "vzero": True}[a.objective]
             continue_model(a.model, a.out, a.work, a.steps, a.lr, a.batch_size, a.unet_n, a.seed, a.threads, vzero, a.noise_offset,
-                           a.eval_n, a.device, command=cmd)
+                           a.eval_n, a.device, command=cmd, detail_weight=a.detail_weight)
         else:
             import torch
 
