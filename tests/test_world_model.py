@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -385,14 +386,23 @@ def test_noise_offset_is_part_of_the_runs_arguments(tmp_path, micro_vae):
 
 
 def test_train_chains_continuations_and_records_each_stage(tmp_path):
-    stages = [{"steps": 2, "lr": 1e-3}, {"steps": 2, "lr": 1e-3, "noise_offset": 0.1}]
-    card = M.train(tmp_path / "model", tmp_path / "work", vae_n=16, vae_steps=2, vae_batch_size=8, unet_n=16, unet_steps=2,
-                   batch_size=8, eval_n=0, continuations=stages, overrides=MICRO, **QUIET)
+    stages = [{"steps": 2, "lr": 1e-3}, {"steps": 2, "lr": 1e-3, "noise_offset": 0.1}, {"steps": 1, "lr": 1e-3, "detail_weight": 5.0}]
+    kw = dict(vae_n=16, vae_steps=2, vae_batch_size=8, unet_n=16, unet_steps=2, batch_size=8, eval_n=0, overrides=MICRO, **QUIET)
+    for bad in ({"steps": 1, "lr": 1e-3, "detail_weight": -1.0}, {"steps": 1, "lr": 1e-3, "noise_offset": math.nan}):
+        with pytest.raises(SpfbenchError, match="must be a finite number >= 0"):
+            M.train(tmp_path / "model", tmp_path / "work", continuations=[bad], **kw)
+    assert not (tmp_path / "work").exists()  # refused before the VAE stage
+    card = M.train(tmp_path / "model", tmp_path / "work", continuations=stages, **kw)
     got = card["training"]["unet"]["stages"]
-    assert [(s["steps"], s["noise_offset"]) for s in got] == [(2, 0.0), (2, 0.0), (2, 0.1)]
-    assert card["training"]["unet"]["steps"] == 6
+    assert [(s["steps"], s["noise_offset"], s.get("detail_weight")) for s in got] == [(2, 0.0, None), (2, 0.0, None), (2, 0.1, None), (1, 0.0, 5.0)]
+    assert card["training"]["unet"]["steps"] == 7 and got[-1]["continues"] == "unet-3: weights, EMA, optimizer and RNG"
     last = torch.load(tmp_path / "work" / "unet-3" / "checkpoint.pt", weights_only=True)
     assert last["args"]["noise_offset"] == 0.1 and last["args"]["init"] == {"path": str(tmp_path / "work" / "unet-2" / "checkpoint.pt"), "steps_before": 4}
+    detail = torch.load(tmp_path / "work" / "unet-4" / "checkpoint.pt", weights_only=True)["args"]
+    assert detail["detail_weight"] == 5.0 and "noise_offset" not in detail and (tmp_path / "work" / "unet-4" / "details.pt").is_file()
+    rows = [json.loads(ln) for ln in (tmp_path / "work" / "unet-4" / "log.jsonl").read_text().splitlines()]
+    assert all("mse" in r and r["mse"] != r["loss"] for r in rows)  # weighted loss trained, plain MSE beside it
+    assert all("mse" not in json.loads(ln) for ln in (tmp_path / "work" / "unet-3" / "log.jsonl").read_text().splitlines())
     assert M.load_world_pipeline(tmp_path / "model").unet is not None
 
 
@@ -521,3 +531,25 @@ def test_continue_a_saved_model_folder_weights_only(tmp_path):
     for args, msg in [(["--model", str(tmp_path / "work")], "no world model folder"), (["--device", "gpu"], "'gpu' is not a device")]:
         with pytest.raises(SystemExit, match=msg):
             M.main(["continue", "--out", str(tmp_path / "x"), "--work", str(tmp_path / "w4"), "--steps", "1", *args])
+    for bad in (-1.0, math.inf):
+        with pytest.raises(SpfbenchError, match="detail_weight must be a finite number >= 0"):
+            M.continue_model(tmp_path / "model", tmp_path / "x", tmp_path / "w7", steps=1, detail_weight=bad, **kw)
+    assert not (tmp_path / "w7" / "unet-continue").exists()
+    for flag in ("--detail-weight", "--noise-offset"):
+        with pytest.raises(SystemExit):  # argparse refuses it
+            M.main(["continue", "--out", str(tmp_path / "x"), "--work", str(tmp_path / "w4"), "--steps", "1", flag, "-2"])
+
+
+def test_cli_continue_passes_the_detail_weight_to_the_card(tmp_path, monkeypatch):
+    M.train(tmp_path / "model", tmp_path / "work", vae_n=16, vae_steps=2, vae_batch_size=8, unet_n=16, unet_steps=1,
+            batch_size=8, eval_n=0, continuations=[], overrides=MICRO, **QUIET)
+    card = M.continue_model(tmp_path / "model", tmp_path / "d", tmp_path / "wd", steps=1, batch_size=8, n=16, eval_n=0, overrides=MICRO,
+                            detail_weight=4.0, **QUIET)
+    assert card["training"]["unet"]["stages"][-1]["detail_weight"] == 4.0
+    assert torch.load(tmp_path / "wd" / "unet-continue" / "checkpoint.pt", weights_only=True)["args"]["detail_weight"] == 4.0
+    seen = {}
+    monkeypatch.setattr(M, "continue_model", lambda *a, **k: seen.update(k))
+    # the CLI's flag reaches it (the micro architecture cannot be given on the command line)
+    M.main(["continue", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "c"), "--work", str(tmp_path / "wc"),
+            "--steps", "1", "--detail-weight", "2.5"])
+    assert seen["detail_weight"] == 2.5

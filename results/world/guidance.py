@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -40,13 +41,16 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     pipe = M.load_world_pipeline(a.model)
+    from spfbench.world.reader import load_reader
+
+    reader = load_reader()
     rows, ceiling = {}, None
-    for scale in a.scales:
-        res = M.evaluate(pipe, a.n, 0, settings=GenerationSettings(guidance_scale=scale), progress=True)
+    for scale in dict.fromkeys(a.scales):  # each scale once, in the order given
+        res = M.evaluate(pipe, a.n, 0, settings=GenerationSettings(guidance_scale=scale), reader=reader, progress=True)
         ceiling = res.pop("ceiling")
         rows[f"{scale:g}"] = res
         print(f"cfg {scale:g}: " + json.dumps({k: res[k] for k in ("captioned_accuracy", "uncaptioned_tv", "spurious_any", "passed")}), flush=True)
-    atomic_write_json(a.out, {"model": a.model, "n": a.n, "seed": 0, "ceiling": ceiling, "by_guidance_scale": rows,
+    atomic_write_json(a.out, {"model": a.model, "command": "python " + " ".join(sys.argv), "n": a.n, "seed": 0, "ceiling": ceiling, "by_guidance_scale": rows,
                               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__})
     crit = list(next(iter(rows.values()))["bar"])
     print("| criterion | " + " | ".join(f"CFG {s}" for s in rows) + " |")

@@ -627,6 +627,9 @@ def train_unet(
 
     if lr_schedule not in ("cosine", "constant"):
         raise SpfbenchError(f"lr_schedule must be cosine or constant, got {lr_schedule!r}")
+    for name, value in (("noise_offset", noise_offset), ("detail_weight", detail_weight)):
+        if not 0 <= value < math.inf:
+            raise SpfbenchError(f"{name} must be a finite number >= 0, got {value!r}")
     args = dict(n=n, steps=steps, batch_size=batch_size, lr=lr, seed=seed, caption_dropout=caption_dropout, ema_decay=ema_decay,
                 warmup=warmup, lr_schedule=lr_schedule, overrides=overrides or {})
     if noise_offset:  # only when used: runs from before the option keep resuming
@@ -740,7 +743,8 @@ def train_unet(
         h = te(tok)[0]
         pred = unet(xt, t, h).sample
         target = diffusion_target(noise_sched, x0, noise, t)
-        loss = F.mse_loss(pred, target) if details is None else detail_weighted_mse(pred, target, details[idx], detail_weight)
+        mse = F.mse_loss(pred, target)
+        loss = mse if details is None else detail_weighted_mse(pred, target, details[idx], detail_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -749,10 +753,13 @@ def train_unet(
         if ema is not None:
             ema.update(offset + step)
         step += 1
-        run.append(loss.item())
+        run.append((loss.item(), mse.item()))
         bar.update(1)
         if step % log_every == 0 or step == end:
-            row = {"step": step, "loss": sum(run) / len(run), "lr": sched.get_last_lr()[0], "seconds": round(seconds_before + time.time() - t0, 1)}
+            row = {"step": step, "loss": sum(r[0] for r in run) / len(run), "lr": sched.get_last_lr()[0],
+                   "seconds": round(seconds_before + time.time() - t0, 1)}
+            if details is not None:  # the weighted loss is trained; the plain MSE compares with other stages
+                row["mse"] = sum(r[1] for r in run) / len(run)
             _append_log(log_path, row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             run = []
@@ -982,6 +989,10 @@ def train(
     EMA, optimizer and RNG carried on (:func:`train_unet` with ``init``). ``device``: where the UNet stages
     train (:func:`train_unet`; the VAE and the evaluation stay on the CPU)."""
     _training_device(device)  # a bad --device fails now, not after the VAE stage
+    for c in continuations:  # and so does a bad stage
+        for name in ("noise_offset", "detail_weight"):
+            if not 0 <= c.get(name, 0.0) < math.inf:
+                raise SpfbenchError(f"continuation {c}: {name} must be a finite number >= 0")
     work = Path(work)
     vae = train_vae(work / "vae", vae_n, vae_steps, vae_batch_size, seed, threads, overrides=overrides, progress=progress, log=log)
     if not (work / "vae" / "vae_card.json").is_file():
@@ -1037,10 +1048,10 @@ def continue_model(
     eval_n: int = 200,
     device: str | None = None,
     command: str | None = None,
-    detail_weight: float = 0.0,
     overrides: dict | None = None,
     progress: bool = True,
     log=print,
+    detail_weight: float = 0.0,
 ) -> dict | None:
     """Train a saved world model folder further, weights only (:func:`train_unet` with ``init=model``;
     resumable in ``work/unet-continue``), and save it at ``out`` with its card extended by the new stage (and
@@ -1121,6 +1132,16 @@ def _continuation(text: str) -> dict:
     return c
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number >= 0")
+    return value
+
+
 def _stage_text(c: dict) -> str:
     return (f"{c['steps']}:{c['lr']:g}" + (f":offset={c['noise_offset']:g}" if c.get("noise_offset") else "") + (":vzero" if c.get("vzero") else "")
             + (f":detail={c['detail_weight']:g}" if c.get("detail_weight") else ""))
@@ -1145,8 +1166,8 @@ def main(argv=None) -> None:
     t.add_argument("--device", default=None, help="where the UNet stages train (default: cpu; e.g. cuda)")
     t.add_argument("--unet-more", type=_continuation, action="append", default=None, metavar="STEPS:LR[:offset=X][:vzero][:detail=W]",
                    help="continue the finished UNet run (repeatable, one stage each, in work/unet-2, unet-3, ...; "
-                   f"cosine from LR to 10%%; offset=X: offset noise, vzero: v-prediction at zero terminal SNR, detail=W: face and "
-                   f"hair latents weighted 1 + W in the loss); default: "
+                   f"cosine from LR to 10%%; offset=X: offset noise, vzero: v-prediction at zero terminal SNR, detail=W: latents "
+                   f"weighted 1 + W x their share of face and hair pixels in the loss); default: "
                    f"{' '.join(f'--unet-more {_stage_text(c)}' for c in CONTINUATIONS) or 'none'}, the shipped model's")
     c = sub.add_parser("continue", help="train a saved model folder further (weights only), save it elsewhere")
     c.add_argument("--model", default=str(DEFAULT_OUT), help="the folder to continue (default: the shipped model)")
@@ -1158,8 +1179,9 @@ def main(argv=None) -> None:
     c.add_argument("--unet-n", type=int, default=30000)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=2)
-    c.add_argument("--noise-offset", type=float, default=0.0)
-    c.add_argument("--detail-weight", type=float, default=0.0, help="face and hair latents weighted 1 + W in the loss (default 0: plain MSE)")
+    c.add_argument("--noise-offset", type=_non_negative, default=0.0)
+    c.add_argument("--detail-weight", type=_non_negative, default=0.0,
+                   help="weigh each latent pixel 1 + W x its share of face and hair pixels in the loss (default 0: plain MSE)")
     c.add_argument("--objective", choices=["model", "epsilon", "vzero"], default="model",
                    help="the loss: the model's own (default), epsilon, or v-prediction at zero terminal SNR")
     c.add_argument("--eval-n", type=int, default=200)
