@@ -568,6 +568,13 @@ def _load_vae(vae):
     return vae.float().eval()
 
 
+def _check_loss_options(where: str = "", **values: float) -> None:
+    """:func:`train_unet`'s ``noise_offset`` and ``detail_weight``: finite and >= 0, else a clear error."""
+    for name, value in values.items():
+        if not 0 <= value < math.inf:
+            raise SpfbenchError(f"{where}{name} must be a finite number >= 0, got {value!r}")
+
+
 def train_unet(
     out: str | os.PathLike,
     vae,
@@ -627,9 +634,7 @@ def train_unet(
 
     if lr_schedule not in ("cosine", "constant"):
         raise SpfbenchError(f"lr_schedule must be cosine or constant, got {lr_schedule!r}")
-    for name, value in (("noise_offset", noise_offset), ("detail_weight", detail_weight)):
-        if not 0 <= value < math.inf:
-            raise SpfbenchError(f"{name} must be a finite number >= 0, got {value!r}")
+    _check_loss_options(noise_offset=noise_offset, detail_weight=detail_weight)
     args = dict(n=n, steps=steps, batch_size=batch_size, lr=lr, seed=seed, caption_dropout=caption_dropout, ema_decay=ema_decay,
                 warmup=warmup, lr_schedule=lr_schedule, overrides=overrides or {})
     if noise_offset:  # only when used: runs from before the option keep resuming
@@ -990,9 +995,7 @@ def train(
     train (:func:`train_unet`; the VAE and the evaluation stay on the CPU)."""
     _training_device(device)  # a bad --device fails now, not after the VAE stage
     for c in continuations:  # and so does a bad stage
-        for name in ("noise_offset", "detail_weight"):
-            if not 0 <= c.get(name, 0.0) < math.inf:
-                raise SpfbenchError(f"continuation {c}: {name} must be a finite number >= 0")
+        _check_loss_options(f"continuation {c}: ", **{k: c[k] for k in ("noise_offset", "detail_weight") if k in c})
     work = Path(work)
     vae = train_vae(work / "vae", vae_n, vae_steps, vae_batch_size, seed, threads, overrides=overrides, progress=progress, log=log)
     if not (work / "vae" / "vae_card.json").is_file():
