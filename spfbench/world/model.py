@@ -558,6 +558,26 @@ def _training_device(device: str | None):
     return dev
 
 
+def _frozen_text_encoder_spec(te) -> dict:
+    """What identifies a frozen text encoder in a run's arguments: its architecture and a checksum of its weights."""
+    cfg = te.config
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act", "vocab_size", "max_position_embeddings")
+    return {"frozen": True, **{k: getattr(cfg, k) for k in keys},
+            "checksum": round(float(sum(p.detach().double().abs().sum() for p in te.parameters())), 3)}
+
+
+def _caption_states(te, ids, empty_ids, batch_size: int = 512):
+    """A frozen encoder's last hidden states of every distinct caption in ``ids`` and of the empty caption
+    (last row), and each render's row: ``(states (U + 1, 77, H), row (N,))``."""
+    import torch
+
+    uniq, row = torch.unique(ids, dim=0, return_inverse=True)
+    uniq = torch.cat([uniq, empty_ids.view(1, -1).to(uniq)])
+    with torch.no_grad():
+        states = torch.cat([te(uniq[s : s + batch_size].long())[0] for s in range(0, len(uniq), batch_size)])
+    return states, row
+
+
 def _load_vae(vae):
     from diffusers import AutoencoderKL
 
@@ -595,6 +615,7 @@ def train_unet(
     noise_offset: float = 0.0,
     vzero: bool = False,
     detail_weight: float = 0.0,
+    text_encoder=None,
     stop_at: int | None = None,
     device: str | None = None,
     progress: bool = True,
@@ -602,6 +623,13 @@ def train_unet(
 ) -> dict:
     """Train text encoder + UNet jointly from scratch on ``n`` pretrain renders; returns
     ``{"unet", "text_encoder", "step", "done"}`` (EMA weights when ``ema_decay`` > 0 and done).
+
+    ``text_encoder``: a ``CLIPTextModel`` to condition on, *frozen*, instead of training one jointly (as
+    SD1.5's UNet trains against a frozen CLIP text tower; the world's is
+    :func:`spfbench.world.text_encoder.from_world_clip`). Only the UNet trains and keeps an EMA; the
+    captions' hidden states are computed once (per distinct caption) and reused every step; an ``init``'s
+    text encoder is replaced by this one. Recorded in the run's arguments (its config and a checksum of
+    its weights), so a resume or a continuation with another encoder is refused.
 
     ``init``: the final ``checkpoint.pt`` of a finished ``train_unet`` run to continue instead of starting
     from scratch: its weights, EMA, optimizer moments and RNG state carry on (its latent cache is reused);
@@ -643,6 +671,8 @@ def train_unet(
         args["vzero"] = True
     if detail_weight:
         args["detail_weight"] = detail_weight
+    if text_encoder is not None:
+        args["text_encoder"] = _frozen_text_encoder_spec(text_encoder)
     torch.set_num_threads(threads)
     out = Path(out)
     start = None
@@ -654,7 +684,7 @@ def train_unet(
     elif init is not None:
         init = Path(init)
         start = _load_unet_checkpoint(init, "train the first stage (its folder's checkpoint.pt) first")
-        other = [k for k in ("n", "seed", "overrides") if start["args"].get(k, {} if k == "overrides" else None) != args[k]]
+        other = [k for k in ("n", "seed", "overrides", "text_encoder") if start["args"].get(k, {} if k == "overrides" else None) != args.get(k)]
         if other:
             detail = "; ".join(f"{k}: {start['args'].get(k)!r} there, {args[k]!r} now" for k in other)
             raise SpfbenchError(f"{init} was trained with other data or architecture ({detail}); continue it with the same ones")
@@ -674,18 +704,20 @@ def train_unet(
     dev = _training_device(device)
     empty_ids = _tokenize([""])[0].to(dev)
     comps = build_components(seed + 10, overrides)
-    unet, te = comps["unet"].to(dev), comps["text_encoder"].to(dev)
+    frozen_te = text_encoder is not None
+    unet = comps["unet"].to(dev)
+    te = (copy.deepcopy(text_encoder).float().requires_grad_(False).eval() if frozen_te else comps["text_encoder"].train()).to(dev)
     unet.train()
-    te.train()
-    modules = [unet, te]
+    modules = [unet] if frozen_te else [unet, te]
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = _EMA(modules, ema_decay) if ema_decay > 0 else None
     g = torch.Generator().manual_seed(seed)
 
-    def load_weights(c):  # a checkpoint's weights and EMA into this run's modules
+    def load_weights(c):  # a checkpoint's weights and EMA into this run's modules (a frozen encoder stays as given)
         unet.load_state_dict(c["unet"])
-        te.load_state_dict(c["text_encoder"])
+        if not frozen_te:
+            te.load_state_dict(c["text_encoder"])
         if ema is not None:
             ema.shadow = [t.to(dev, copy=True) for t in c["ema"]] if c["ema"] is not None else [p.detach().clone() for p in ema.params]
 
@@ -722,12 +754,13 @@ def train_unet(
     chained = init is not None and not from_model  # a checkpoint's continuation reuses the first run's cache
     latents, ids = _latent_cache(_first_run(init) if chained else out, vae, n, seed, log, reuse_only=chained)
     latents, ids = latents.to(dev), ids.to(dev)
+    hidden = _caption_states(te, ids, empty_ids) if frozen_te else None  # (distinct captions + "", 77, hidden), row index per render
     details = _detail_cache(out, n, seed, latents.shape[-1], log).to(dev) if detail_weight else None
 
     def save_ckpt():
         _atomic_torch_save(
             {"args": args, "step": step, "seconds": seconds_before + time.time() - t0, "unet": unet.state_dict(),
-             "text_encoder": te.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": g.get_state(),
+             "text_encoder": te.state_dict(), **({"text_encoder_config": te.config.to_dict()} if frozen_te else {}), "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": g.get_state(),
              "ema": ema.shadow if ema is not None else None},
             ckpt_path,
         )
@@ -738,14 +771,18 @@ def train_unet(
     while step < end:
         idx = torch.randint(0, n, (batch_size,), generator=g).to(dev)
         x0 = latents[idx]
-        tok = ids[idx].long()
         drop = (torch.rand(batch_size, generator=g) < caption_dropout).to(dev)
-        tok[drop] = empty_ids.long()
         t = torch.randint(0, n_train_t, (batch_size,), generator=g).to(dev)
         noise = training_noise(x0.shape, g, noise_offset).to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        h = te(tok)[0]
+        if hidden is None:
+            tok = ids[idx].long()
+            tok[drop] = empty_ids.long()
+            h = te(tok)[0]
+        else:
+            states, row = hidden
+            h = states[torch.where(drop, len(states) - 1, row[idx])]
         pred = unet(xt, t, h).sample
         target = diffusion_target(noise_sched, x0, noise, t)
         mse = F.mse_loss(pred, target)
@@ -810,10 +847,14 @@ def checkpoint_pipeline(checkpoint: str | os.PathLike, vae):
     ck = _load_unet_checkpoint(Path(checkpoint), "give train_unet's checkpoint.pt (WORK/unet or WORK/unet-2)")
     comps = build_components(0, ck["args"].get("overrides") or {})
     unet, te = comps["unet"], comps["text_encoder"]
+    if "text_encoder_config" in ck:  # a frozen encoder of its own architecture (train_unet's text_encoder)
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        te = CLIPTextModel(CLIPTextConfig.from_dict(ck["text_encoder_config"]))
     unet.load_state_dict(ck["unet"])
     te.load_state_dict(ck["text_encoder"])
     if ck.get("ema") is not None:
-        _copy_params([unet, te], ck["ema"])
+        _copy_params([unet] if "text_encoder_config" in ck else [unet, te], ck["ema"])
     pipe = make_pipeline(unet.eval(), _load_vae(vae), te.eval(), vzero=ck["args"].get("vzero", False))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -1055,11 +1096,16 @@ def continue_model(
     progress: bool = True,
     log=print,
     detail_weight: float = 0.0,
+    text_encoder: str | os.PathLike | None = None,
 ) -> dict | None:
     """Train a saved world model folder further, weights only (:func:`train_unet` with ``init=model``;
     resumable in ``work/unet-continue``), and save it at ``out`` with its card extended by the new stage (and
     evaluated when ``eval_n``). ``vzero`` None keeps the model's own objective. For a GPU that holds the
-    shipped model but none of its training state."""
+    shipped model but none of its training state.
+
+    ``text_encoder``: replace the folder's text encoder by the text tower of a world CLIP (``"world-clip"``:
+    the shipped one; or the path of a world CLIP ``.safetensors``), frozen while the UNet trains
+    (:func:`train_unet`'s ``text_encoder``); None keeps training the folder's own jointly."""
     import torch
 
     _training_device(device)
@@ -1071,9 +1117,11 @@ def continue_model(
     card = json.loads((model / CARD).read_text())
     if vzero is None:
         vzero = json.loads((model / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type") == "v_prediction"
+    frozen = _world_clip_text_encoder(text_encoder) if text_encoder is not None else None
     vae = _load_vae(model / "vae")
     res = train_unet(work / "unet-continue", vae, n, steps, batch_size, lr, seed, threads, warmup=100, overrides=overrides, init=model,
-                     noise_offset=noise_offset, vzero=vzero, detail_weight=detail_weight, device=device, progress=progress, log=log)
+                     noise_offset=noise_offset, vzero=vzero, detail_weight=detail_weight, text_encoder=frozen, device=device,
+                     progress=progress, log=log)
     if not res["done"]:
         return None
     card = copy.deepcopy(card)
@@ -1084,7 +1132,9 @@ def continue_model(
         "steps": steps, "lr": lr, "batch_size": batch_size, "n": n, "seed": seed, "warmup": 100, "schedule": "cosine to 10%",
         "noise_offset": noise_offset, "vzero": vzero, **({"detail_weight": detail_weight} if detail_weight else {}),
         "seconds": round(res["seconds"], 1),
-        "continues": f"{model}: weights only (EMA, AdamW and the random stream restarted; latents re-encoded)",
+        "continues": f"{model}: weights only (EMA, AdamW and the random stream restarted; latents re-encoded)"
+        + (f"; text encoder replaced by the frozen text tower of {text_encoder}" if frozen is not None else ""),
+        **({"text_encoder": {"source": str(text_encoder), "frozen": True}} if frozen is not None else {}),
         "command": command or f"python -m spfbench.world.model continue --model {model} --out {out} --work {work} --steps {steps}",
         "torch": torch.__version__,
     })
@@ -1093,15 +1143,28 @@ def continue_model(
     return _save_and_evaluate(out, res, vae, card, vzero, eval_n, progress, log)
 
 
+def _world_clip_text_encoder(source: str | os.PathLike):
+    """The frozen text encoder of ``source``: ``"world-clip"`` (the shipped world CLIP) or a world CLIP
+    ``.safetensors`` path (:func:`spfbench.world.text_encoder.from_world_clip`)."""
+    from .clip import load_world_clip
+    from .text_encoder import from_world_clip
+
+    return from_world_clip(load_world_clip(None if str(source) == "world-clip" else source)[0])
+
+
 def _save_and_evaluate(out, res: dict, vae, card: dict, vzero: bool, eval_n: int, progress: bool, log) -> dict:
-    """Save the trained pipeline folder with its card, evaluate it when ``eval_n``, and write the card."""
+    """Save the trained pipeline folder with its card (with its text encoder's target separability),
+    evaluate it when ``eval_n``, and write the card."""
     from ..io import atomic_write_json
+    from .text_encoder import target_separability
 
     save_pipeline(out, res["unet"], vae, res["text_encoder"], card, vzero=vzero)
     card["bytes"] = folder_bytes(out)
+    saved = load_world_pipeline(out)
+    card["text_encoder_separability"] = target_separability(saved.text_encoder, saved.tokenizer)
     if eval_n:
         log(f"evaluating on {eval_n} held-out captions ...")
-        card["evaluation"] = evaluate(load_world_pipeline(out), eval_n, progress=progress)
+        card["evaluation"] = evaluate(saved, eval_n, progress=progress)
         log(json.dumps({k: card["evaluation"][k] for k in ("captioned_accuracy", "uncaptioned_tv", "spurious_any", "bar", "passed")}))
     atomic_write_json(Path(out) / CARD, card)
     log(f"saved {out} ({card['bytes']['total'] / 1e6:.1f} MB)")
@@ -1189,6 +1252,9 @@ def main(argv=None) -> None:
                    help="the loss: the model's own (default), epsilon, or v-prediction at zero terminal SNR")
     c.add_argument("--eval-n", type=int, default=200)
     c.add_argument("--device", default=None, help="where the UNet trains (default: cpu; e.g. cuda)")
+    c.add_argument("--text-encoder", default=None, metavar="world-clip|PATH",
+                   help="replace the folder's text encoder by a world CLIP's text tower (world-clip: the shipped one; PATH: a world "
+                   "CLIP .safetensors), frozen while the UNet trains, as SD1.5's CLIP; default: train the folder's own jointly")
     e = sub.add_parser("evaluate", help="generate for held-out captions and read the images back")
     e.add_argument("--model", default=str(DEFAULT_OUT))
     e.add_argument("--n", type=int, default=200)
@@ -1207,7 +1273,7 @@ def main(argv=None) -> None:
             cmd = "python -m spfbench.world.model " + " ".join(sys.argv[1:] if argv is None else argv)
             vzero = {"model": None, "epsilon": False, "vzero": True}[a.objective]
             continue_model(a.model, a.out, a.work, a.steps, a.lr, a.batch_size, a.unet_n, a.seed, a.threads, vzero, a.noise_offset,
-                           a.eval_n, a.device, command=cmd, detail_weight=a.detail_weight)
+                           a.eval_n, a.device, command=cmd, detail_weight=a.detail_weight, text_encoder=a.text_encoder)
         else:
             import torch
 
