@@ -152,3 +152,21 @@ def test_continue_replaces_the_folders_encoder_by_the_frozen_one(tmp_path, monke
     with pytest.raises(SpfbenchError, match="do not exist"):
         M.continue_model(tmp_path / "model", tmp_path / "x", tmp_path / "w2", steps=1, overrides=MICRO, text_encoder=tmp_path / "no.safetensors", **QUIET)
     assert not (tmp_path / "w2").exists()
+
+
+def test_shipped_model_text_encoder_tells_the_targets_apart():
+    """The shipped original model's frozen text encoder passes the separability bar, as its card records,
+    and is the shipped world CLIP's text tower (the model's UNet trained against it)."""
+    from spfbench.models import WORLD_MODEL_DIR
+
+    pipe = M.load_world_pipeline(WORLD_MODEL_DIR)
+    got = T.target_separability(pipe.text_encoder, pipe.tokenizer)
+    card = json.loads((WORLD_MODEL_DIR / M.CARD).read_text())["text_encoder_separability"]
+    assert got["accuracy"] >= T.SEPARABILITY_BAR and got["passed"], got["per_target"]
+    assert got["accuracy"] == card["accuracy"] and got["per_target"] == card["per_target"]
+    assert got["max_target_cosine"] == pytest.approx(card["max_target_cosine"], abs=2e-3)
+    tower = T.from_world_clip()
+    ids = pipe.tokenizer(["A man, smiling, at the beach, in a blue hoodie, freckles"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():  # fp16 storage of both: equal to fp16 rounding
+        assert torch.allclose(pipe.text_encoder(ids)[0], tower(ids)[0], atol=2e-2)
