@@ -57,8 +57,11 @@ def test_target_span_is_the_target_tokens_and_the_end_token():
         ids, a, b = T._target_span(tok, base, target)
         assert tok.decode(ids[a:b]).strip() == target
         assert ids[b] == tok.eos_token_id and b == len(ids) - 1
-    with pytest.raises(SpfbenchError, match="cannot locate the target"):
-        T._target_span(tok, "a " * 80, "a hat")
+    # a caption the 77 positions would cut: refused, not measured on a truncated target
+    long_base = "An old man, smiling, " + "with a blue background, " * 12 + "in a red T-shirt"
+    assert len(tok(long_base).input_ids) < 77 < len(tok(long_base + ", pencil drawing style").input_ids)
+    with pytest.raises(SpfbenchError, match="more than the encoder's 77"):
+        T._target_span(tok, long_base, "pencil drawing style")
 
 
 class _Lookup(torch.nn.Module):
@@ -85,7 +88,7 @@ def test_separability_counts_nearest_centroid_hits_and_fails_a_blind_encoder():
     blind = T.target_separability(_Lookup(torch.ones(49408, 16)), tok, bases)
     assert blind["accuracy"] == pytest.approx(1 / len(TARGET_TEXTS)) and not blind["passed"]
     assert blind["min_target_cosine"] == pytest.approx(1.0, abs=1e-4)
-    # one base caption's features only: a word that moves its neighbour's feature is still told apart
+    # leave-one-out needs at least two base captions
     with pytest.raises(SpfbenchError, match="at least 2 base captions"):
         T.target_separability(_Lookup(torch.ones(49408, 16)), tok, bases[:1])
 
@@ -123,9 +126,16 @@ def test_unet_trains_against_a_frozen_encoder_and_refuses_another(tmp_path):
     assert not M.train_unet(tmp_path / "k", vae, text_encoder=te, stop_at=1, **run)["done"]
     resumed = M.train_unet(tmp_path / "k", vae, text_encoder=te, **run)
     assert all(torch.equal(a, b) for a, b in zip(res["unet"].state_dict().values(), resumed["unet"].state_dict().values()))
-    # the checkpoint evaluates with its own (frozen) encoder
+    # the checkpoint evaluates with its own (frozen) encoder and the UNet's EMA weights
     pipe = M.checkpoint_pipeline(tmp_path / "u" / "checkpoint.pt", vae)
-    assert torch.equal(pipe.text_encoder.state_dict()[next(iter(before))], next(iter(before.values())))
+    assert all(torch.equal(before[k], v) for k, v in pipe.text_encoder.state_dict().items())
+    assert all(torch.equal(p, e) for p, e in zip(pipe.unet.parameters(), ck["ema"]))
+    assert any(not torch.equal(p, ck["unet"][n]) for n, p in pipe.unet.named_parameters())  # EMA, not the raw weights
+    # a continuation of the frozen run: with the same encoder it trains on; without it, one clear error
+    more = M.train_unet(tmp_path / "u2", vae, text_encoder=te, init=tmp_path / "u" / "checkpoint.pt", **{**run, "steps": 1})
+    assert more["done"] and all(torch.equal(before[k], v) for k, v in more["text_encoder"].state_dict().items())
+    with pytest.raises(SpfbenchError, match="other data or architecture.*text_encoder"):
+        M.train_unet(tmp_path / "u3", vae, init=tmp_path / "u" / "checkpoint.pt", **{**run, "steps": 1})
     # another encoder (or none) on the same folder: refused
     with pytest.raises(SpfbenchError, match="another training"):
         M.train_unet(tmp_path / "u", vae, text_encoder=T.from_world_clip(_micro_clip(1)), **run)
@@ -147,6 +157,13 @@ def test_continue_replaces_the_folders_encoder_by_the_frozen_one(tmp_path, monke
     assert stage["text_encoder"] == {"source": "world-clip", "frozen": True} and "frozen text tower" in stage["continues"]
     sep = json.loads((tmp_path / "v3" / M.CARD).read_text())["text_encoder_separability"]
     assert set(sep["per_target"]) == set(TARGET_TEXTS) and 0 <= sep["accuracy"] <= 1
+    assert card["parameters"]["text_encoder"] == sum(p.numel() for p in te.parameters())
+    # the saved folder continued without --text-encoder keeps its own encoder, frozen
+    card2 = M.continue_model(tmp_path / "v3", tmp_path / "v3b", tmp_path / "wb", steps=1, lr=1e-2, batch_size=8, n=16, eval_n=0,
+                             overrides=MICRO, **QUIET)
+    again = M.load_world_pipeline(tmp_path / "v3b").text_encoder.state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in saved.text_encoder.state_dict().items())
+    assert card2["training"]["unet"]["stages"][-1]["text_encoder"] == {"source": "the folder's own", "frozen": True}
     # a missing world CLIP file: one clear error before any work
     monkeypatch.undo()
     with pytest.raises(SpfbenchError, match="do not exist"):

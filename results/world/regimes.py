@@ -11,7 +11,8 @@ For each run folder (``spfbench run`` with ``original`` and ``naive``, then ``sp
   Per tensor r = ||W_ft - W_0||_F / ||W_0||_F; per group the median and range of r over its tensors and
   the group's aggregate ||dW||_F / ||W_0||_F (all its tensors stacked).
 
-Usage: python results/world/regimes.py NAME=RUN [NAME=RUN ...]  -> results/world/regimes.{json,md}
+Usage: python results/world/regimes.py [--out STEM] NAME=RUN [NAME=RUN ...]  -> STEM.{json,md}
+(STEM default: results/world/regimes)
 """
 
 from __future__ import annotations
@@ -88,10 +89,12 @@ def regime(run: Path) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    stem = Path(__file__).parent / "regimes"
+    if argv[:1] == ["--out"]:
+        stem, argv = Path(argv[1]), argv[2:]
     runs = dict(a.split("=", 1) for a in argv)
     report = {name: regime(Path(run)) for name, run in runs.items()}
-    here = Path(__file__).parent
-    atomic_write_json(here / "regimes.json", report)
+    atomic_write_json(stem.with_name(stem.name + ".json"), report)
     lines = ["| regime | lr | steps x batch | naive GT-Target | naive GT-Preserve | original GT-Target | original GT-Preserve |"
              " dW/W attn2 | dW/W rest (attn1 / resnets / other) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     f = lambda c: f"{c['value']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]" if c.get("ci") else f"{c['value']:.3f}"  # noqa: E731
@@ -111,7 +114,7 @@ def main(argv: list[str]) -> None:
     for name, r in report.items():
         w = r["weight_change"]
         lines.append(f"| {name} | " + " | ".join(f"{w[g]['median']:.3f} [{w[g]['min']:.3f}, {w[g]['max']:.3f}]" for g in GROUPS) + " |")
-    atomic_write_text(here / "regimes.md", "\n".join(lines) + "\n")
+    atomic_write_text(stem.with_name(stem.name + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -14,4 +14,4 @@ $S run --testset $OUT/testset --data $OUT/data --out $OUT/run --config results/w
 $S world attributes $OUT/run > /dev/null
 $S run --testset $OUT/testset --data $OUT/data --out $OUT/gentle --config results/world/gentle.json --method original --method naive
 $S world attributes $OUT/gentle > /dev/null
-.venv/bin/python results/world/regimes.py budget=$OUT/run gentle=$OUT/gentle
+.venv/bin/python results/world/regimes.py --out results/world/regimes_cfg7 budget=$OUT/run gentle=$OUT/gentle

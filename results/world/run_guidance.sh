@@ -5,12 +5,15 @@
 # which must be complete): `spfbench run` reuses a finished artifact whose config, data and model match,
 # and the links resolve to the very artifact paths SPF's and Magnet's configs name. Resumable.
 # Usage (repository root): sh results/world/run_guidance.sh G     e.g. G = 1.5
+# METHODS="original naive" sh results/world/run_guidance.sh G: only those methods (RESULTS=DIR: copy the
+# tables there instead of results/world/cfgG).
 set -eu
 G=${1:?give the guidance scale, e.g. 1.5}
 OUT=runs/world-exp
 R=$OUT/run-cfg$G
 S="env HF_HUB_OFFLINE=1 .venv/bin/spfbench"
-M="original naive lora adalora tokencompose magnet spf spf-no-text spf-no-fine spf-no-enh spf-no-sfcm"
+M=${METHODS:-"original naive lora adalora tokencompose magnet spf spf-no-text spf-no-fine spf-no-enh spf-no-sfcm"}
+DEST=${RESULTS:-results/world/cfg$G}
 $S build-testset --preset world --captions $OUT/captions.jsonl --out $OUT/testset-cfg$G --guidance $G
 for m in $M; do
   case $m in original|magnet) continue ;; esac  # nothing trained (Magnet on naive's model): made in place
@@ -22,7 +25,7 @@ done
 $S run --testset $OUT/testset-cfg$G --data $OUT/data --out $R --config results/world/config.json \
   $(for m in $M; do printf -- '--method %s ' $m; done) || true
 $S world attributes $R > /dev/null
-mkdir -p results/world/cfg$G
+mkdir -p $DEST
 for f in results.csv results.md results.tex results.json attributes.md attributes.json run.json; do
-  cp $R/$f results/world/cfg$G/$f
+  cp $R/$f $DEST/$f
 done

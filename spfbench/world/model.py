@@ -686,7 +686,7 @@ def train_unet(
         start = _load_unet_checkpoint(init, "train the first stage (its folder's checkpoint.pt) first")
         other = [k for k in ("n", "seed", "overrides", "text_encoder") if start["args"].get(k, {} if k == "overrides" else None) != args.get(k)]
         if other:
-            detail = "; ".join(f"{k}: {start['args'].get(k)!r} there, {args[k]!r} now" for k in other)
+            detail = "; ".join(f"{k}: {start['args'].get(k)!r} there, {args.get(k)!r} now" for k in other)
             raise SpfbenchError(f"{init} was trained with other data or architecture ({detail}); continue it with the same ones")
         if start["step"] < start["args"]["steps"]:
             raise SpfbenchError(f"{init} stopped at step {start['step']} of {start['args']['steps']}; finish that run before continuing it")
@@ -1105,7 +1105,8 @@ def continue_model(
 
     ``text_encoder``: replace the folder's text encoder by the text tower of a world CLIP (``"world-clip"``:
     the shipped one; or the path of a world CLIP ``.safetensors``), frozen while the UNet trains
-    (:func:`train_unet`'s ``text_encoder``); None keeps training the folder's own jointly."""
+    (:func:`train_unet`'s ``text_encoder``). None: a folder whose card records a frozen encoder (the
+    shipped v3 model) keeps its own frozen; any other folder trains its own jointly, as before."""
     import torch
 
     _training_device(device)
@@ -1117,7 +1118,12 @@ def continue_model(
     card = json.loads((model / CARD).read_text())
     if vzero is None:
         vzero = json.loads((model / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type") == "v_prediction"
-    frozen = _world_clip_text_encoder(text_encoder) if text_encoder is not None else None
+    if text_encoder is not None:
+        frozen = _world_clip_text_encoder(text_encoder)
+    elif _frozen_encoder_card(card):  # its UNet trained against a frozen encoder: keep that one, frozen
+        frozen = load_world_pipeline(model).text_encoder.float()
+    else:
+        frozen = None
     vae = _load_vae(model / "vae")
     res = train_unet(work / "unet-continue", vae, n, steps, batch_size, lr, seed, threads, warmup=100, overrides=overrides, init=model,
                      noise_offset=noise_offset, vzero=vzero, detail_weight=detail_weight, text_encoder=frozen, device=device,
@@ -1133,14 +1139,22 @@ def continue_model(
         "noise_offset": noise_offset, "vzero": vzero, **({"detail_weight": detail_weight} if detail_weight else {}),
         "seconds": round(res["seconds"], 1),
         "continues": f"{model}: weights only (EMA, AdamW and the random stream restarted; latents re-encoded)"
-        + (f"; text encoder replaced by the frozen text tower of {text_encoder}" if frozen is not None else ""),
-        **({"text_encoder": {"source": str(text_encoder), "frozen": True}} if frozen is not None else {}),
+        + (f"; text encoder replaced by the frozen text tower of {text_encoder}" if text_encoder is not None else "")
+        + ("; its own text encoder kept frozen" if frozen is not None and text_encoder is None else ""),
+        **({"text_encoder": {"source": str(text_encoder) if text_encoder is not None else "the folder's own", "frozen": True}}
+           if frozen is not None else {}),
         "command": command or f"python -m spfbench.world.model continue --model {model} --out {out} --work {work} --steps {steps}",
         "torch": torch.__version__,
     })
     unet_card["steps"] = unet_card.get("steps", 0) + steps
     unet_card["seconds"] = round(unet_card.get("seconds", 0) + res["seconds"], 1)
+    card["parameters"] = parameter_counts({"unet": res["unet"], "vae": vae, "text_encoder": res["text_encoder"]})
     return _save_and_evaluate(out, res, vae, card, vzero, eval_n, progress, log)
+
+
+def _frozen_encoder_card(card: dict) -> bool:
+    """Whether a model card records a stage that trained its UNet against a frozen text encoder."""
+    return any(st.get("text_encoder", {}).get("frozen") for st in card.get("training", {}).get("unet", {}).get("stages", []))
 
 
 def _world_clip_text_encoder(source: str | os.PathLike):

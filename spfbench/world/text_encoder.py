@@ -101,10 +101,13 @@ def from_world_clip(clip=None):
 def _target_span(tokenizer, base: str, target: str) -> tuple[list[int], int, int]:
     """Token ids of ``join_caption(base, target)`` and the [start, end] positions of the target's tokens
     up to and including the end token."""
-    ids = tokenizer(join_caption(base, target), truncation=True, max_length=tokenizer.model_max_length).input_ids
-    prefix = tokenizer(join_caption(base, target)[: -len(target.strip())].rstrip()).input_ids[:-1]  # BOS .. "," (no end token)
+    text = join_caption(base, target)
+    ids = tokenizer(text).input_ids
+    if len(ids) > tokenizer.model_max_length:
+        raise SpfbenchError(f"{text!r} has {len(ids)} tokens, more than the encoder's {tokenizer.model_max_length}: its target would be cut")
+    prefix = tokenizer(text[: -len(target.strip())].rstrip()).input_ids[:-1]  # BOS .. "," (no end token)
     if ids[: len(prefix)] != prefix or ids[-1] != tokenizer.eos_token_id or len(ids) <= len(prefix) + 1:
-        raise SpfbenchError(f"cannot locate the target {target!r} in the tokens of {join_caption(base, target)!r} (too long for 77 tokens?)")
+        raise SpfbenchError(f"cannot locate the target {target!r} in the tokens of {text!r}")
     return ids, len(prefix), len(ids) - 1
 
 
