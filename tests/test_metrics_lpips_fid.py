@@ -87,6 +87,18 @@ def test_fid_shards_merge_and_identical_sets_give_zero():
     assert same.compute()["value"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_fid_scores_a_batch_that_mixes_image_sizes_as_each_size_alone():
+    # regression (issue 22): a folder with two image sizes in one scoring batch crashed in torch.stack
+    small, large = _images(3, 5, size=(32, 32)), _images(3, 6, size=(64, 64))
+    mixed = [small[0], large[0], small[1], large[1], large[2], small[2]]
+    m = create("fid@inception-2048", Backbones("tiny", "cpu"))
+    got = m.features(mixed).numpy()
+    want = np.concatenate([_features([im]) for im in mixed])
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-5, atol=1e-6)
+    m.update(Batch([f"t{i}" for i in range(6)], mixed, mixed[::-1], ["a hat"] * 6))
+    assert m.compute()["n"] == 6 and m.compute()["value"] is not None
+
+
 def test_fid_needs_two_images():
     m = create("fid@inception-2048", Backbones("tiny", "cpu"))
     m.update(_batch(n=1))

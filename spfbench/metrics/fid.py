@@ -86,10 +86,20 @@ class Fid(Metric):
         self.reasons: dict[str, str] = {}
 
     def features(self, images) -> torch.Tensor:
+        """(N, 2048) float64 features in the order of ``images``. The network resizes every image to 299
+        itself, so a batch may mix sizes: each size is one forward pass (a stack needs equal shapes)."""
         net = self.backbones.get("inception-fid")
-        x = torch.stack([to_uint8(im) for im in images]).to(self.backbones.device)
+        x = [to_uint8(im) for im in images]
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(x):
+            groups.setdefault(tuple(t.shape), []).append(i)
+        out: list = [None] * len(x)
         with torch.inference_mode():
-            return net(x).reshape(len(images), -1).double().cpu()
+            for idx in groups.values():
+                f = net(torch.stack([x[i] for i in idx]).to(self.backbones.device)).reshape(len(idx), -1).double().cpu()
+                for j, i in enumerate(idx):
+                    out[i] = f[j]
+        return torch.stack(out)
 
     def _add(self, side: str, ids: list[str], images: list) -> None:
         new = [i for i, t in enumerate(ids) if t not in self.ids[side]]
