@@ -10,6 +10,8 @@ customized image and its original therefore start from identical noise.
 
 from __future__ import annotations
 
+import math
+
 import inspect
 from dataclasses import asdict, dataclass
 
@@ -48,6 +50,8 @@ class GenerationSettings:
             raise SpfbenchError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if self.steps <= 0:
             raise SpfbenchError(f"steps must be positive, got {self.steps}")
+        if not 0 <= self.guidance_scale < math.inf:  # <= 1 is no guidance (diffusers); below 0 means nothing
+            raise SpfbenchError(f"guidance must be a finite number >= 0 (1 or less: no classifier-free guidance), got {self.guidance_scale}")
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None and (v <= 0 or v % 8):

@@ -101,6 +101,8 @@ def test_sampler_keeps_the_models_noise_schedule():
         (GenerationSettings(sampler="magic"), "unknown sampler 'magic'"),
         (GenerationSettings(steps=0), "steps must be positive"),
         (GenerationSettings(height=50), "multiple of 8"),
+        (GenerationSettings(guidance_scale=-1.0), "guidance must be a finite number >= 0"),
+        (GenerationSettings(guidance_scale=float("nan")), "guidance must be a finite number >= 0"),
     ],
 )
 def test_bad_settings(settings, message):
@@ -128,3 +130,14 @@ def test_no_sampler_named_means_the_models_default_and_its_config_survives_a_swa
     use_sampler(pipe, "euler")  # built from the model's own config, not from the sampler set before
     assert model_scheduler_config(pipe)["_class_name"] == "DDIMScheduler" and model_scheduler_config(pipe).rescale_betas_zero_snr
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.timestep_spacing == "trailing"
+
+
+def test_build_testset_refuses_a_negative_guidance_before_writing(tmp_path):
+    # regression (issue 22): --guidance -1 was accepted
+    from typer.testing import CliRunner
+
+    from spfbench.cli import app
+
+    r = CliRunner().invoke(app, ["build-testset", "--preset", "tiny", "--n", "2", "--guidance", "-1", "--out", str(tmp_path / "ts")])
+    assert isinstance(r.exception, SpfbenchError) and "guidance must be a finite number >= 0" in str(r.exception)  # main() prints it as one line
+    assert not (tmp_path / "ts").exists()
