@@ -1268,7 +1268,8 @@ def main(argv=None) -> None:
     c.add_argument("--device", default=None, help="where the UNet trains (default: cpu; e.g. cuda)")
     c.add_argument("--text-encoder", default=None, metavar="world-clip|PATH",
                    help="replace the folder's text encoder by a world CLIP's text tower (world-clip: the shipped one; PATH: a world "
-                   "CLIP .safetensors), frozen while the UNet trains, as SD1.5's CLIP; default: train the folder's own jointly")
+                   "CLIP .safetensors), frozen while the UNet trains, as SD1.5's CLIP; default: a folder trained against a frozen "
+                   "encoder (the shipped one) keeps it frozen, any other trains its own jointly")
     e = sub.add_parser("evaluate", help="generate for held-out captions and read the images back")
     e.add_argument("--model", default=str(DEFAULT_OUT))
     e.add_argument("--n", type=int, default=200)
