@@ -90,7 +90,7 @@ def build_testset(
     weights_seed: int = typer.Option(0, help="Random presets (tiny, sd15-random): seed of the random weights."),
     sampler: Optional[str] = typer.Option(None, help="Sampler: dpmpp-2m-karras, dpmpp-2m, ddim, pndm, euler, euler-a, unipc, deis (default: dpmpp-2m-karras; dpmpp-2m for a zero-terminal-SNR model such as world)."),
     steps: int = typer.Option(25, help="Sampling steps."),
-    guidance: float = typer.Option(7.0, help="Classifier-free guidance scale."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the preset's, 7; world: 3)."),
     height: Optional[int] = typer.Option(None, help="Image height (default: the model's native size)."),
     width: Optional[int] = typer.Option(None, help="Image width (default: the model's native size)."),
     negative_prompt: str = typer.Option("", help="Negative prompt (default: none)."),
@@ -115,6 +115,10 @@ def build_testset(
         state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
         sh = sh.split(state.process_index, state.num_processes)
         device = device or str(state.device)
+    if guidance is None:
+        from .models import get_preset
+
+        guidance = get_preset(preset).guidance_scale
     settings = GenerationSettings(sampler, steps, guidance, height, width, negative_prompt)
     builder = TestsetBuilder(
         out,
@@ -400,7 +404,7 @@ def viz_attention(
     seed: int = typer.Option(0, help="Generation seed (same initial noise for every model)."),
     sampler: Optional[str] = typer.Option(None, help="Sampler (see build-testset; default: the model's)."),
     steps: int = typer.Option(25, help="Sampling steps."),
-    guidance: float = typer.Option(7.0, help="Classifier-free guidance scale (the conditional half's maps are shown)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (the conditional half's maps are shown; default: the preset's, 7; world: 3)."),
     columns: int = typer.Option(5, help="Number of denoising steps shown, evenly spaced from the first to the last."),
     at: Optional[str] = typer.Option(None, "--at", help="Exact 0-based step indices to show, comma-separated (negative: from the end); overrides --columns."),
     size: int = typer.Option(64, help="Map side: every layer's map is resized to SIZE x SIZE before the layer mean."),
@@ -416,6 +420,10 @@ def viz_attention(
     from .viz import ModelSpec, run_attention
 
     specs = [ModelSpec.parse(m) for m in (model or ["original"])]
+    if guidance is None:
+        from .models import get_preset
+
+        guidance = get_preset(preset).guidance_scale
     settings = GenerationSettings(sampler=sampler, steps=steps, guidance_scale=guidance)
     grid = run_attention(specs, caption, target, out, preset=preset, base_model=base_model, weights_seed=weights_seed,
                          seed=seed, settings=settings, columns=columns, at=_int_list(at, "--at"), size=size,

@@ -38,6 +38,9 @@ class Preset:
     vae_repo_id: str | None = None  # real weights: VAE taken from another repo (root folder)
     config: str | None = None  # random weights: folder under spfbench/configs/
     native_size: int = 512
+    # the classifier-free guidance scale a command uses when none is given: the protocol's 7 (Realistic
+    # Vision's card, docs/testset.md); the world's 3 (docs/world.md, "Guidance and the bar")
+    guidance_scale: float = 7.0
 
 
 PRESETS: dict[str, Preset] = {
@@ -52,7 +55,8 @@ PRESETS: dict[str, Preset] = {
         Preset("sd15", "Stable Diffusion v1.5", repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
         Preset("tiny", "tiny SD-shaped model, seeded random weights, 64 px (CPU tests)", config="tiny", native_size=64),
         Preset("sd15-random", "full SD1.5 architecture, seeded random weights (GPU speed/memory work)", config="sd15"),
-        Preset("world", "Portrait World's original model: 64 px SD-architecture model trained on world renders", native_size=64),
+        Preset("world", "Portrait World's original model: 64 px SD-architecture model trained on world renders", native_size=64,
+               guidance_scale=3.0),
     ]
 }
 

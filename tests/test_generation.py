@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,17 @@ def test_build_testset_refuses_a_negative_guidance_before_writing(tmp_path):
     r = CliRunner().invoke(app, ["build-testset", "--preset", "tiny", "--n", "2", "--guidance", "-1", "--out", str(tmp_path / "ts")])
     assert isinstance(r.exception, SpfbenchError) and "guidance must be a finite number >= 0" in str(r.exception)  # main() prints it as one line
     assert not (tmp_path / "ts").exists()
+
+
+@pytest.mark.parametrize("preset, args, want", [("tiny", [], 7.0), ("world", [], 3.0), ("world", ["--guidance", "5"], 5.0)])
+def test_build_testset_takes_the_presets_guidance_unless_given(tmp_path, preset, args, want):
+    # the world's protocol scale is 3 (docs/world.md, "Guidance and the bar"); every other preset keeps 7
+    from typer.testing import CliRunner
+
+    from spfbench.cli import app
+
+    r = CliRunner().invoke(app, ["build-testset", "--preset", preset, "--n", "1", "--steps", "2", "--no-progress", *args,
+                                 "--device", "cpu", "--out", str(tmp_path / "ts")])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "ts" / "testset.json").read_text())
+    assert meta["generation"]["guidance_scale"] == want

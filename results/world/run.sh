@@ -3,7 +3,7 @@
 # world, Table 1 with 95% bootstrap CIs, then which attributes moved. CPU (2 threads) or GPU; resumable:
 # rerun the same script after a kill. Outputs copied here at the end. Run from the repository root.
 set -eu
-OUT=runs/world-exp
+OUT=${OUT:-runs/world-exp}
 S="env HF_HUB_OFFLINE=1 .venv/bin/spfbench"
 $S world data --split finetune --n 4000 --out $OUT/data
 $S masks --preset world --data $OUT/data --no-progress

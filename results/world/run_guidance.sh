@@ -9,7 +9,7 @@
 # tables there instead of results/world/cfgG).
 set -eu
 G=${1:?give the guidance scale, e.g. 1.5}
-OUT=runs/world-exp
+OUT=${OUT:-runs/world-exp}
 R=$OUT/run-cfg$G
 S="env HF_HUB_OFFLINE=1 .venv/bin/spfbench"
 M=${METHODS:-"original naive lora adalora tokencompose magnet spf spf-no-text spf-no-fine spf-no-enh spf-no-sfcm"}

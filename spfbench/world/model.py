@@ -946,7 +946,8 @@ def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 25, settings=N
     res = _reading_report(reader.read(images), [r["base_attributes"] for r in rows])
     ceil = ceiling(pipe.vae, n, seed, reader)
     bar = meets_bar(res, ceil)
-    return {"n": n, "seed": seed, "settings": settings.to_dict(), **res, "ceiling": ceil, "quality_bar": dict(QUALITY_BAR),
+    return {"n": n, "seed": seed, "settings": settings.to_dict(), "reader_sha256": reader.card.get("weights_sha256"), **res,
+            "ceiling": ceil, "quality_bar": dict(QUALITY_BAR),
             "bar": bar, "passed": all(bar.values()), "seconds": round(time.time() - t0, 1)}
 
 
@@ -1270,6 +1271,20 @@ def main(argv=None) -> None:
                    help="replace the folder's text encoder by a world CLIP's text tower (world-clip: the shipped one; PATH: a world "
                    "CLIP .safetensors), frozen while the UNet trains, as SD1.5's CLIP; default: a folder trained against a frozen "
                    "encoder (the shipped one) keeps it frozen, any other trains its own jointly")
+    d = sub.add_parser("decoder", help="fine-tune a saved model folder's VAE decoder (encoder frozen), save it elsewhere")
+    d.add_argument("--model", default=str(DEFAULT_OUT), help="the folder whose decoder to fine-tune (default: the shipped model)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--work", required=True, help="checkpoint and log (resumable)")
+    d.add_argument("--steps", type=int, required=True)
+    d.add_argument("--lr", type=float, default=2e-4)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--n", type=int, default=10000, help="renders of the VAE mix to train on")
+    d.add_argument("--detail-weight", type=_non_negative, default=10.0,
+                   help="L1 weight 1 + W on the pixels of faces, hair and targets (as train_vae)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--eval-n", type=int, default=200)
+    d.add_argument("--reader", default=None, help="the attribute reader that validates the VAE before and after (default: the shipped one)")
     e = sub.add_parser("evaluate", help="generate for held-out captions and read the images back")
     e.add_argument("--model", default=str(DEFAULT_OUT))
     e.add_argument("--n", type=int, default=200)
@@ -1278,6 +1293,8 @@ def main(argv=None) -> None:
     e.add_argument("--json", help="write the result here too")
     e.add_argument("--checkpoint", help="evaluate this UNet training checkpoint (its EMA weights) instead of --model")
     e.add_argument("--vae", default=str(DEFAULT_WORK / "vae"), help="the VAE the checkpoint was trained on (with --checkpoint)")
+    e.add_argument("--card", action="store_true",
+                   help="write the result into --model's card as its evaluation (e.g. after the reader was retrained)")
     a = p.parse_args(argv)
     try:
         if a.cmd == "train":
@@ -1289,12 +1306,28 @@ def main(argv=None) -> None:
             vzero = {"model": None, "epsilon": False, "vzero": True}[a.objective]
             continue_model(a.model, a.out, a.work, a.steps, a.lr, a.batch_size, a.unet_n, a.seed, a.threads, vzero, a.noise_offset,
                            a.eval_n, a.device, command=cmd, detail_weight=a.detail_weight, text_encoder=a.text_encoder)
+        elif a.cmd == "decoder":
+            from .vae import finetune_decoder
+
+            cmd = "python -m spfbench.world.model " + " ".join(sys.argv[1:] if argv is None else argv)
+            finetune_decoder(a.model, a.out, a.work, a.steps, a.batch_size, a.n, a.lr, a.detail_weight, seed=a.seed, threads=a.threads,
+                             eval_n=a.eval_n, reader=a.reader, command=cmd)
         else:
             import torch
 
+            if a.card and a.checkpoint:
+                raise SpfbenchError("--card writes a model folder's card; a --checkpoint has none (drop one of them)")
+            if a.card and not (Path(a.model) / CARD).is_file():
+                raise SpfbenchError(f"no world model card at {Path(a.model) / CARD}; --card needs a folder saved by train, continue or decoder")
             torch.set_num_threads(a.threads)
             pipe = checkpoint_pipeline(a.checkpoint, a.vae) if a.checkpoint else load_world_pipeline(a.model)
             res = evaluate(pipe, a.n, a.seed, progress=True)
+            if a.card:
+                from ..io import atomic_write_json
+
+                card = json.loads((Path(a.model) / CARD).read_text())
+                card["evaluation"] = res
+                atomic_write_json(Path(a.model) / CARD, card)
             text = json.dumps(res, indent=2)
             print(text)
             if a.json:

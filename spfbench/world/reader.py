@@ -208,21 +208,39 @@ def train_reader(
     batch_size: int = 96,
     lr: float = 3e-3,
     threads: int = 2,
+    vae: str | os.PathLike | None = None,
+    vae_share: float = 0.5,
     log=print,
 ) -> dict:
-    """Train the reader on ``n_train`` mixed renders, validate, save weights + card; returns the card."""
+    """Train the reader on ``n_train`` mixed renders, validate, save weights + card; returns the card.
+
+    ``vae`` (a world model folder or VAE folder): each training image is, with probability ``vae_share``
+    per draw, its reconstruction by that VAE instead of the render, so the reader also reads what generated
+    images look like (they all come out of that decoder); validation then reads each stream's renders and
+    their reconstructions (``STREAM-vae``), the latter beside the bar, not part of it."""
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
 
     from ..io import atomic_write_json
 
+    if not 0 <= vae_share <= 1:
+        raise SpfbenchError(f"vae_share must be between 0 and 1, got {vae_share}")
     t0 = time.time()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out_path = Path(out_path)
+    autoencoder = None
+    if vae is not None:
+        from .vae import load_vae, reconstruct, vae_checksum
+
+        autoencoder = load_vae(vae)
     log(f"rendering {n_train} training images ...")
     x_train, y_train = _render_set(_mixed, n_train, seed)
+    x_recon = None
+    if autoencoder is not None:
+        log(f"reconstructing them with the VAE of {vae} ...")
+        x_recon = reconstruct(autoencoder, x_train)
     t_render = time.time() - t0
     log(f"rendered in {t_render:.0f} s")
     model = _build()
@@ -238,7 +256,11 @@ def train_reader(
         run_loss = 0.0
         for b in range(steps_per_epoch):
             idx = perm[b * batch_size : (b + 1) * batch_size]
-            x = _augment(_normalize(x_train[idx]), g)
+            xb = x_train[idx]
+            if x_recon is not None:
+                use = torch.rand(len(idx), generator=g) < vae_share
+                xb = torch.where(use[:, None, None, None], x_recon[idx], xb)
+            x = _augment(_normalize(xb), g)
             logits = model(x)
             loss = sum(F.cross_entropy(logits[a], y_train[a][idx]) for a in ATTRIBUTES)
             opt.zero_grad()
@@ -265,10 +287,11 @@ def train_reader(
     ):
         xv, _ = _render_set(fn, n_val, val_seed)
         attrs_v = [fn(i, val_seed) for i in range(n_val)]
-        imgs = [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in xv]
-        accuracy[name] = {a: round(v, 4) for a, v in evaluate(reader, attrs_v, imgs).items()}
-        log(f"val {name}: " + ", ".join(f"{a} {v:.3f}" for a, v in accuracy[name].items()))
-    worst = {a: min(accuracy[s][a] for s in accuracy) for a in ATTRIBUTES}
+        for stream, xs in ((name, xv), *(((f"{name}-vae", reconstruct(autoencoder, xv)),) if autoencoder is not None else ())):
+            imgs = [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in xs]
+            accuracy[stream] = {a: round(v, 4) for a, v in evaluate(reader, attrs_v, imgs).items()}
+            log(f"val {stream}: " + ", ".join(f"{a} {v:.3f}" for a, v in accuracy[stream].items()))
+    worst = {a: min(accuracy[s][a] for s in accuracy if not s.endswith("-vae")) for a in ATTRIBUTES}
 
     widths, hidden = WIDTHS, HIDDEN
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
@@ -287,9 +310,13 @@ def train_reader(
         "architecture": f"conv4x4/2 {widths[0]} + 3 x (conv3x3 + BN + ReLU + maxpool) {list(widths[1:])} -> linear {hidden} -> one linear head per attribute",
         "schema": SCHEMA,
         "training": {
-            "command": f"python -m spfbench.world.reader --out {out_path} --n-train {n_train} --n-val {n_val} --epochs {epochs} --seed {seed}",
+            "command": f"python -m spfbench.world.reader --out {out_path} --n-train {n_train} --n-val {n_val} --epochs {epochs} --seed {seed}"
+            + (f" --vae {vae} --vae-share {vae_share:g}" if vae is not None else ""),
             "n_train": n_train,
             "mix": "40% pretrain, 30% finetune, 30% uniform (by index mod 10)",
+            **({"vae": {"source": str(vae), "checksum": vae_checksum(autoencoder), "share": vae_share,
+                        "images": "the VAE's posterior-mean reconstruction of the render, drawn per sample with probability share"}}
+               if autoencoder is not None else {}),
             "epochs": epochs,
             "batch_size": batch_size,
             "lr": lr,
@@ -320,6 +347,9 @@ def quality_bar(accuracy: dict) -> dict:
            "min_accuracy": min(worst.values())}
     if "uniform" in accuracy:
         out["uniform_min_accuracy"] = min(accuracy["uniform"].values())
+    recon = {s[: -len("-vae")]: accuracy[s] for s in accuracy if s.endswith("-vae")}
+    if recon:  # what generated images can show at best: bounded by the VAE, so beside the bar
+        out["reconstructions_min_accuracy"] = {s: min(v.values()) for s, v in recon.items()}
     return out
 
 
@@ -331,8 +361,13 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vae", default=None, help="a world model (or VAE) folder: train and validate on its reconstructions too")
+    p.add_argument("--vae-share", type=float, default=0.5, help="with --vae: the probability that a training draw is the reconstruction")
     a = p.parse_args(argv)
-    train_reader(a.out, a.n_train, a.n_val, a.epochs, a.seed, threads=a.threads)
+    try:
+        train_reader(a.out, a.n_train, a.n_val, a.epochs, a.seed, threads=a.threads, vae=a.vae, vae_share=a.vae_share)
+    except SpfbenchError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -38,6 +38,19 @@ POSE_DX = {"front": 0.0, "turned left": -0.05, "turned right": 0.05}
 HAT_RGB = (92, 58, 34)
 HAT_BAND = (200, 40, 44)
 LIPS_F = (206, 46, 70)
+# the targets' looks (docs/world.md, "Targets"): freckles are spots of FRECKLE_RADIUS (a fraction of the
+# width) at FRECKLE_SPOTS (offsets from the face's centre line, mirrored on both cheeks), darker on light
+# skin and lighter on dark skin; glasses are an open frame GLASSES_RIM line widths thick round visible
+# eyes (lenses GLASSES_RADIUS wide), sunglasses a thin dark frame with dark lenses
+FRECKLE_RADIUS = 0.018
+FRECKLE_SPOTS = ((0.03, 0.02), (0.06, 0.035), (0.09, 0.02), (0.045, 0.055), (0.075, 0.06), (0.1, 0.045))
+FRECKLE_ON_LIGHT = (120, 50, 28)
+FRECKLE_ON_DARK = (235, 170, 130)
+GLASSES_FRAME = (20, 20, 24)
+GLASSES_RIM = 2
+GLASSES_RADIUS = 0.05
+SUNGLASSES_FRAME = (20, 20, 24)
+SUNGLASSES_LENS = (16, 16, 22)
 
 # The named parts every shape is drawn in (drawing order aside). "neck": the skin below the head (neck,
 # T-shirt/hoodie neckline, tank-top shoulders); "face": the face and the ears.
@@ -314,21 +327,21 @@ def _draw(attrs: dict, size: int, variant, record: bool):
     if attrs["freckles"] == "yes":
         d.part = "freckles"
         lum = 0.3 * skin[0] + 0.59 * skin[1] + 0.11 * skin[2]
-        fc = (150, 70, 40) if lum > 130 else (222, 150, 110)
-        spots = [(0.03, 0.02), (0.06, 0.035), (0.09, 0.02), (0.045, 0.055), (0.075, 0.06), (0.1, 0.045)]
+        fc = FRECKLE_ON_LIGHT if lum > 130 else FRECKLE_ON_DARK
         for s in (-1, 1):
-            for ox, oy in spots:
-                d.ellipse(box(fx + s * ox, cy + 0.01 + oy, 0.011, 0.011), fill=fc)
+            for ox, oy in FRECKLE_SPOTS:
+                d.ellipse(box(fx + s * ox, cy + 0.01 + oy, FRECKLE_RADIUS, FRECKLE_RADIUS), fill=fc)
     if attrs["eyewear"] != "none":
         d.part = "eyewear"
-        frame = (20, 20, 24)
-        gr = 0.042
         sun = attrs["eyewear"] == "sunglasses"
+        frame = SUNGLASSES_FRAME if sun else GLASSES_FRAME
+        rim = lw * (1 if sun else GLASSES_RIM)
+        gr = 0.042 if sun else GLASSES_RADIUS
         for s in (-1, 1):
             x = fx + s * ex
-            d.ellipse(box(x, ey, gr, gr * 0.85), outline=frame, width=lw, fill=(16, 16, 22) if sun else None)
-            d.line([(P(x + s * gr), P(ey)), (P(cx + s * rx), P(ey - 0.005))], fill=frame, width=lw)
-        d.line([(P(fx - ex + gr), P(ey)), (P(fx + ex - gr), P(ey))], fill=frame, width=lw)
+            d.ellipse(box(x, ey, gr, gr * 0.85), outline=frame, width=rim, fill=SUNGLASSES_LENS if sun else None)
+            d.line([(P(x + s * gr), P(ey)), (P(cx + s * rx), P(ey - 0.005))], fill=frame, width=rim)
+        d.line([(P(fx - ex + gr), P(ey)), (P(fx + ex - gr), P(ey))], fill=frame, width=rim)
     if attrs["headwear"] == "hat":
         d.part = "hat"
         d.rounded_rectangle([P(cx - rx + 0.01), P(cy - ry - 0.15), P(cx + rx - 0.01), P(cy - ry + 0.05)], radius=P(0.04), fill=HAT_RGB)
