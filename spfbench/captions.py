@@ -117,6 +117,28 @@ def compose(n: int, seed: int = 0, version: str = DEFAULT_VOCAB) -> list[Caption
     return rows
 
 
+def _read_delimited(path: Path, text: str, delimiter: str) -> tuple[list[tuple[int, dict]], set]:
+    """(line of each row, row) and the header's columns of a CSV/TSV text; a quote left open (which would
+    swallow the rows after it into one field) is an error naming the line where the row began."""
+    import io
+
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    records, start = [], 1
+    try:
+        columns = set(reader.fieldnames or [])
+        start = reader.line_num + 1
+        for rec in reader:
+            if None in rec or any(isinstance(v, str) and ("\n" in v or "\r" in v) for v in rec.values()):
+                extra = " (more fields than the header)" if None in rec else " (a field spans several lines)"
+                raise SpfbenchError(f"caption file {path}, row at line {start}: malformed{extra}; is a quote left open?"
+                                    " Quote a field that holds a comma, and close every quote")
+            records.append((reader.line_num, rec))  # a well-formed row is one line: the one just read
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise SpfbenchError(f"caption file {path}, row at line {start}: {e}; is a quote left open?") from None
+    return records, columns
+
+
 def read_caption_file(path: str | Path) -> list[CaptionRow]:
     """Rows of a CSV or JSONL file with ``base_caption`` and ``target_text`` (optional: ``category``,
     ``seed``, ``id``). Every problem is reported with the file and row; nothing is skipped silently."""
@@ -124,7 +146,7 @@ def read_caption_file(path: str | Path) -> list[CaptionRow]:
     if not path.is_file():
         raise SpfbenchError(f"caption file {path} does not exist or is not a file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's UTF-8 CSV) is not part of the header
     except (OSError, UnicodeDecodeError) as e:
         raise SpfbenchError(f"caption file {path} is unreadable: {e}") from None
     if path.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
@@ -141,9 +163,7 @@ def read_caption_file(path: str | Path) -> list[CaptionRow]:
             records.append((lineno, rec))
         columns = set().union(*(r.keys() for _, r in records)) if records else set()
     elif path.suffix.lower() in {".csv", ".tsv"}:
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        columns = set(reader.fieldnames or [])
-        records = [(lineno, rec) for lineno, rec in enumerate(reader, 2)]
+        records, columns = _read_delimited(path, text, "\t" if path.suffix.lower() == ".tsv" else ",")
     else:
         raise SpfbenchError(f"caption file {path}: use a .csv, .tsv or .jsonl file")
     if not records:

@@ -19,6 +19,18 @@ app = typer.Typer(
 )
 
 
+DEBUG_ENV = "SPFBENCH_DEBUG"
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (default: one line)."),
+) -> None:
+    """Evaluation and benchmarking suite for text-driven portrait customization (SPF-Portrait protocol)."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
 def _quiet_libraries() -> None:
     """Libraries' internal deprecation chatter is not the user's business; our own errors are one line."""
     import warnings
@@ -98,6 +110,7 @@ def build_testset(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16, bf16 (default: fp16 on cuda, fp32 on cpu)."),
     vocab: str = typer.Option("v1", help="Version of the built-in caption vocabulary."),
+    long_captions: str = typer.Option("refuse", help="A target caption over CLIP's 77 tokens (its target text never reaches the model): refuse (default) or truncate (kept, with a warning naming the triple)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Build the (original caption, original portrait, target caption) triples; resumable and shardable."""
@@ -136,6 +149,8 @@ def build_testset(
         weights_seed=weights_seed,
         device=device,
         dtype=dtype,
+        long_captions=long_captions,
+        warn=lambda m: typer.echo(m, err=True),
     )
     try:
         r = builder.run(progress=progress)
@@ -475,11 +490,23 @@ def masks(
 
 
 def main() -> None:
+    """The console entry point: bad input and unusable files are one ``error:`` line and exit 2 (``--debug``,
+    or SPFBENCH_DEBUG=1: the traceback instead)."""
     try:
         app()
-    except SpfbenchError as e:
-        typer.echo(f"error: {e}", err=True)
+    except (SpfbenchError, OSError) as e:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        typer.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, SpfbenchError):
+        return str(e)
+    # an OSError no check caught (a disk that filled, a folder made read-only meanwhile): what and where
+    where = " -> ".join(str(f) for f in (getattr(e, "filename", None), getattr(e, "filename2", None)) if f)
+    return f"{e.strerror or type(e).__name__}{': ' + where if where else ''} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -79,7 +79,11 @@ class Runner:
         from .scoring import default_metrics
         from .testset import load_testset
 
+        from . import validate
+
         self.testset, self.data, self.out = Path(self.testset), Path(self.data), Path(self.out)
+        validate.output_folder(self.out)
+        validate.device(self.device, launcher=True)
         if not self.methods:
             raise SpfbenchError("give at least one --method (`spfbench methods` lists them)")
         if len(set(self.methods)) != len(self.methods):
@@ -101,6 +105,15 @@ class Runner:
         if self.preset is None:  # the metrics' world follows the model's: tiny -> tiny, world -> world, else real
             self.preset = spec["preset"] if spec["preset"] in ("tiny", "world") else "real"
         self.metric_ids = list(self.metric_ids or default_metrics(self.preset))
+        from .metrics import REGISTRY as METRICS
+
+        unknown = [m for m in self.metric_ids if m not in METRICS]
+        if unknown:  # before any training: a typo'd metric would otherwise fail after hours of fitting
+            raise SpfbenchError(f"unknown metric {', '.join(unknown)}; `spfbench metrics` lists them: {', '.join(METRICS)}")
+        if len(set(self.metric_ids)) != len(self.metric_ids):
+            raise SpfbenchError("a metric is given twice")
+        for name in self.order():  # every method's config, as fit will read it (artifacts of required methods aside)
+            trainers.method_class(name).Config.from_dict(self.method_config(name), source=f"{name} config")
         if self.curve is not None and self.curve < 1:
             raise SpfbenchError("--curve takes a step interval of at least 1")
         # The customized images are made by the test set's own base model, sampler, batch size and dtype, so
@@ -270,7 +283,9 @@ class Runner:
 
     def _check_config(self, folder: Path, values: dict, state) -> None:
         path = folder / "config.json"
-        if path.is_file():
+        # an attempt that never began training (it failed before) commits to no config: the new one replaces it
+        started = (folder / "train").is_dir() and any(not p.name.startswith(".") for p in (folder / "train").iterdir())
+        if path.is_file() and started:
             old = json.loads(path.read_text())
             if old != values:
                 diff = sorted(k for k in set(old) | set(values) if old.get(k) != values.get(k))

@@ -114,6 +114,10 @@ class Scorer:
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
         if self.dtype not in dtypes:
             raise SpfbenchError(f"unknown dtype {self.dtype!r}; use fp32, fp16 or bf16")
+        from . import validate
+
+        validate.output_folder(self.out)
+        validate.device(self.device)
         self.meta, triples = load_testset(self.testset)
         if self.meta.get("status") != "complete":
             raise SpfbenchError(f"test set {self.testset} is not complete: finish it with the same build-testset command first")
@@ -122,6 +126,7 @@ class Scorer:
                 raise SpfbenchError("--limit must be at least 1")
             triples = triples[: self.limit]
         self.triples: list[Triple] = triples
+        find_images(self.images, [t.id for t in self.triples])  # a wrong --images fails here, before anything is written
         if self.backbones is None:
             self.backbones = Backbones(self.preset, self.device, dtypes[self.dtype], weights=self.weights)
         elif self.backbones.preset != self.preset:
@@ -148,6 +153,9 @@ class Scorer:
         spec_path = self.out / "score.json"
         if spec_path.is_file():
             old = json.loads(spec_path.read_text()).get("spec")
+            if old != self.spec() and not self._scored_anything():  # an attempt that scored nothing commits to nothing
+                old = self.spec()
+                atomic_write_json(spec_path, {"spec": self.spec(), "status": "running"})
             if old != self.spec():
                 diff = sorted(k for k in self.spec() if (old or {}).get(k) != self.spec()[k])
                 raise SpfbenchError(
@@ -155,6 +163,13 @@ class Scorer:
                 )
         else:
             atomic_write_json(spec_path, {"spec": self.spec(), "status": "running"})
+
+    def _scored_anything(self) -> bool:
+        """Whether OUT holds any scored triple (in ``state.pt`` or a process's part file)."""
+        for path in [self.out / "state.pt", *sorted(self.out.glob("state.part-*.pt"))]:
+            if path.is_file() and torch.load(path, map_location="cpu", weights_only=True).get("done"):
+                return True
+        return (self.out / "summary.json").is_file()
 
     def _state(self, done: list[str], inputs: dict) -> dict:
         return {"done": done, "inputs": inputs, "metrics": {k: m.state() for k, m in self.metrics.items()}}

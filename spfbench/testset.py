@@ -121,6 +121,46 @@ def plan_triples(n: int | None, seed: int, rows: list[CaptionRow] | None = None,
     return triples
 
 
+LONG_CAPTIONS = ("refuse", "truncate")
+
+
+def caption_tokens(texts: list[str]) -> list[int]:
+    """CLIP token counts (start and end tokens included) of ``texts``, untruncated: SD's text encoder reads
+    the first :data:`~spfbench.clip_tokenizer.MAX_LENGTH` (77) and drops the rest."""
+    from .clip_tokenizer import clip_tokenizer
+
+    tok = clip_tokenizer()
+    uniq = sorted(set(texts))
+    counts = dict(zip(uniq, (len(ids) for ids in tok(uniq, truncation=False).input_ids)))
+    return [counts[t] for t in texts]
+
+
+def check_caption_lengths(triples: list[Triple], policy: str = "refuse", warn=None) -> dict:
+    """Token counts of the triples' captions against CLIP's 77. A target caption longer than that loses its
+    end, the target text, before the model sees it (the customized image is the base text's), so by default
+    such a triple is refused, naming it; ``policy="truncate"`` keeps it and ``warn``s once per triple.
+    Returns the summary recorded in testset.json (``caption_tokens``)."""
+    from .clip_tokenizer import MAX_LENGTH
+
+    if policy not in LONG_CAPTIONS:
+        raise SpfbenchError(f"--long-captions must be one of {', '.join(LONG_CAPTIONS)}, got {policy!r}")
+    base = caption_tokens([t.base_caption for t in triples])
+    target = caption_tokens([t.target_caption for t in triples])
+    over = [(t, b, c) for t, b, c in zip(triples, base, target) if c > MAX_LENGTH]
+    if over and policy == "refuse":
+        t, b, c = over[0]
+        more = f" (and {len(over) - 1} more)" if len(over) > 1 else ""
+        raise SpfbenchError(f"triple {t.id}: its target caption is {c} CLIP tokens, over the text encoder's {MAX_LENGTH}, so the"
+                            f" target text {t.target_text!r} would never reach the model{more}; shorten the base caption"
+                            f" ({b} tokens), or pass --long-captions truncate to keep such triples")
+    for t, b, c in over:
+        if warn is not None:
+            warn(f"warning: triple {t.id}: target caption of {c} CLIP tokens truncated to {MAX_LENGTH}"
+                 f": the target text {t.target_text!r} is {'cut off entirely' if b >= MAX_LENGTH - 1 else 'cut short'}")
+    return {"limit": MAX_LENGTH, "policy": policy, "base_max": max(base, default=0), "target_max": max(target, default=0),
+            "truncated": [{"id": t.id, "base_tokens": b, "target_tokens": c} for t, b, c in over]}
+
+
 def manifest_text(triples: list[Triple]) -> str:
     return "".join(json.dumps(t.to_row(), ensure_ascii=False) + "\n" for t in triples)
 
@@ -167,6 +207,8 @@ class TestsetBuilder:
         weights_seed: int = 0,
         device: str | None = None,
         dtype: str | None = None,
+        long_captions: str = "refuse",
+        warn=None,
     ):
         from .models import dtype_name, get_preset, resolve_device, resolve_dtype
 
@@ -181,6 +223,7 @@ class TestsetBuilder:
         self.dtype = resolve_dtype(dtype, self.device)
         rows = read_caption_file(captions) if captions is not None else None
         self.triples = plan_triples(n, seed, rows, vocab)
+        self.caption_tokens = check_caption_lengths(self.triples, long_captions, warn)
         # A local path is recorded absolute, so "./rv4" and "/abs/rv4" are the same set on resume.
         model, vae = (str(Path(x).resolve()) if x and Path(x).exists() else x for x in (model, vae))
         self.load_kwargs = dict(model=model, vae=vae, revision=revision, seed=weights_seed)
@@ -201,6 +244,8 @@ class TestsetBuilder:
             "dtype": dtype_name(self.dtype),
             "device_type": self.device.type,
         }
+        if long_captions != "refuse":  # (recorded only when not the default: earlier sets stay resumable)
+            self.spec["long_captions"] = long_captions
         self.manifest = manifest_text(self.triples)
 
     # ------------------------------------------------------------------ folder checks
@@ -217,6 +262,8 @@ class TestsetBuilder:
                 old = meta["spec"]
             except (OSError, ValueError, KeyError, TypeError):
                 raise SpfbenchError(f"{meta_path} is unreadable or not a spfbench test set; use another --out") from None
+            if old != self.spec and self._never_started(meta):
+                return None  # an attempt that failed before its model loaded commits to nothing: replaced
             if old != self.spec:
                 diffs = [k for k in sorted(set(old) | set(self.spec)) if old.get(k) != self.spec.get(k)]
                 detail = "; ".join(f"{k}: {old.get(k)!r} there, {self.spec.get(k)!r} now" for k in diffs[:4])
@@ -232,6 +279,22 @@ class TestsetBuilder:
         if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
             raise SpfbenchError(f"--out {out} is not empty and holds no {META}; use an empty or new folder")
         return None
+
+    def _never_started(self, meta: dict) -> bool:
+        """Whether the folder's test set never got a model (``model`` unset) nor any original image."""
+        originals = self.out / ORIGINALS
+        return meta.get("model") is None and not (originals.is_dir() and any(p.suffix == ".png" for p in originals.iterdir()))
+
+    def _unprepare(self) -> None:
+        """Undo :meth:`_prepare` after an attempt that failed before producing anything (e.g. missing weights):
+        the folder is left as if the command never ran, so the corrected command is not refused."""
+        originals = self.out / ORIGINALS
+        if originals.is_dir() and not any(originals.iterdir()):
+            originals.rmdir()
+        for name in (META, MANIFEST):
+            (self.out / name).unlink(missing_ok=True)
+        if self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def _prepare(self, existing: dict | None) -> None:
         """Create the folder. testset.json is the first entry to appear (atomically), so a shard starting
@@ -274,7 +337,13 @@ class TestsetBuilder:
         todo = [batch for batch in self.my_batches() if not all(self.image_path(t).is_file() for t in batch)]
         generated = 0
         if todo:
-            generated = self._generate(todo, progress, pipeline)
+            try:
+                generated = self._generate(todo, progress, pipeline)
+            except SpfbenchError:
+                # (one shard only: another may be at work in the folder)
+                if self.shard.count == 1 and self._never_started(json.loads((self.out / META).read_text())):
+                    self._unprepare()
+                raise
         present = self.present()
         complete = present == len(self.triples)
         if complete:
@@ -294,6 +363,7 @@ class TestsetBuilder:
             "categories": dict(sorted(Counter(t.category for t in self.triples).items())),
             "files": {"manifest": MANIFEST, "originals": ORIGINALS + "/", "checksums": CHECKSUMS},
             "triples_sha256": hashlib.sha256(self.manifest.encode()).hexdigest(),
+            "caption_tokens": self.caption_tokens,
             "content_sha256": None,
             "environment": None,
         }
@@ -411,8 +481,19 @@ def load_testset(folder: str | os.PathLike) -> tuple[dict, list[Triple]]:
     meta_path, manifest_path = folder / META, folder / MANIFEST
     if not meta_path.is_file() or not manifest_path.is_file():
         raise SpfbenchError(f"{folder} is not a test set folder ({META} and {MANIFEST} expected)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise SpfbenchError(f"{folder}: test set format {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-    triples = [Triple(**json.loads(line)) for line in manifest_path.read_text().splitlines() if line.strip()]
+    from .validate import read_json
+
+    meta = read_json(meta_path, "a test set's description (build-testset writes it)")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        raise SpfbenchError(f"{folder}: test set format {got} is not supported (expected {FORMAT_VERSION})")
+    triples = []
+    for k, line in enumerate(manifest_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            triples.append(Triple(**json.loads(line)))
+        except (ValueError, TypeError):
+            raise SpfbenchError(f"{manifest_path}, line {k}: not a triple row (corrupt or edited by hand); rebuild the test set"
+                                " with its build-testset command into a new --out") from None
     return meta, triples

@@ -98,7 +98,11 @@ class Trainer:
         weights_seed: int = 0,
         device: str | None = None,
     ):
+        from spfbench import validate
+
         self.method, self.data, self.out = method, Path(data), Path(out)
+        validate.output_folder(self.out)
+        validate.device(device, launcher=True)
         self.cfg = method.config
         self.model_kwargs = {"preset": preset, "model": model, "vae": vae, "seed": weights_seed}
         self.device = device

@@ -73,7 +73,9 @@ def make_world_set(out: str | os.PathLike, split: str, n: int, seed: int = 0, si
         raise SpfbenchError(f"n must be positive, got {n}")
     if not 16 <= size <= 1024:
         raise SpfbenchError(f"size must be between 16 and 1024 pixels, got {size}")
-    out = Path(out)
+    from ..validate import output_folder
+
+    out = output_folder(out)
     spec = {
         "format_version": FORMAT_VERSION,
         "generator": "spfbench-world",
@@ -123,9 +125,14 @@ def world_captions(n: int, seed: int = 0) -> list[dict]:
 
 def write_world_captions(path: str | os.PathLike, n: int, seed: int = 0) -> Path:
     """:func:`world_captions` written atomically as JSONL (``.jsonl``: the rows carry nested attributes)."""
+    from ..validate import output_file
+
     path = Path(path)
     if path.suffix.lower() != ".jsonl":
         raise SpfbenchError(f"world captions are written as JSONL (rows carry nested attributes): name the file .jsonl, got {path.name!r}")
+    if n <= 0:
+        raise SpfbenchError(f"--n must be positive, got {n}")
+    output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in world_captions(n, seed)))
     return path
