@@ -70,9 +70,11 @@ def load(run: Path) -> dict:
     for m in names:
         folder = run / "methods" / m
         status = _json(folder / "status.json", {}) or {}
+        artifact = _json(Path(status["artifact"]) / "method.json", {}) if status.get("artifact") else {}
         methods.append({
             "name": m, "folder": folder, "status": status.get("status", "not started"),
             "error": status.get("error"), "stage": status.get("stage"), "traceback": status.get("traceback"),
+            "notes": list((artifact or {}).get("notes") or []),
             "summary": _json(folder / "score" / "summary.json", {}) or {},
             "samples": _samples(folder / "score"),
         })
@@ -165,6 +167,15 @@ def _table1_html(table: table1.Table, paper: bool, columns: list[str]) -> str:
     return f"<table><tr><th>Method</th>{head}</tr>{''.join(body)}</table>"
 
 
+def _run_status(info: dict, methods: list[dict]) -> str:
+    """The run's status as its methods' outcomes say (a run whose every method failed is not "complete")."""
+    status = str(info.get("status", "-"))
+    failed = [m["name"] for m in methods if m["status"] == "failed"]
+    if failed and status == "complete":  # a run.json written before statuses were derived from the methods
+        status = "failed" if len(failed) == len(methods) else "partial"
+    return status + (f" ({len(failed)} of {len(methods)} methods failed: {', '.join(failed)})" if failed else "")
+
+
 def _header_html(data: dict) -> str:
     spec, info = data["spec"], data["info"]
     sha = str(spec.get("testset_content_sha256") or "")[:12]
@@ -174,10 +185,12 @@ def _header_html(data: dict) -> str:
              ("Triples", escape(str(spec.get("triples", len(data["triples"]))))),
              ("Metrics preset", escape(str(spec.get("preset", "-")))),
              ("Metrics", escape(", ".join(spec.get("metrics", [])))),
-             ("Limit", escape(str(spec.get("limit")))), ("Run status", escape(str(info.get("status", "-"))))]
+             ("Limit", escape(str(spec.get("limit")))), ("Run status", escape(_run_status(info, data["methods"])))]
     out = ["<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>", "<ul class='methods'>"]
     for m in data["methods"]:
         line = f"<b>{escape(m['name'])}</b> <span class='st {escape(m['status'])}'>{escape(m['status'])}</span>"
+        for note in m.get("notes", []):
+            line += f" <span class='note'>note: {escape(note)}</span>"
         if m["status"] == "failed":
             line += f" at stage <code>{escape(str(m['stage']))}</code>: <span class='err'>{escape(str(m['error']))}</span>"
             if m["traceback"]:
@@ -252,7 +265,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 th{background:#f4f4f4}tr.abl th,tr.abl td{color:#666}tr.grp td,tr.grp th{border-top:2px solid #888}
 small{color:#666}dl{display:grid;grid-template-columns:max-content auto;gap:0 1em}dt{font-weight:bold}dd{margin:0}
 .st{padding:0 4px;border-radius:3px;background:#ddd}.st.complete{background:#cfc}.st.failed{background:#fcc}
-.err{color:#a00}pre{font-size:11px;max-height:20em;overflow:auto;background:#f8f8f8}img.curve{max-width:800px}
+.err{color:#a00}.note{color:#850}pre{font-size:11px;max-height:20em;overflow:auto;background:#f8f8f8}img.curve{max-width:800px}
 #controls{position:sticky;top:0;background:#fff;padding:4px 0;z-index:2;border-bottom:1px solid #ccc}
 .row{display:flex;gap:8px;align-items:flex-start;border-bottom:1px solid #eee;padding:6px 0}
 .cap{width:220px;flex:none;font-size:12px}.cap .id{font-family:monospace;color:#666}

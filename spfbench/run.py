@@ -202,7 +202,9 @@ class Runner:
             if outcomes[name].status == "running":
                 self._evaluate(outcomes[name], state)
         if state.is_main_process:
-            record["status"] = "complete"
+            failed = [m for m in self.methods if outcomes[m].status == "failed"]
+            record["status"] = "complete" if not failed else ("failed" if len(failed) == len(self.methods) else "partial")
+            record["failed_methods"] = failed
             atomic_write_json(self.out / "run.json", record)
             write_reports(self.out)
         state.wait_for_everyone()
@@ -449,7 +451,11 @@ def build_table(run: Path, kind: str = "score"):
     for m, st in statuses.items():
         folder = run / "methods" / m / kind
         if st["status"] == "complete" and (folder / "summary.json").is_file():
-            rows.append(table1.read_scores(folder, m))
+            row = table1.read_scores(folder, m)
+            meta = Path(st["artifact"]) / "method.json" if st.get("artifact") else None
+            if meta is not None and meta.is_file():
+                row = dataclasses.replace(row, notes=tuple(json.loads(meta.read_text()).get("notes") or ()))
+            rows.append(row)
         elif st["status"] == "failed":
             rows.append(table1.Row(method=m, cells={}, ablation=table1.is_ablation(m), error=f"{st.get('stage')}: {st.get('error')}"))
         else:
@@ -461,7 +467,7 @@ def to_json(table, record: dict) -> str:
     rows = []
     for r in table.rows:
         rows.append({"method": r.method, "ablation": r.ablation, "status": "failed" if r.error else "complete", "error": r.error,
-                     "metrics": {col: dataclasses.asdict(c) for col, c in r.cells.items()}})
+                     "notes": list(r.notes), "metrics": {col: dataclasses.asdict(c) for col, c in r.cells.items()}})
     return json.dumps({"spec": record["spec"], "environment": record.get("environment"), "rows": rows}, indent=2, ensure_ascii=False) + "\n"
 
 

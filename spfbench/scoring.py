@@ -327,6 +327,7 @@ class Scorer:
             "missing_images": missing,
             "unreadable_images": len(inputs) - missing,
             "unmatched_files": len(stray),
+            "unmatched_examples": stray[:5],
             "metrics": {k: m.compute() for k, m in self.metrics.items()},
         }
         atomic_write_json(self.out / "summary.json", summary)
@@ -349,4 +350,7 @@ def format_summary(summary: dict) -> str:
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
     notes = [f"{k}: {r['error']}" for k, r in summary["metrics"].items() if r.get("error")]
     counts = f"{summary['triples']} triples; {summary['missing_images']} missing, {summary['unreadable_images']} unreadable customized images"
+    if summary.get("unmatched_files"):  # e.g. a misnamed file: the image of a triple that counts as missing
+        ex = ", ".join(summary.get("unmatched_examples") or [])
+        counts += f"; {summary['unmatched_files']} image file(s) named by no triple id{f' ({ex})' if ex else ''}"
     return "\n".join([text, counts, *notes])

@@ -81,6 +81,7 @@ class Row:
     ablation: bool = False
     source: str = "ours"  # "ours" or "paper"
     error: str | None = None  # a method that failed: its row has no values, only this
+    notes: tuple[str, ...] = ()  # what its fit recorded for the reader (trainers' ``training_notes``)
 
     @property
     def label(self) -> str:
@@ -283,7 +284,10 @@ def to_markdown(table: Table, paper: bool = False) -> str:
             cells.append(s)
         if r.error:
             cells = [f"failed: {r.error}".replace("|", "\\|").replace("\n", " ")] + [""] * (len(cols) - 1)
-        lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.label}{' *' if r.notes else ''} | " + " | ".join(cells) + " |")
+    notes = [f"* {r.label}: {n}" for r in rows for n in r.notes]
+    if notes:
+        lines += ["", "\\* Notes recorded by the fit:", "", *notes]
     return "\n".join(lines) + "\n"
 
 

@@ -66,6 +66,8 @@ def _cases():
          "no image in", ["o7"]),
         ("testset-long-captions-option", ["build-testset", "--preset", "tiny", "--n", "2", "--long-captions", "cut", "--out", "{r}/o8"],
          "--long-captions must be one of refuse, truncate", ["o8"]),
+        ("train-missing-weights", ["train", "--method", "naive", "--preset", "realistic-vision-v4", "--data", "{r}/data", "--max-steps", "2",
+                                   "--out", "{r}/o10"], "missing weights", ["o10"]),
         ("testset-bad-device", ["build-testset", "--preset", "tiny", "--n", "2", "--device", "gpu", "--out", "{r}/o9"],
          "bad --device 'gpu'", ["o9"]),
     ]
@@ -195,3 +197,14 @@ def test_a_target_past_77_tokens_is_refused_or_truncated_with_a_warning(tmp_path
     (row,) = meta["caption_tokens"]["truncated"]
     assert row["target_tokens"] == t and row["id"] in err and "warning:" in err
     assert meta["caption_tokens"]["base_max"] == b and meta["spec"]["long_captions"] == "truncate"
+
+
+def test_a_misnamed_image_is_named_in_the_summary(world, tmp_path, cli):
+    imgs = tmp_path / "imgs"
+    shutil.copytree(world / "images", imgs)
+    first = sorted(imgs.glob("*.png"))[0]
+    first.rename(imgs / "renamed.png")
+    code, out, err = cli("score", "--testset", world / "ts", "--images", imgs, "--preset", "tiny", "--metric", "lpips@alex-v0.1",
+                         "--no-progress", "--out", tmp_path / "s")
+    assert code == 0, err
+    assert "1 missing" in out and "1 image file(s) named by no triple id (renamed.png)" in out

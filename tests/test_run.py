@@ -202,6 +202,26 @@ def test_failing_method_is_recorded_and_the_other_finishes(world, cli, monkeypat
     assert pd.notna(df.loc["naive", "LPIPS"])
     assert "% broken: failed (fit: RuntimeError: adapter exploded)" in (out / "results.tex").read_text()
     assert "adapter exploded" in (out / "index.html").read_text()
+    # the run is not "complete" when a method failed (issue 22: every method failed and the page said complete)
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "partial" and record["failed_methods"] == ["broken"]
+    assert "partial (1 of 2 methods failed: broken)" in (out / "index.html").read_text()
+    code, _, _ = cli(*run_args(world, world / "broken-all", "broken", extra=["--limit", "4"]))
+    assert code == 1 and json.loads((world / "broken-all" / "run.json").read_text())["status"] == "failed"
+    assert "failed (1 of 1 methods failed: broken)" in (world / "broken-all" / "index.html").read_text()
+
+
+def test_tokencompose_without_masks_says_so_beside_its_row(world, cli):
+    # issue 22: without masks TokenCompose is naive fine-tuning; its row looked like any other
+    out = world / "tc-no-masks"
+    code, stdout, err = cli(*run_args(world, out, "tokencompose", "naive", extra=["--limit", "2"]))
+    assert code == 0, stdout + err
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert len(rows["tokencompose"]["notes"]) == 1 and "no grounding loss applied" in rows["tokencompose"]["notes"][0]
+    assert rows["naive"]["notes"] == []
+    md = (out / "results.md").read_text()
+    assert "| tokencompose * |" in md and "* tokencompose: no attn_list masks" in md
+    assert "note: no attn_list masks" in (out / "index.html").read_text()
 
 
 def test_changed_spec_or_config_is_refused_without_touching_the_run(world, full_run, cli, tmp_path):
@@ -285,6 +305,7 @@ def test_every_registered_method_completes(world, cli, tmp_path):
     df = pd.read_csv(tmp_path / "all" / "results.csv")
     assert sorted(df["method"]) == sorted(trainers.REGISTRY)
     assert df["error"].isna().all() and df["LPIPS N"].eq(2).all() and df["MPS N"].eq(2).all()
+    assert all(r["notes"] == [] for r in json.loads((tmp_path / "all" / "results.json").read_text())["rows"])  # masks present
 
 
 def test_accelerate_launch_shards_generation_and_scoring(world, full_run, tmp_path):

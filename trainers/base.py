@@ -135,6 +135,11 @@ class Method(ABC):
     def setup(self, models: Models) -> list[torch.nn.Parameter]:
         """Freeze what stays fixed, add adapters; return the parameters the optimizer trains."""
 
+    def training_notes(self) -> list[str]:
+        """What a reader of the results must know about this fit (a loss that never applied, a fallback),
+        one line each; recorded in the artifact's ``method.json`` and shown beside the method's Table 1 row."""
+        return []
+
     def loss(self, models: Models, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Default: the diffusion loss on the complete captions."""
         latents, text = encode_batch(models, batch, generator)

@@ -303,7 +303,7 @@ class Trainer:
             self.method.save_artifact(unwrapped, tmp)
             atomic_write_json(tmp / ARTIFACT_META, {"method": self.method.name, "config": cfg.to_dict(), "steps": step,
                                                      "model": info.to_dict(), "data": str(self.data.resolve()),
-                                                     "data_fingerprint": fingerprint})
+                                                     "data_fingerprint": fingerprint, "notes": self.method.training_notes()})
             shutil.rmtree(artifact, ignore_errors=True)
             tmp.rename(artifact)
             atomic_write_json(self.out / "run.json", {"identity": identity, "config": cfg.to_dict(), "status": "complete", "steps": step,

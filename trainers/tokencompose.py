@@ -169,6 +169,10 @@ class TokenCompose(Naive):
         self.handle = None
         self._masks: dict[tuple[int, str], torch.Tensor] = {}
         self._tokens: dict[tuple[int, str], list[int]] = {}
+        self._notes: list[str] = []
+
+    def training_notes(self) -> list[str]:
+        return list(self._notes)
 
     def bind_dataset(self, dataset) -> None:
         """The training set (a :class:`spfbench.data.PortraitDataset`): mask paths are resolved against
@@ -181,7 +185,9 @@ class TokenCompose(Naive):
         if self.dataset is not None:
             n_masks = sum(1 for r in self.dataset.records for p in (r.extras.get(_ATTN_LIST) or []) if p[1] is not None)
         if n_masks == 0:
-            log.warning("tokencompose: no attn_list masks in the training data; no grounding loss applies (training is naive fine-tuning)")
+            note = "no attn_list masks in the training data: no grounding loss applied (naive fine-tuning in effect; `spfbench masks` makes them)"
+            log.warning(f"tokencompose: {note}")
+            self._notes.append(note)
             return params
         if self.dataset.random_flip and self.config.cache_encodings:
             raise SpfbenchError("tokencompose: random_flip with cache_encodings cannot follow the flips for the masks; turn one off")
