@@ -38,17 +38,18 @@ POSE_DX = {"front": 0.0, "turned left": -0.05, "turned right": 0.05}
 HAT_RGB = (92, 58, 34)
 HAT_BAND = (200, 40, 44)
 LIPS_F = (206, 46, 70)
-# the targets' looks (docs/world.md, "Targets"): freckles are spots of FRECKLE_RADIUS (a fraction of the
+# the targets' looks (docs/world.md, "Target looks"; the v2 looks, which the shipped reader and world CLIP
+# know; bolder v3 looks are being built): freckles are spots of FRECKLE_RADIUS (a fraction of the
 # width) at FRECKLE_SPOTS (offsets from the face's centre line, mirrored on both cheeks), darker on light
 # skin and lighter on dark skin; glasses are an open frame GLASSES_RIM line widths thick round visible
 # eyes (lenses GLASSES_RADIUS wide), sunglasses a thin dark frame with dark lenses
-FRECKLE_RADIUS = 0.018
+FRECKLE_RADIUS = 0.011
 FRECKLE_SPOTS = ((0.03, 0.02), (0.06, 0.035), (0.09, 0.02), (0.045, 0.055), (0.075, 0.06), (0.1, 0.045))
-FRECKLE_ON_LIGHT = (120, 50, 28)
-FRECKLE_ON_DARK = (235, 170, 130)
+FRECKLE_ON_LIGHT = (150, 70, 40)
+FRECKLE_ON_DARK = (222, 150, 110)
 GLASSES_FRAME = (20, 20, 24)
-GLASSES_RIM = 2
-GLASSES_RADIUS = 0.05
+GLASSES_RIM = 1
+GLASSES_RADIUS = 0.042
 SUNGLASSES_FRAME = (20, 20, 24)
 SUNGLASSES_LENS = (16, 16, 22)
 
