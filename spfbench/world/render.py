@@ -336,7 +336,7 @@ def _draw(attrs: dict, size: int, variant, record: bool):
         d.part = "eyewear"
         sun = attrs["eyewear"] == "sunglasses"
         frame = SUNGLASSES_FRAME if sun else GLASSES_FRAME
-        rim = lw * (1 if sun else GLASSES_RIM)
+        rim = max(1, round(lw * (1 if sun else GLASSES_RIM)))
         gr = 0.042 if sun else GLASSES_RADIUS
         for s in (-1, 1):
             x = fx + s * ex
