@@ -241,6 +241,34 @@ def _resume(out: Path, args: dict, what: str, opt, sched, g, log):
     return ck, ck["step"], ck["seconds"]
 
 
+def _step_loop(step: int, steps: int, stop_at: int | None, one_step, sched, log_path: Path, save_ckpt, elapsed,
+               ckpt_every: int, log_every: int, desc: str, progress: bool) -> int:
+    """Run training steps ``step`` .. ``min(steps, stop_at)``: ``one_step(step)`` does one optimizer step and
+    returns the numbers to log (averaged over each ``log_every`` rows of ``log_path``, with the learning
+    rate and ``elapsed()`` seconds); ``save_ckpt(step)`` every ``ckpt_every`` steps and at the end. Returns
+    the step reached. One skeleton for the VAE, decoder and UNet trainings."""
+    from tqdm import tqdm
+
+    end = steps if stop_at is None else min(steps, stop_at)
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress)
+    run: list[dict] = []
+    while step < end:
+        run.append(one_step(step))
+        step += 1
+        bar.update(1)
+        if step % log_every == 0 or step == end:
+            row = {"step": step, **{k: sum(r[k] for r in run) / len(run) for k in run[0]}, "lr": sched.get_last_lr()[0],
+                   "seconds": round(elapsed(), 1)}
+            _append_log(log_path, row)
+            first = next(iter(run[0]))
+            bar.set_postfix({first: f"{row[first]:.4f}"})
+            run = []
+        if step % ckpt_every == 0 or step == end:
+            save_ckpt(step)
+    bar.close()
+    return step
+
+
 class _EMA:
     def __init__(self, modules, decay: float):
         self.decay = decay
@@ -303,7 +331,6 @@ def train_vae(
     Finished folders (card present with the same arguments) are returned as they are."""
     import torch
     from diffusers import AutoencoderKL
-    from tqdm import tqdm
 
     args = dict(n=n, steps=steps, batch_size=batch_size, seed=seed, lr=lr, kl_weight=kl_weight, detail_weight=detail_weight,
                 warmup=warmup, overrides=overrides or {})
@@ -328,17 +355,14 @@ def train_vae(
     log(f"rendering {n} VAE training images ...")
     x_all, detail_all = render_batch_details([vae_mix(i, seed) for i in range(n)], list(range(n)))
 
-    def save_ckpt():
+    def save_ckpt(step):
         _atomic_torch_save(
             {"args": args, "step": step, "seconds": seconds_before + time.time() - t0, "vae": vae.state_dict(),
              "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": g.get_state()},
             ckpt_path,
         )
 
-    end = steps if stop_at is None else min(steps, stop_at)
-    bar = tqdm(total=steps, initial=step, desc="vae", disable=not progress)
-    run = []
-    while step < end:
+    def one_step(step):
         idx = torch.randint(0, n, (batch_size,), generator=g)
         x = _to_float(x_all[idx])
         w = 1.0 + detail_weight * detail_all[idx].float()
@@ -353,18 +377,10 @@ def train_vae(
         loss.backward()
         opt.step()
         sched.step()
-        step += 1
-        run.append((l1.item(), kl.item()))
-        bar.update(1)
-        if step % log_every == 0 or step == end:
-            row = {"step": step, "l1": sum(r[0] for r in run) / len(run), "kl": sum(r[1] for r in run) / len(run),
-                   "lr": sched.get_last_lr()[0], "seconds": round(seconds_before + time.time() - t0, 1)}
-            _append_log(log_path, row)
-            bar.set_postfix(l1=f"{row['l1']:.4f}")
-            run = []
-        if step % ckpt_every == 0 or step == end:
-            save_ckpt()
-    bar.close()
+        return {"l1": l1.item(), "kl": kl.item()}
+
+    step = _step_loop(step, steps, stop_at, one_step, sched, log_path, save_ckpt, lambda: seconds_before + time.time() - t0,
+                      ckpt_every, log_every, "vae", progress)
     if step < steps:
         log(f"stopped at step {step} of {steps} (checkpoint {ckpt_path}); run again to continue")
         return vae
@@ -658,7 +674,6 @@ def train_unet(
     """
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
 
     if lr_schedule not in ("cosine", "constant"):
         raise SpfbenchError(f"lr_schedule must be cosine or constant, got {lr_schedule!r}")
@@ -757,7 +772,7 @@ def train_unet(
     hidden = _caption_states(te, ids, empty_ids) if frozen_te else None  # (distinct captions + "", 77, hidden), row index per render
     details = _detail_cache(out, n, seed, latents.shape[-1], log).to(dev) if detail_weight else None
 
-    def save_ckpt():
+    def save_ckpt(step):
         _atomic_torch_save(
             {"args": args, "step": step, "seconds": seconds_before + time.time() - t0, "unet": unet.state_dict(),
              "text_encoder": te.state_dict(), **({"text_encoder_config": te.config.to_dict()} if frozen_te else {}), "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": g.get_state(),
@@ -765,10 +780,7 @@ def train_unet(
             ckpt_path,
         )
 
-    end = steps if stop_at is None else min(steps, stop_at)
-    bar = tqdm(total=steps, initial=step, desc="unet", disable=not progress)
-    run = []
-    while step < end:
+    def one_step(step):
         idx = torch.randint(0, n, (batch_size,), generator=g).to(dev)
         x0 = latents[idx]
         drop = (torch.rand(batch_size, generator=g) < caption_dropout).to(dev)
@@ -794,20 +806,11 @@ def train_unet(
         sched.step()
         if ema is not None:
             ema.update(offset + step)
-        step += 1
-        run.append((loss.item(), mse.item()))
-        bar.update(1)
-        if step % log_every == 0 or step == end:
-            row = {"step": step, "loss": sum(r[0] for r in run) / len(run), "lr": sched.get_last_lr()[0],
-                   "seconds": round(seconds_before + time.time() - t0, 1)}
-            if details is not None:  # the weighted loss is trained; the plain MSE compares with other stages
-                row["mse"] = sum(r[1] for r in run) / len(run)
-            _append_log(log_path, row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-            run = []
-        if step % ckpt_every == 0 or step == end:
-            save_ckpt()
-    bar.close()
+        # the weighted loss is trained; the plain MSE (logged beside it) compares with other stages
+        return {"loss": loss.item(), **({"mse": mse.item()} if details is not None else {})}
+
+    step = _step_loop(step, steps, stop_at, one_step, sched, log_path, save_ckpt, lambda: seconds_before + time.time() - t0,
+                      ckpt_every, log_every, "unet", progress)
     done = step >= steps
     if not done:
         log(f"stopped at step {step} of {steps} (checkpoint {ckpt_path}); run again to continue")

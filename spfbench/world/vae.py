@@ -133,11 +133,10 @@ def finetune_decoder(
     before and after on ``val_n`` renders, read by ``reader``, default the shipped one; evaluated when ``eval_n``). ``stop_at`` stops after that step with a checkpoint, as
     if killed; the next call continues. Returns the card, or None when stopped early."""
     import torch
-    from tqdm import tqdm
 
     from .reader import load_reader
     from .model import (
-        CARD, _append_log, _atomic_torch_save, _lr_lambda, _resume, _save_and_evaluate, _to_float, load_world_pipeline,
+        CARD, _atomic_torch_save, _lr_lambda, _resume, _save_and_evaluate, _step_loop, _to_float, load_world_pipeline,
         parameter_counts, render_batch_details, vae_mix,
     )
 
@@ -179,14 +178,11 @@ def finetune_decoder(
     mean_all, std_all = posteriors(vae, x_all)
     ckpt_path, log_path = work / "checkpoint.pt", work / "log.jsonl"
 
-    def save_ckpt():
+    def save_ckpt(step):
         _atomic_torch_save({"args": args, "step": step, "seconds": seconds_before + time.time() - t0, "decoder": _decoder_state(vae),
                             "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": g.get_state(), "before": before}, ckpt_path)
 
-    end = steps if stop_at is None else min(steps, stop_at)
-    bar = tqdm(total=steps, initial=step, desc="vae decoder", disable=not progress)
-    run = []
-    while step < end:
+    def one_step(step):
         idx = torch.randint(0, n, (batch_size,), generator=g)
         x = _to_float(x_all[idx])
         w = 1.0 + detail_weight * detail_all[idx].float()
@@ -197,17 +193,10 @@ def finetune_decoder(
         loss.backward()
         opt.step()
         sched.step()
-        step += 1
-        run.append(err.mean().item())
-        bar.update(1)
-        if step % log_every == 0 or step == end:
-            row = {"step": step, "l1": sum(run) / len(run), "lr": sched.get_last_lr()[0], "seconds": round(seconds_before + time.time() - t0, 1)}
-            _append_log(log_path, row)
-            bar.set_postfix(l1=f"{row['l1']:.4f}")
-            run = []
-        if step % ckpt_every == 0 or step == end:
-            save_ckpt()
-    bar.close()
+        return {"l1": err.mean().item()}
+
+    step = _step_loop(step, steps, stop_at, one_step, sched, log_path, save_ckpt, lambda: seconds_before + time.time() - t0,
+                      ckpt_every, log_every, "vae decoder", progress)
     if step < steps:
         log(f"stopped at step {step} of {steps} (checkpoint {ckpt_path}); run again to continue")
         return None
