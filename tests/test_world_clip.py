@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from spfbench.errors import SpfbenchError
 from spfbench.world import clip as wc
 from spfbench.world.attributes import SCHEMA, TARGET_TEXTS
 from spfbench.world.reader import sample_uniform
@@ -169,3 +170,18 @@ def test_training_a_few_steps_lowers_the_loss(tmp_path):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
     model, _, _ = wc.load_world_clip(tmp_path / "c.safetensors")
     assert model.token_embedding.weight.abs().sum(1).gt(0).sum() == card["architecture"]["token_rows_stored"]
+
+
+def test_image_tower_fine_tune_keeps_the_text_tower_bit_identical(tmp_path):
+    # new target looks retrain the image side; the world model's frozen text encoder is the text tower
+    quiet = dict(n_images=48, batch_size=24, threads=1, n_eval=0, log=lambda *_: None)
+    wc.train_world_clip(tmp_path / "a.safetensors", steps=4, lr=2e-3, **quiet)
+    card = wc.train_world_clip(tmp_path / "b.safetensors", steps=4, lr=2e-3, init=tmp_path / "a.safetensors", freeze_text=True, seed=1, **quiet)
+    a, b = (wc.load_world_clip(tmp_path / f"{k}.safetensors")[0].state_dict() for k in "ab")
+    text = [k for k in a if not k.startswith("visual.")]
+    assert "logit_scale" in text and "token_embedding.weight" in text and "text_projection" in text
+    assert all(torch.equal(a[k], b[k]) for k in text)
+    assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("visual."))
+    assert card["training"]["init"]["frozen"].startswith("text tower") and "--freeze-text" in card["training"]["command"]
+    with pytest.raises(SpfbenchError, match="freeze_text keeps a trained text tower: give init"):
+        wc.train_world_clip(None, steps=1, freeze_text=True, **quiet)

@@ -421,12 +421,21 @@ def train_world_clip(
     threads: int = 2,
     n_eval: int = 500,
     cache: str | os.PathLike | None = None,
+    init: str | os.PathLike | None = None,
+    freeze_text: bool = False,
     log=print,
 ) -> dict:
     """Train the world CLIP on ``n_images`` cached renders for ``steps`` steps; save weights + card at
-    ``out`` (None: do not save); ``cache``: a file keeping the rendered images between runs. Returns the card (with ``losses`` and the model under ``_model``)."""
+    ``out`` (None: do not save); ``cache``: a file keeping the rendered images between runs. Returns the card (with ``losses`` and the model under ``_model``).
+
+    ``init``: start from the world CLIP saved there instead of random weights; ``freeze_text`` (needs
+    ``init``): train the image tower only, the text tower and the temperature kept bit-identical, as the
+    world model's frozen text encoder is that tower (docs/world.md, "World CLIP": new target looks retrain
+    the image side without touching what the UNet was trained against)."""
     import torch
 
+    if freeze_text and init is None:
+        raise SpfbenchError("freeze_text keeps a trained text tower: give init (the world CLIP to start from)")
     t0 = time.time()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -444,12 +453,17 @@ def train_world_clip(
     t_render = time.time() - t0
     log(f"rendered in {t_render:.0f} s")
     tokenizer = world_tokenizer()
-    model = world_clip_model(seed).train()
+    model = (load_world_clip(init)[0] if init is not None else world_clip_model(seed)).train()
+    text_params = [p for n, p in model.named_parameters() if not n.startswith("visual.")] if freeze_text else []
+    for p in text_params:
+        p.requires_grad_(False)
     # auxiliary heads (training only, not saved): one linear classifier per attribute on the normalised
     # image embedding, so every image gets a gradient for every attribute at every step
     heads = torch.nn.ModuleList(torch.nn.Linear(CONFIG["embed_dim"], len(SCHEMA[a])) for a in ATTRIBUTES)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (decay if p.ndim >= 2 and "embedding" not in name and name not in ("visual.class_embedding",) else no_decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}, {"params": list(heads.parameters()), "weight_decay": 0.0}],
@@ -464,6 +478,8 @@ def train_world_clip(
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     seen = torch.zeros(model.vocab_size, dtype=torch.bool)
+    if init is not None:  # the rows the initial model stores stay stored
+        seen |= model.token_embedding.weight.detach().abs().sum(1) > 0
     losses = []
     run = 0.0
     aux_acc = torch.zeros(len(ATTRIBUTES))
@@ -480,7 +496,8 @@ def train_world_clip(
         truth = truth_matrix(y_all[idx], c)
         x = _normalize(_augment(x_all[idx].float() / 255.0, g))
         fi = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
-        ft = torch.nn.functional.normalize(_encode_text_bucketed(model, tok), dim=-1)
+        with torch.set_grad_enabled(not freeze_text):
+            ft = torch.nn.functional.normalize(_encode_text_bucketed(model, tok), dim=-1)
         loss = multi_positive_clip_loss(fi, ft, model.logit_scale.exp(), truth)
         if aux_weight:
             yb = y_all[idx]
@@ -493,8 +510,9 @@ def train_world_clip(
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        if not freeze_text:
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         run += losses[-1]
         if (step + 1) % 50 == 0 or step + 1 == steps:
@@ -519,7 +537,10 @@ def train_world_clip(
             "token_rows_stored": int(seen.sum()),
         },
         "training": {
-            "command": f"python -m spfbench.world.clip --out {out} --n-images {n_images} --steps {steps} --batch-size {bs} --seed {seed} --lr {lr} --aux-weight {aux_weight}",
+            "command": f"python -m spfbench.world.clip --out {out} --n-images {n_images} --steps {steps} --batch-size {bs} --seed {seed} --lr {lr} --aux-weight {aux_weight}"
+            + (f" --init {init}" if init is not None else "") + (" --freeze-text" if freeze_text else ""),
+            **({"init": {"path": str(init), "sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest(),
+                         "frozen": "text tower and temperature (bit-identical)" if freeze_text else None}} if init is not None else {}),
             "n_images": n_images,
             "mix": "30% pretrain, 30% finetune, 40% uniform stream (index mod 10), variant jitter, light augmentation",
             "texts": "per image and step: 50% one phrase alone (attribute weighted by TEXT_WEIGHTS: background 0.15, clothing colour 0.5, style 0.4, the rest 1; a present target's bare text 20% of the time), 40% 2-3 weighted phrases, 10% complete caption + 1-2 unnamed fine-attribute phrases",
@@ -589,8 +610,14 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--cache", default=None, help="file keeping the rendered training images between runs")
+    p.add_argument("--init", default=None, help="start from this world CLIP (.safetensors) instead of random weights")
+    p.add_argument("--freeze-text", action="store_true", help="with --init: train the image tower only (text tower and temperature unchanged)")
     a = p.parse_args(argv)
-    train_world_clip(a.out, a.n_images, a.steps, a.batch_size, a.seed, lr=a.lr, aux_weight=a.aux_weight, threads=a.threads, n_eval=a.n_eval, cache=a.cache)
+    try:
+        train_world_clip(a.out, a.n_images, a.steps, a.batch_size, a.seed, lr=a.lr, aux_weight=a.aux_weight, threads=a.threads,
+                         n_eval=a.n_eval, cache=a.cache, init=a.init, freeze_text=a.freeze_text)
+    except SpfbenchError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":
