@@ -73,3 +73,15 @@ def test_bad_vae_options_are_refused_before_any_rendering(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match="no VAE at"):
         R.main(["--out", str(tmp_path / "r.safetensors"), "--vae", str(tmp_path)])
     assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_a_wider_reader_is_saved_and_loaded_with_its_widths(tmp_path):
+    card = R.train_reader(tmp_path / "w.safetensors", widths=(8, 16, 24, 32), hidden=48, **SMALL)
+    reader = R.load_reader(tmp_path / "w.safetensors")
+    convs = [m for m in reader.model.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16, 24, 32] and reader.model.heads["subject"].in_features == 48
+    assert "--widths 8,16,24,32 --hidden 48" in card["training"]["command"] and "[16, 24, 32]" in card["architecture"]
+    with pytest.raises(SpfbenchError, match="widths must be 4 positive channel counts"):
+        R.train_reader(tmp_path / "x.safetensors", widths=(8, 16), **SMALL)
+    with pytest.raises(SystemExit, match="--widths takes comma-separated integers"):
+        R.main(["--out", str(tmp_path / "x.safetensors"), "--widths", "8,a"])

@@ -210,6 +210,8 @@ def train_reader(
     threads: int = 2,
     vae: str | os.PathLike | None = None,
     vae_share: float = 0.5,
+    widths: tuple[int, ...] = WIDTHS,
+    hidden: int = HIDDEN,
     log=print,
 ) -> dict:
     """Train the reader on ``n_train`` mixed renders, validate, save weights + card; returns the card.
@@ -224,6 +226,9 @@ def train_reader(
 
     from ..io import atomic_write_json
 
+    widths, hidden = tuple(int(w) for w in widths), int(hidden)
+    if len(widths) != len(WIDTHS) or min(widths) < 1 or hidden < 1:
+        raise SpfbenchError(f"widths must be {len(WIDTHS)} positive channel counts (default {','.join(map(str, WIDTHS))}) and hidden positive")
     if not 0 <= vae_share <= 1:
         raise SpfbenchError(f"vae_share must be between 0 and 1, got {vae_share}")
     t0 = time.time()
@@ -243,7 +248,7 @@ def train_reader(
         x_recon = reconstruct(autoencoder, x_train)
     t_render = time.time() - t0
     log(f"rendered in {t_render:.0f} s")
-    model = _build()
+    model = _build(widths, hidden)
     steps_per_epoch = n_train // batch_size
     total = steps_per_epoch * epochs
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -293,7 +298,6 @@ def train_reader(
             log(f"val {stream}: " + ", ".join(f"{a} {v:.3f}" for a, v in accuracy[stream].items()))
     worst = {a: min(accuracy[s][a] for s in accuracy if not s.endswith("-vae")) for a in ATTRIBUTES}
 
-    widths, hidden = WIDTHS, HIDDEN
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "schema": json.dumps(SCHEMA), "widths": json.dumps(list(widths)), "hidden": str(hidden)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,7 +315,8 @@ def train_reader(
         "schema": SCHEMA,
         "training": {
             "command": f"python -m spfbench.world.reader --out {out_path} --n-train {n_train} --n-val {n_val} --epochs {epochs} --seed {seed}"
-            + (f" --vae {vae} --vae-share {vae_share:g}" if vae is not None else ""),
+            + (f" --vae {vae} --vae-share {vae_share:g}" if vae is not None else "")
+            + (f" --widths {','.join(map(str, widths))} --hidden {hidden}" if (widths, hidden) != (WIDTHS, HIDDEN) else ""),
             "n_train": n_train,
             "mix": "40% pretrain, 30% finetune, 30% uniform (by index mod 10)",
             **({"vae": {"source": str(vae), "checksum": vae_checksum(autoencoder), "share": vae_share,
@@ -363,9 +368,16 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vae", default=None, help="a world model (or VAE) folder: train and validate on its reconstructions too")
     p.add_argument("--vae-share", type=float, default=0.5, help="with --vae: the probability that a training draw is the reconstruction")
+    p.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="channels of the four convolution stages")
+    p.add_argument("--hidden", type=int, default=HIDDEN, help="width of the shared hidden layer")
     a = p.parse_args(argv)
     try:
-        train_reader(a.out, a.n_train, a.n_val, a.epochs, a.seed, threads=a.threads, vae=a.vae, vae_share=a.vae_share)
+        widths = tuple(int(w) for w in a.widths.split(","))
+    except ValueError:
+        raise SystemExit(f"error: --widths takes comma-separated integers, got {a.widths!r}") from None
+    try:
+        train_reader(a.out, a.n_train, a.n_val, a.epochs, a.seed, threads=a.threads, vae=a.vae, vae_share=a.vae_share,
+                     widths=widths, hidden=a.hidden)
     except SpfbenchError as err:
         raise SystemExit(f"error: {err}") from None
 
