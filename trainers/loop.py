@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass

@@ -120,7 +120,6 @@ class AttributeReader:
 
 def load_reader(path: str | os.PathLike | None = None) -> AttributeReader:
     """The reader saved at ``path`` (default: the shipped weights)."""
-    import torch
     from safetensors.torch import load_file, safe_open
 
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
