@@ -105,13 +105,9 @@ class Runner:
         if self.preset is None:  # the metrics' world follows the model's: tiny -> tiny, world -> world, else real
             self.preset = spec["preset"] if spec["preset"] in ("tiny", "world") else "real"
         self.metric_ids = list(self.metric_ids or default_metrics(self.preset))
-        from .metrics import REGISTRY as METRICS
+        from .metrics import check_ids
 
-        unknown = [m for m in self.metric_ids if m not in METRICS]
-        if unknown:  # before any training: a typo'd metric would otherwise fail after hours of fitting
-            raise SpfbenchError(f"unknown metric {', '.join(unknown)}; `spfbench metrics` lists them: {', '.join(METRICS)}")
-        if len(set(self.metric_ids)) != len(self.metric_ids):
-            raise SpfbenchError("a metric is given twice")
+        check_ids(self.metric_ids)  # before any training: a typo'd metric would otherwise fail after hours of fitting
         for name in self.order():  # every method's config, as fit will read it (artifacts of required methods aside)
             trainers.method_class(name).Config.from_dict(self.method_config(name), source=f"{name} config")
         if self.curve is not None and self.curve < 1:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from .errors import SpfbenchError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .metrics import REGISTRY, Backbones, Batch, Metric, create
+from .metrics import Backbones, Batch, Metric, check_ids, create
 from .testset import Triple, load_testset
 
 FORMAT_VERSION = 1
@@ -104,11 +104,7 @@ class Scorer:
 
     def __post_init__(self):
         self.testset, self.images, self.out = Path(self.testset), Path(self.images), Path(self.out)
-        unknown = [m for m in self.metric_ids if m not in REGISTRY]
-        if unknown:
-            raise SpfbenchError(f"unknown metric {', '.join(unknown)}; `spfbench metrics` lists them: {', '.join(REGISTRY)}")
-        if len(set(self.metric_ids)) != len(self.metric_ids):
-            raise SpfbenchError("a metric is given twice")
+        check_ids(self.metric_ids)
         if self.batch_size < 1:
             raise SpfbenchError("--batch-size must be at least 1")
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

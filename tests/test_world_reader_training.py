@@ -41,13 +41,13 @@ def test_vae_share_decides_what_the_reader_trains_on(tmp_path, monkeypatch, micr
     seen = _spy(monkeypatch)
     card = R.train_reader(tmp_path / "r.safetensors", vae=micro_vae_dir, vae_share=share, **SMALL)
     x, _ = R._render_set(R._mixed, 96, 0)
-    rec = V.reconstruct(V.load_vae(micro_vae_dir), x)
+    rec = V.reconstruct(M.load_vae(micro_vae_dir), x)
     assert not torch.equal(rec, x)  # a micro VAE reconstructs badly: the two are told apart below
     perm = torch.randperm(96, generator=torch.Generator().manual_seed(0))
     want = (rec if share == 1.0 else x)[perm[:48]]
     assert torch.equal(seen[0], R._normalize(want))
     # the card: where the reconstructions came from, and accuracy on them per stream, beside the bar
-    assert card["training"]["vae"]["share"] == share and card["training"]["vae"]["checksum"] == V.vae_checksum(V.load_vae(micro_vae_dir))
+    assert card["training"]["vae"]["share"] == share and card["training"]["vae"]["checksum"] == M.vae_checksum(M.load_vae(micro_vae_dir))
     assert {"heldout", "heldout-vae", "finetune", "finetune-vae", "uniform", "uniform-vae"} == set(card["validation"]["accuracy"])
     assert set(card["quality_bar"]["reconstructions_min_accuracy"]) == {"heldout", "finetune", "uniform"}
     assert "--vae" in card["training"]["command"]

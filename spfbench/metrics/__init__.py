@@ -35,11 +35,20 @@ def metric_class(metric_id: str) -> type[Metric]:
     return getattr(importlib.import_module(module), name)
 
 
+def check_ids(metric_ids: list[str]) -> None:
+    """Refuse unknown or repeated metric ids (one line naming them), before any work."""
+    unknown = [m for m in metric_ids if m not in REGISTRY]
+    if unknown:
+        raise SpfbenchError(f"unknown metric {', '.join(unknown)}; `spfbench metrics` lists them: {', '.join(REGISTRY)}")
+    if len(set(metric_ids)) != len(metric_ids):
+        raise SpfbenchError("a metric is given twice")
+
+
 def create(metric_id: str, backbones: Backbones) -> Metric:
     return metric_class(metric_id)(backbones)
 
 
-__all__ = ["Backbones", "Batch", "Metric", "PerSampleMetric", "REGISTRY", "create", "metric_class"]
+__all__ = ["Backbones", "Batch", "Metric", "PerSampleMetric", "REGISTRY", "check_ids", "create", "metric_class"]
 
 
 # Modules whose real weight files ``spfbench weights`` lists (each has ``weight_rows() -> list[dict]``).

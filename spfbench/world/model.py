@@ -453,6 +453,21 @@ def encode_latents(vae, x_uint8, batch_size: int = 256):
     return torch.cat(out)
 
 
+def vae_checksum(vae) -> float:
+    """Sum of all parameters in float64: identifies a VAE's weights (latent caches, readers trained on it)."""
+    return float(sum(p.detach().double().sum() for p in vae.parameters()))
+
+
+def reconstruct_float(vae, x, batch_size: int = 128):
+    """Decodes of the posterior means of ``x`` (float images in [-1, 1]), clamped to [-1, 1], no grad, on
+    the VAE's device: what a generated image of that content looks like at best."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([vae.decode(vae.encode(x[s : s + batch_size].to(vae.device, vae.dtype)).latent_dist.mean).sample.clamp(-1, 1)
+                          for s in range(0, len(x), batch_size)])
+
+
 def _latent_cache(out: Path, vae, n: int, seed: int, log, reuse_only: bool = False):
     """(latents, token ids) of the first ``n`` pretrain renders; cached in ``OUT/latents.pt`` (``OUT``: the
     training's folder, or the first run's folder for a continuation, which only reuses it:
@@ -460,7 +475,7 @@ def _latent_cache(out: Path, vae, n: int, seed: int, log, reuse_only: bool = Fal
     import torch
 
     path = out / "latents.pt"
-    key = {"n": n, "seed": seed, "scaling_factor": float(vae.config.scaling_factor), "vae_sum": float(sum(p.detach().double().sum() for p in vae.parameters()))}
+    key = {"n": n, "seed": seed, "scaling_factor": float(vae.config.scaling_factor), "vae_sum": vae_checksum(vae)}
     if path.is_file():
         c = torch.load(path, map_location="cpu", weights_only=True)
         if c["key"] == key:
@@ -594,10 +609,13 @@ def _caption_states(te, ids, empty_ids, batch_size: int = 512):
     return states, row
 
 
-def _load_vae(vae):
+def load_vae(vae):
+    """A world VAE, float32 in eval mode: ``vae`` itself, or loaded from a VAE folder or a model folder (its ``vae/``)."""
     from diffusers import AutoencoderKL
 
     if isinstance(vae, (str, os.PathLike)):
+        if not (Path(vae) / "config.json").is_file() and (Path(vae) / "vae" / "config.json").is_file():
+            vae = Path(vae) / "vae"
         if not (Path(vae) / "config.json").is_file():
             raise SpfbenchError(f"no VAE at {vae} (no config.json); the world model's VAE is its folder's vae/ or the training's work/vae")
         return AutoencoderKL.from_pretrained(vae).float().eval()
@@ -715,7 +733,7 @@ def train_unet(
                 args["init"]["ema_steps_before"] = ema_age
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    vae = _load_vae(vae)
+    vae = load_vae(vae)
     dev = _training_device(device)
     empty_ids = _tokenize([""])[0].to(dev)
     comps = build_components(seed + 10, overrides)
@@ -858,7 +876,7 @@ def checkpoint_pipeline(checkpoint: str | os.PathLike, vae):
     te.load_state_dict(ck["text_encoder"])
     if ck.get("ema") is not None:
         _copy_params([unet] if "text_encoder_config" in ck else [unet, te], ck["ema"])
-    pipe = make_pipeline(unet.eval(), _load_vae(vae), te.eval(), vzero=ck["args"].get("vzero", False))
+    pipe = make_pipeline(unet.eval(), load_vae(vae), te.eval(), vzero=ck["args"].get("vzero", False))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -966,13 +984,8 @@ def ceiling(vae, n: int = 200, seed: int = 0, reader=None) -> dict:
     reader = reader or load_reader()
     attrs = [sample("heldout", i, seed) for i in range(n)]
     if isinstance(vae, (str, os.PathLike)):
-        vae = _load_vae(vae)
-    images = []
-    with torch.no_grad():
-        for s in range(0, n, 100):
-            x = _to_float(render_batch(attrs[s : s + 100], list(range(s, min(n, s + 100))))).to(vae.device, vae.dtype)
-            z = vae.encode(x).latent_dist.mean
-            images += [_to_pil(im) for im in vae.decode(z).sample.clamp(-1, 1)]
+        vae = load_vae(vae)
+    images = [_to_pil(im) for im in reconstruct_float(vae, _to_float(render_batch(attrs, list(range(n)))), 100)]
     res = _reading_report(reader.read(images), [{c: a[c] for c in CAPTIONED} for a in attrs])
     return {"n": n, "seed": seed, "images": "VAE reconstructions of the held-out renders", **res, "seconds": round(time.time() - t0, 1)}
 
@@ -1128,7 +1141,7 @@ def continue_model(
         frozen = load_world_pipeline(model).text_encoder.float()
     else:
         frozen = None
-    vae = _load_vae(model / "vae")
+    vae = load_vae(model / "vae")
     res = train_unet(work / "unet-continue", vae, n, steps, batch_size, lr, seed, threads, warmup=100, overrides=overrides, init=model,
                      noise_offset=noise_offset, vzero=vzero, detail_weight=detail_weight, text_encoder=frozen, device=device,
                      progress=progress, log=log)

@@ -236,7 +236,8 @@ def train_reader(
     out_path = Path(out_path)
     autoencoder = None
     if vae is not None:
-        from .vae import load_vae, reconstruct, vae_checksum
+        from .model import load_vae, vae_checksum
+        from .vae import reconstruct
 
         autoencoder = load_vae(vae)
     log(f"rendering {n_train} training images ...")

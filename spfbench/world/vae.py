@@ -49,48 +49,27 @@ def posteriors(vae, x_uint8, batch_size: int = 256):
 
 
 def reconstruct(vae, x_uint8, batch_size: int = 256):
-    """uint8 (N, 3, H, W) decodes of the posterior means of uint8 renders: what a generated image of that
-    content looks like at best (rounded as saved images are)."""
+    """uint8 (N, 3, H, W) decodes of the posterior means of uint8 renders (rounded as saved images are)."""
     import torch
 
-    from .model import _to_float
+    from .model import _to_float, reconstruct_float
 
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(x_uint8), batch_size):
-            rec = vae.decode(vae.encode(_to_float(x_uint8[s : s + batch_size])).latent_dist.mean).sample.clamp(-1, 1)
-            out.append(((rec + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out)
-
-
-def load_vae(source: str | os.PathLike):
-    """A world VAE (float32, eval) from a model folder (its ``vae/``) or a VAE folder."""
-    from .model import _load_vae
-
-    source = Path(source)
-    return _load_vae(source / "vae" if (source / "vae" / "config.json").is_file() else source).float().eval()
-
-
-def vae_checksum(vae) -> float:
-    """Sum of all parameters in float64: identifies a VAE's weights (as the latent caches key them)."""
-    return float(sum(p.detach().double().sum() for p in vae.parameters()))
+    return torch.cat([((reconstruct_float(vae, _to_float(x_uint8[s : s + batch_size]), batch_size) + 1) * 127.5).round()
+                      .clamp(0, 255).to(torch.uint8).cpu() for s in range(0, len(x_uint8), batch_size)])
 
 
 def reconstruction_report(vae, n: int = 512, seed: int = 1000, reader=None) -> dict:
     """Validation of a VAE on ``n`` renders of the VAE mix (``seed``; variants offset as in train_vae's card):
     L1 and PSNR of the posterior-mean reconstructions, the reader's accuracy on them per attribute, and per
     target text the rate at which the reader finds the target on the reconstructions of renders showing it."""
-    import torch
-
     from .attributes import SCHEMA, TARGET_TEXTS
-    from .model import _to_float, _to_pil, render_batch, vae_mix
+    from .model import _to_float, _to_pil, reconstruct_float, render_batch, vae_mix
     from .reader import load_reader
 
     reader = reader or load_reader()
     attrs = [vae_mix(i, seed) for i in range(n)]
     x = _to_float(render_batch(attrs, [i + 7_000_001 for i in range(n)]))
-    with torch.no_grad():
-        recs = torch.cat([vae.decode(vae.encode(x[s : s + 128]).latent_dist.mean).sample.clamp(-1, 1) for s in range(0, n, 128)])
+    recs = reconstruct_float(vae, x)
     mse = ((recs - x) / 2).pow(2).mean().item()
     got = reader.read([_to_pil(r) for r in recs])
     targets = {}
@@ -137,7 +116,7 @@ def finetune_decoder(
     from .reader import load_reader
     from .model import (
         CARD, _atomic_torch_save, _lr_lambda, _resume, _save_and_evaluate, _step_loop, _to_float, load_world_pipeline,
-        parameter_counts, render_batch_details, vae_mix,
+        parameter_counts, render_batch_details, vae_checksum, vae_mix,
     )
 
     model, out, work = Path(model), Path(out), Path(work)
