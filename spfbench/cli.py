@@ -394,7 +394,7 @@ def world_attributes(
     typer.echo(f"written: {run / 'attributes.md'}, {run / 'attributes.json'}")
 
 
-viz_app = typer.Typer(help="PNG grids of maps: target-text cross-attention over timesteps (Fig. 2), the SFCM (Fig. 3-4).")
+viz_app = typer.Typer(help="PNG grids of maps: target-text cross-attention over timesteps (Fig. 2), the SFCM (Fig. 3-4); training curves.")
 app.add_typer(viz_app, name="viz")
 
 
@@ -444,6 +444,19 @@ def viz_attention(
                          seed=seed, settings=settings, columns=columns, at=_int_list(at, "--at"), size=size,
                          normalize=normalize, cell=cell, with_image=image, device=device, dtype=dtype)
     typer.echo(f"written {out} ({grid.size[0]}x{grid.size[1]}; rows: {', '.join(s.name for s in specs)})")
+
+
+@viz_app.command("training")
+def viz_training(
+    run: Path = typer.Argument(..., help="A training log: a train folder (log.jsonl), a method's run folder (train/log.jsonl) or the .jsonl file."),
+    out: Path = typer.Option(..., "--out", help="Output .png."),
+) -> None:
+    """Every logged number over the optimizer steps: loss parts and, for SPF, its stage-2 diagnostics (docs/spf.md)."""
+    from .trainlog import find_log, plot_training
+
+    log = find_log(run)
+    plot_training(log, out, title=str(log.parent))
+    typer.echo(f"written {out} (from {log})")
 
 
 @viz_app.command("sfcm")

@@ -100,6 +100,7 @@ class CrossAttnRecord:
     query: torch.Tensor | None = None  # (B, heads, N_img, d)
     key: torch.Tensor | None = None  # (B, heads, N_txt, d)
     probs: torch.Tensor | None = None  # (B, heads, N_img, N_txt)
+    hidden: torch.Tensor | None = None  # (B, N_img, C): the layer's input features, what ``to_q`` projects
 
 
 class AttentionStore:
@@ -108,6 +109,8 @@ class AttentionStore:
     Args:
         query, key, probs: which tensors to record (only these are kept; ``probs=False`` also means
             the captured layers run SDPA instead of explicit attention).
+        hidden: record the layer's input features (the UNet's image features entering cross-attention,
+            after the layer's own group norm if any: exactly what ``to_q`` projects), (B, N_img, C).
         keep_grad: store tensors attached to the autograd graph (so a loss on them trains the model);
             False stores detached tensors. Under ``torch.no_grad`` they carry no graph either way.
         dtype: cast stored tensors to this dtype (e.g. ``torch.float16`` to halve their memory); the
@@ -123,6 +126,7 @@ class AttentionStore:
         query: bool = False,
         key: bool = False,
         probs: bool = True,
+        hidden: bool = False,
         keep_grad: bool = True,
         dtype: torch.dtype | None = None,
         auto_reset: bool = True,
@@ -131,6 +135,7 @@ class AttentionStore:
         self.save_query = query
         self.save_key = key
         self.save_probs = probs
+        self.save_hidden = hidden
         self.keep_grad = keep_grad
         self.dtype = dtype
         self.auto_reset = auto_reset
@@ -152,7 +157,7 @@ class AttentionStore:
 
     @property
     def wants_anything(self) -> bool:
-        return self.enabled and (self.save_query or self.save_key or self.save_probs)
+        return self.enabled and (self.save_query or self.save_key or self.save_probs or self.save_hidden)
 
     def _keep(self, t: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
         if not wanted or t is None:
@@ -163,7 +168,7 @@ class AttentionStore:
             t = t.to(self.dtype)
         return t
 
-    def record(self, name, *, heads, scale, hw, query=None, key=None, probs=None) -> None:
+    def record(self, name, *, heads, scale, hw, query=None, key=None, probs=None, hidden=None) -> None:
         rec = CrossAttnRecord(
             name=name,
             hw=hw,
@@ -172,6 +177,7 @@ class AttentionStore:
             query=self._keep(query, self.save_query),
             key=self._keep(key, self.save_key),
             probs=self._keep(probs, self.save_probs),
+            hidden=self._keep(hidden, self.save_hidden),
         )
         self.records.setdefault(name, []).append(rec)
 
@@ -196,7 +202,7 @@ class AttentionStore:
         return self.records[name][call]
 
     def _field(self, field: str, layer_filter: LayerFilter, call: int) -> dict[str, torch.Tensor]:
-        flag = {"query": self.save_query, "key": self.save_key, "probs": self.save_probs}[field]
+        flag = {"query": self.save_query, "key": self.save_key, "probs": self.save_probs, "hidden": self.save_hidden}[field]
         if not flag:
             raise ValueError(f"this AttentionStore does not record {field!r} (AttentionStore({field}=True))")
         return {n: getattr(self.get(n, call), field) for n in self.names(layer_filter)}
@@ -204,6 +210,10 @@ class AttentionStore:
     def queries(self, layer_filter: LayerFilter = None, call: int = -1) -> dict[str, torch.Tensor]:
         """{layer: (B, heads, N_img, d)}."""
         return self._field("query", layer_filter, call)
+
+    def hiddens(self, layer_filter: LayerFilter = None, call: int = -1) -> dict[str, torch.Tensor]:
+        """{layer: (B, N_img, C)}, the layers' input features."""
+        return self._field("hidden", layer_filter, call)
 
     def keys(self, layer_filter: LayerFilter = None, call: int = -1) -> dict[str, torch.Tensor]:
         """{layer: (B, heads, N_txt, d)}."""
@@ -383,6 +393,7 @@ class CaptureCrossAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
+        features = hidden_states  # what to_q projects (recorded as ``hidden``)
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
@@ -412,7 +423,8 @@ class CaptureCrossAttnProcessor:
                 hw = self.hw if self.hw is not None and self.hw[0] * self.hw[1] == n_img else None
             if hw is None:
                 hw = spatial_size(n_img, store.latent_size)
-            store.record(self.name, heads=attn.heads, scale=scale, hw=hw, query=query, key=key, probs=probs)
+            store.record(self.name, heads=attn.heads, scale=scale, hw=hw, query=query, key=key, probs=probs,
+                         hidden=features)
 
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)

@@ -24,6 +24,7 @@ import torch
 
 from spfbench.errors import SpfbenchError
 
+from . import spf_diagnostics as D
 from . import spf_losses as L
 from .attention import AttentionStore, install_capture
 from .base import Method, Models, TrainConfig, diffusion_target, encode_batch, encode_text
@@ -50,8 +51,15 @@ class SpfConfig(TrainConfig):
     clip_model: str = "vit-l-14"  # vit-l-14 (the paper) | vit-b-32
     reference_dtype: str = "auto"  # auto (= the run's compute dtype) | fp32 | fp16 | bf16
     mask_mode: str = "pool"  # spf_losses.text_consistent_loss
-    norm: str = "mse"  # mse | l2
+    norm: str = "mse"  # mse | l2 | l2sq (spf_losses.NORMS; docs/spf.md "Readings")
     layer_reduction: str = "mean"  # mean | sum
+    # what the alignment losses compare: "query" (Q after to_q, eq. 3/4 as written) or "hidden" (the attn2
+    # input features, what to_q projects: the UNet's own features; F pools them with the same softmax)
+    features: str = "query"
+    # every N-th optimizer step, log what the paths do (trainers/spf_diagnostics.py): attn2 input features and
+    # noise predictions on the base text, reference against response, and M / M-hat against the target masks
+    # when the data has them (attn_list); one extra no-grad UNet forward on those steps. 0: off
+    diagnostics_every: int = 10
     # recompute the VAE decode and the CLIP vision pass of L_enhanced in the backward pass instead of keeping
     # their activations (the decode is ~64 % of a stage-2 step's FLOPs and most of its activation memory)
     checkpoint_enhanced: bool = False
@@ -69,8 +77,12 @@ class SpfConfig(TrainConfig):
             raise SpfbenchError(f"reference_dtype must be auto, fp32, fp16 or bf16, got {self.reference_dtype!r}")
         if self.mask_mode not in ("pool", "renorm"):
             raise SpfbenchError(f"mask_mode must be pool or renorm, got {self.mask_mode!r}")
-        if self.norm not in ("mse", "l2"):
-            raise SpfbenchError(f"norm must be mse or l2, got {self.norm!r}")
+        if self.norm not in L.NORMS:
+            raise SpfbenchError(f"norm must be one of {', '.join(L.NORMS)}, got {self.norm!r}")
+        if self.features not in ("query", "hidden"):
+            raise SpfbenchError(f"features must be query or hidden, got {self.features!r}")
+        if self.diagnostics_every < 0:
+            raise SpfbenchError(f"diagnostics_every must be >= 0 (0: off), got {self.diagnostics_every}")
         if self.layer_reduction not in ("mean", "sum"):
             raise SpfbenchError(f"layer_reduction must be mean or sum, got {self.layer_reduction!r}")
         if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
@@ -107,6 +119,9 @@ class Spf(Method):
         self._target_emb: dict[str, torch.Tensor] = {}  # target text -> CLIP text embedding (D,)
         self._phrases: dict[str, tuple[list[str], list[list[int]], list[int]]] = {}
         self._clip = None
+        self.dataset = None
+        self._step = 0  # the optimizer step the next loss call belongs to (after_step keeps it)
+        self._target_masks: dict[int, torch.Tensor | None] = {}
 
     # -- what is needed ---------------------------------------------------------------------------
     @property
@@ -116,6 +131,22 @@ class Spf(Method):
     @property
     def _map(self) -> bool:
         return self.config.use_sfcm and self._align
+
+    @property
+    def _hidden(self) -> bool:
+        return self.config.features == "hidden" or self.config.diagnostics_every > 0
+
+    def bind_dataset(self, dataset) -> None:
+        """The training set: its target masks (the ``attn_list`` entry of the target text) feed the
+        localisation diagnostics when it has them."""
+        self.dataset = dataset
+
+    def after_step(self, models: Models, step: int) -> None:
+        self._step = step + 1
+
+    def _diagnose_now(self) -> bool:
+        every = self.config.diagnostics_every
+        return every > 0 and (self._step + 1) % every == 0  # the step the loop logs as step + 1
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self, models: Models) -> list[torch.nn.Parameter]:
@@ -138,8 +169,8 @@ class Spf(Method):
                 params.append(p)
         unet.train()
         # One capture mechanism on both paths, recording only what the enabled losses read.
-        self.res_store = AttentionStore(query=self._align, key=cfg.use_text, probs=False, keep_grad=True)
-        self.ref_store = AttentionStore(query=self._align, key=cfg.use_text, probs=self._map, keep_grad=False)
+        self.res_store = AttentionStore(query=self._align, key=cfg.use_text, probs=False, hidden=self._hidden, keep_grad=True)
+        self.ref_store = AttentionStore(query=self._align, key=cfg.use_text, probs=self._map, hidden=self._hidden, keep_grad=False)
         self._handles = [install_capture(unet, self.res_store), install_capture(ref, self.ref_store)]
         return params
 
@@ -204,16 +235,26 @@ class Spf(Method):
         latent_hw = tuple(latents.shape[-2:])
 
         l_text = l_fine = l_enh = None
-        if self._align:
+        diagnose = self._diagnose_now()
+        if self._align or diagnose:
             ref_dtype = next(ref.parameters()).dtype
             with torch.no_grad():
                 out_ref = ref(noisy.to(ref_dtype), t, text_base.to(ref_dtype)).sample.float()
             names = self.res_store.names()
-            m_hat = None
+            m_hat = parts = None
             if self._map:
                 probs = [self.ref_store[n].probs for n in names]
-                m_hat = self.sfcm_parts(models, bases, targets, out_ref, out_res, probs, latent_hw).m_hat
-                numbers["m_hat_mean"] = m_hat.mean().item()
+                parts = self.sfcm_parts(models, bases, targets, out_ref, out_res, probs, latent_hw)
+                m_hat = parts.m_hat
+                numbers.update({f"m_hat_{k}": v for k, v in D.map_summary(m_hat).items()})
+            if diagnose:
+                numbers.update(self._diagnostics(models, batch, names, noisy, t, text_base, out_ref, parts))
+        if self._align:
+            if cfg.features == "hidden":  # the attn2 input features in Q's place (docs/spf.md, "Readings")
+                f_res = [L.split_heads(self.res_store[n].hidden, self.res_store[n].heads) for n in names]
+                f_ref = [L.split_heads(self.ref_store[n].hidden, self.ref_store[n].heads) for n in names]
+            else:
+                f_res = f_ref = None
             q_res = [self.res_store[n].query for n in names]
             q_ref = [self.ref_store[n].query for n in names]
             if cfg.use_text:
@@ -224,11 +265,11 @@ class Spf(Method):
                 l_text = L.text_consistent_loss(
                     q_ref, [self.ref_store[n].key for n in names], q_res, [self.res_store[n].key for n in names],
                     ref_token_idx=idx, res_token_idx=idx, token_mask=tmask, m_hat=m_hat, mask_mode=cfg.mask_mode,
-                    norm=cfg.norm, layer_reduction=cfg.layer_reduction, latent_hw=latent_hw,
+                    norm=cfg.norm, layer_reduction=cfg.layer_reduction, latent_hw=latent_hw, v_ref=f_ref, v_res=f_res,
                 )
             if cfg.use_fine:
-                l_fine = L.fine_grained_loss(q_ref, q_res, m_hat=m_hat, norm=cfg.norm, layer_reduction=cfg.layer_reduction,
-                                             latent_hw=latent_hw)
+                l_fine = L.fine_grained_loss(f_ref or q_ref, f_res or q_res, m_hat=m_hat, norm=cfg.norm,
+                                             layer_reduction=cfg.layer_reduction, latent_hw=latent_hw)
         if cfg.use_enhanced:
             l_enh = self._enhanced(models, batch, noisy, out_res, t, targets)
         self.res_store.reset()
@@ -239,6 +280,50 @@ class Spf(Method):
                      "total": "loss_total"}
         numbers.update({names_out[k]: v.item() for k, v in parts.items()})
         return total, numbers
+
+    @torch.no_grad()
+    def _diagnostics(self, models, batch, names, noisy, t, text_base, out_ref, parts) -> dict:
+        """Logged numbers (trainers/spf_diagnostics.py): per layer, relative MSE of the attn2 input features of
+        this step's two forwards (response on [E_base, E_tar], reference on E_base); the response path's noise
+        prediction on E_base alone against the reference's (one extra forward, nothing recorded); M's summary;
+        and, where the batch's samples have target masks, M's and M-hat's AUC and IoU."""
+        feats = D.layer_relative_mse([self.ref_store[n].hidden for n in names], [self.res_store[n].hidden for n in names])
+        out = {"diag_hidden_rel": sum(feats) / max(1, len(feats)), "diag_hidden_rel_layers": [round(v, 6) for v in feats]}
+        with self._handles[0].using(None):
+            eps_base = models.unet(noisy, t, text_base).sample.float()
+        out["diag_eps_base_rel"] = D.relative_mse(out_ref, eps_base)
+        if parts is not None:
+            out.update({f"m_{k}": v for k, v in D.map_summary(parts.m).items()})
+            masks = self._batch_target_masks(batch, list(batch["target_text"]))
+            if masks is not None:
+                keep, stack = masks
+                for name, m in (("m", parts.m), ("m_hat", parts.m_hat)):
+                    loc = D.localisation(m[keep], stack.to(m.device))
+                    out[f"diag_{name}_auc"], out[f"diag_{name}_iou"] = loc["auc"], loc["iou"]
+        return out
+
+    def _batch_target_masks(self, batch, targets):
+        """(indices of the batch's samples with a target mask, their (n, R, R) masks), or None."""
+        if self.dataset is None or "index" not in batch:
+            return None
+        from .tokencompose import load_mask
+
+        extras = batch.get("extras") or [{}] * len(targets)
+        keep, masks = [], []
+        for b, (idx, tgt) in enumerate(zip(batch["index"], targets)):
+            idx = int(idx)
+            if idx not in self._target_masks:
+                path = next((mp for ph, mp in (extras[b].get("attn_list") or []) if ph == tgt and mp is not None), None)
+                self._target_masks[idx] = None if path is None else load_mask(
+                    self.dataset.resolve(path), self.dataset.resolution, self.dataset.center_crop)
+            m = self._target_masks[idx]
+            if m is None:
+                continue
+            if self.dataset.random_flip and self.dataset.flipped(idx):
+                m = torch.flip(m, dims=[-1])
+            keep.append(b)
+            masks.append(m)
+        return (keep, torch.stack(masks)) if keep else None
 
     def sfcm_parts(self, models: Models, bases, targets, out_ref, out_res, probs, latent_hw, gamma=None) -> "SfcmParts":
         """The SFCM of a batch and its parts (eq. 5-7), as ``loss`` computes it: the reference path's

@@ -120,14 +120,29 @@ def spatial_weight(m_hat: torch.Tensor | None, n_img: int, latent_hw: tuple[int,
     return _resize(w[:, None], hw).flatten(1)
 
 
+NORMS = ("mse", "l2", "l2sq")
+
+
+def split_heads(h: torch.Tensor, heads: int) -> torch.Tensor:
+    """Features (B, N, C) as (B, heads, N, C / heads), the layout of a captured Q: a layer's input
+    features used in Q's place by the ``features="hidden"`` reading (docs/spf.md)."""
+    b, n, c = h.shape
+    if c % heads:
+        raise ValueError(f"{c} feature channels do not split into {heads} heads")
+    return h.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
 def _reduce_layer(diff: torch.Tensor, norm: str, count: torch.Tensor | float | None = None) -> torch.Tensor:
     """One layer's loss from its (already masked) difference (B, ...): ``mse`` sum(diff^2)/count
-    (count defaults to diff.numel()), or ``l2`` the per-sample Frobenius norm averaged over the batch."""
+    (count defaults to diff.numel()), ``l2`` the per-sample Frobenius norm averaged over the batch, or
+    ``l2sq`` the per-sample squared Frobenius norm (sum of squares) averaged over the batch."""
     if norm == "mse":
         return diff.pow(2).sum() / (diff.numel() if count is None else count)
     if norm == "l2":
         return torch.linalg.vector_norm(diff.flatten(1), dim=1).mean()
-    raise ValueError(f"unknown norm {norm!r} (mse, l2)")
+    if norm == "l2sq":
+        return diff.flatten(1).pow(2).sum(1).mean()
+    raise ValueError(f"unknown norm {norm!r} ({', '.join(NORMS)})")
 
 
 def _reduce_layers(per_layer: list[torch.Tensor], layer_reduction: str) -> torch.Tensor:
@@ -155,9 +170,13 @@ def _select_tokens(k: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
 
 
 def attention_features(
-    q: torch.Tensor, k: torch.Tensor, weight: torch.Tensor | None = None, mask_mode: str = "pool"
+    q: torch.Tensor, k: torch.Tensor, weight: torch.Tensor | None = None, mask_mode: str = "pool",
+    values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F = Softmax(K Q^T / sqrt(d)) Q, "Attention(K, Q, Q)" of eq. 3: (B, H, N_tok, d).
+
+    ``values`` (B, H, N_img, d_v), e.g. the layer's input features split into heads, replaces the
+    pooled Q (the softmax still comes from K and Q): F = Softmax(K Q^T / sqrt(d)) values.
 
     Each text token's key attends over the image positions (softmax over N_img) and pools the queries.
     ``weight`` (B, N_img), the spatial (1 - M-hat), applies inside that pooling:
@@ -169,15 +188,16 @@ def attention_features(
       positions (F is then a mean of Q over the non-target region only; all-zero w gives F = 0).
     """
     q, k = _fp(q), _fp(k)
+    v = q if values is None else _fp(values)
     p = torch.softmax(torch.matmul(k, q.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)  # (B, H, T, N)
     if weight is None:
-        return torch.matmul(p, q)
+        return torch.matmul(p, v)
     w = weight.to(p.dtype)
     if mask_mode == "pool":
-        return torch.matmul(p, q * w[:, None, :, None])
+        return torch.matmul(p, v * w[:, None, :, None])
     if mask_mode == "renorm":
         p = p * w[:, None, None, :]
-        return torch.matmul(p / p.sum(-1, keepdim=True).clamp_min(1e-12), q)
+        return torch.matmul(p / p.sum(-1, keepdim=True).clamp_min(1e-12), v)
     raise ValueError(f"unknown mask_mode {mask_mode!r} (pool, renorm)")
 
 
@@ -195,6 +215,8 @@ def text_consistent_loss(
     norm: str = "mse",
     layer_reduction: str = "mean",
     latent_hw: tuple[int, int] | None = None,
+    v_ref: Layers | None = None,
+    v_res: Layers | None = None,
 ) -> torch.Tensor:
     """L_text-consistent (eq. 3), or L_M-text (eq. 8) when ``m_hat`` is given.
 
@@ -212,14 +234,22 @@ def text_consistent_loss(
         norm: ``mse`` (default) sum over valid entries of (F_ref - F_res)^2 / (their count), or ``l2``
             (the paper's ||.||_2, the per-sample Frobenius norm, batch mean).
         layer_reduction: ``mean`` over layers (default) or ``sum`` (the paper's sum_j).
-    Gradients reach q_res and k_res only.
+        v_ref, v_res: what F pools instead of Q (same layers; (B, H, N_img, d_v)), e.g. the layers' input
+            features (``split_heads``); None: Q, as eq. 3 writes it.
+    Gradients reach q_res, k_res and v_res only.
     """
     q_ref, k_ref = _as_layers(q_ref, "q_ref"), _as_layers(k_ref, "k_ref")
     q_res, k_res = _as_layers(q_res, "q_res"), _as_layers(k_res, "k_res")
     if not len(q_ref) == len(k_ref) == len(q_res) == len(k_res):
         raise ValueError("q_ref, k_ref, q_res and k_res must cover the same layers")
+    if (v_ref is None) != (v_res is None):
+        raise ValueError("give both v_ref and v_res, or neither")
+    v_ref = [None] * len(q_ref) if v_ref is None else _as_layers(v_ref, "v_ref")
+    v_res = [None] * len(q_res) if v_res is None else _as_layers(v_res, "v_res")
+    if not len(v_ref) == len(v_res) == len(q_ref):
+        raise ValueError("v_ref and v_res must cover the same layers as q")
     per_layer = []
-    for qr, kr, qs, ks in zip(q_ref, k_ref, q_res, k_res):
+    for qr, kr, qs, ks, vr, vs in zip(q_ref, k_ref, q_res, k_res, v_ref, v_res):
         if qr.shape != qs.shape:
             raise ValueError(f"query shapes differ between paths: {tuple(qr.shape)} vs {tuple(qs.shape)}")
         kr = _select_tokens(kr.detach(), ref_token_idx)
@@ -227,7 +257,8 @@ def text_consistent_loss(
         if kr.shape != ks.shape:
             raise ValueError(f"selected base-text keys differ: {tuple(kr.shape)} vs {tuple(ks.shape)}")
         w = spatial_weight(m_hat, qs.shape[2], latent_hw)
-        diff = attention_features(qr.detach(), kr, w, mask_mode) - attention_features(qs, ks, w, mask_mode)
+        vr = None if vr is None else vr.detach()
+        diff = attention_features(qr.detach(), kr, w, mask_mode, vr) - attention_features(qs, ks, w, mask_mode, vs)
         count = None
         if token_mask is not None:
             tm = token_mask.to(device=diff.device, dtype=diff.dtype)
