@@ -220,3 +220,49 @@ def test_auto_clip_is_the_world_clip_for_the_world_preset(tiny_pipe):
     assert torch.equal(clip.model.state_dict()[name].float(), param.float())
     tiny = Models(p.unet, p.vae, p.text_encoder, p.tokenizer, _training_scheduler(p), preset="tiny")
     assert trainers.create("spf").clip(tiny).model.visual.image_size != ref.visual.image_size  # 32 px random CLIP
+
+
+def test_each_readings_alignment_scale_relative_to_l_diff(batch):
+    """The readings of eq. 3/4's norm (docs/spf.md, "Readings"): per-element MSE averaged over layers (the
+    default) against the paper's ||.||^2 summed over layers. Same draws, same drifted response path: L_diff is
+    the same, and the literal fine loss is the default's times between L * E_min and L * E_max, E_j the
+    per-sample element count of layer j's Q (so on SD1.5 at 512 px, E up to 8 x 4096 x 40, the literal
+    alignment outweighs L_diff by orders of magnitude, while the default stays a small fraction of it)."""
+    from trainers.attention import AttentionStore, install_capture
+
+    def drifted():
+        models = fresh_models()
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(5)
+            for p in models.unet.parameters():
+                p.add_(0.05 * p.std().nan_to_num(0) * torch.randn(p.shape, generator=g))
+        return models
+
+    numbers = {}
+    for reading in ({"norm": "mse", "layer_reduction": "mean"}, {"norm": "l2sq", "layer_reduction": "sum"},
+                    {"norm": "l2", "layer_reduction": "sum"}):
+        models = drifted()  # before setup: the reference path is a copy of these weights
+        method = trainers.create("spf", {"use_sfcm": False, "diagnostics_every": 0, **reading})
+        method.setup(models)
+        with torch.no_grad():  # make the response path differ from the reference: perturb its attn2 only
+            g = torch.Generator().manual_seed(6)
+            for n, p in models.unet.named_parameters():
+                if ".attn2." in n:
+                    p.add_(0.2 * p.std().nan_to_num(0) * torch.randn(p.shape, generator=g))
+        _, numbers[reading["norm"]] = method.loss(models, batch, gen(0))
+    mse, l2sq, l2 = numbers["mse"], numbers["l2sq"], numbers["l2"]
+    assert mse["loss_diffusion"] == l2sq["loss_diffusion"] == l2["loss_diffusion"]
+    store = AttentionStore(query=True, probs=False)
+    models = fresh_models()
+    install_capture(models.unet, store)
+    latents, text = encode_batch(models, batch, gen(0))
+    with torch.no_grad():
+        models.unet(latents, torch.tensor([10, 10]), text)
+    sizes = [store[n].query[0].numel() for n in store.names()]
+    n_layers = len(sizes)
+    ratio = l2sq["loss_fine"] / mse["loss_fine"]
+    assert n_layers * min(sizes) * 0.999 <= ratio <= n_layers * max(sizes) * 1.001, (ratio, sizes)
+    assert l2["loss_fine"] ** 2 <= l2sq["loss_fine"] * n_layers * 1.001  # Cauchy-Schwarz over layers (batch of 2: Jensen)
+    # scale against L_diff (lambda3 = 0.1): the default alignment is a small fraction, the literal one is not
+    assert 0.1 * mse["loss_fine"] < 0.05 * mse["loss_diffusion"]
+    assert 0.1 * l2sq["loss_fine"] > 100 * 0.1 * mse["loss_fine"]
