@@ -18,7 +18,7 @@ import torch
 
 from spfbench.io import atomic_write_json
 from spfbench.world.attributes import TARGET_TEXTS, sample
-from spfbench.world.model import _to_float, _to_pil, load_world_pipeline, reconstruct_float, render_batch
+from spfbench.world.model import to_float, to_pil, load_world_pipeline, reconstruct_float, render_batch
 from spfbench.world.reader import load_reader
 
 
@@ -35,9 +35,9 @@ def main(n: int = 100) -> None:
                 rows.append((i, a))
             i += 1
         x = render_batch([a for _, a in rows], [j for j, _ in rows])
-        rec = reconstruct_float(vae, _to_float(x))
-        renders = [_to_pil(_to_float(im)) for im in x]
-        recon = [_to_pil(im) for im in rec]
+        rec = reconstruct_float(vae, to_float(x))
+        renders = [to_pil(to_float(im)) for im in x]
+        recon = [to_pil(im) for im in rec]
         on_render = sum(r[attr] == value for r in reader.read(renders)) / n
         on_recon = [r[attr] for r in reader.read(recon)]
         out["targets"][text] = {

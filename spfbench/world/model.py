@@ -156,7 +156,8 @@ def render_batch_details(attrs_list: list[dict], variants: list[int]):
     return x, torch.from_numpy(np.stack(masks))[:, None]
 
 
-def _to_float(x_uint8):
+def to_float(x_uint8):
+    """uint8 images (N, 3, H, W) as floats in [-1, 1], the VAE's input range."""
     return x_uint8.float() / 127.5 - 1.0
 
 
@@ -364,7 +365,7 @@ def train_vae(
 
     def one_step(step):
         idx = torch.randint(0, n, (batch_size,), generator=g)
-        x = _to_float(x_all[idx])
+        x = to_float(x_all[idx])
         w = 1.0 + detail_weight * detail_all[idx].float()
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
@@ -398,7 +399,7 @@ def _finish_vae(vae, out: Path, args: dict, seed: int, seconds: float, threads: 
 
     val_seed = seed + 1000
     attrs = [vae_mix(i, val_seed) for i in range(n_val)]
-    x = _to_float(render_batch(attrs, [i + 7_000_001 for i in range(n_val)]))
+    x = to_float(render_batch(attrs, [i + 7_000_001 for i in range(n_val)]))
     with torch.no_grad():
         means, recs = [], []
         for s in range(0, n_val, 128):
@@ -426,7 +427,7 @@ def _finish_vae(vae, out: Path, args: dict, seed: int, seconds: float, threads: 
         from .reader import load_reader
 
         reader = load_reader()
-        got = reader.read([_to_pil(r) for r in recs])
+        got = reader.read([to_pil(r) for r in recs])
         card["reader_accuracy_on_reconstructions"] = {a: round(sum(g[a] == t[a] for g, t in zip(got, attrs)) / n_val, 4) for a in SCHEMA}
     except SpfbenchError:
         pass
@@ -449,7 +450,7 @@ def encode_latents(vae, x_uint8, batch_size: int = 256):
     out = []
     with torch.no_grad():
         for s in range(0, len(x_uint8), batch_size):
-            out.append(vae.encode(_to_float(x_uint8[s : s + batch_size])).latent_dist.mean * sf)
+            out.append(vae.encode(to_float(x_uint8[s : s + batch_size])).latent_dist.mean * sf)
     return torch.cat(out)
 
 
@@ -985,12 +986,12 @@ def ceiling(vae, n: int = 200, seed: int = 0, reader=None) -> dict:
     attrs = [sample("heldout", i, seed) for i in range(n)]
     if isinstance(vae, (str, os.PathLike)):
         vae = load_vae(vae)
-    images = [_to_pil(im) for im in reconstruct_float(vae, _to_float(render_batch(attrs, list(range(n)))), 100)]
+    images = [to_pil(im) for im in reconstruct_float(vae, to_float(render_batch(attrs, list(range(n)))), 100)]
     res = _reading_report(reader.read(images), [{c: a[c] for c in CAPTIONED} for a in attrs])
     return {"n": n, "seed": seed, "images": "VAE reconstructions of the held-out renders", **res, "seconds": round(time.time() - t0, 1)}
 
 
-def _to_pil(x):
+def to_pil(x):
     """A [-1, 1] (3, H, W) tensor as an RGB PIL image (uint8, rounded)."""
     from PIL import Image
 

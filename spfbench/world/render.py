@@ -43,13 +43,13 @@ LIPS_F = (206, 46, 70)
 # width) at FRECKLE_SPOTS (offsets from the face's centre line, mirrored on both cheeks), darker on light
 # skin and lighter on dark skin; glasses are an open frame GLASSES_RIM line widths thick round visible
 # eyes (lenses GLASSES_RADIUS wide), sunglasses a thin dark frame with dark lenses
-FRECKLE_RADIUS = 0.011
+FRECKLE_RADIUS = 0.018
 FRECKLE_SPOTS = ((0.03, 0.02), (0.06, 0.035), (0.09, 0.02), (0.045, 0.055), (0.075, 0.06), (0.1, 0.045))
-FRECKLE_ON_LIGHT = (150, 70, 40)
+FRECKLE_ON_LIGHT = (125, 55, 30)
 FRECKLE_ON_DARK = (222, 150, 110)
 GLASSES_FRAME = (20, 20, 24)
-GLASSES_RIM = 1
-GLASSES_RADIUS = 0.042
+GLASSES_RIM = 2
+GLASSES_RADIUS = 0.058
 SUNGLASSES_FRAME = (20, 20, 24)
 SUNGLASSES_LENS = (16, 16, 22)
 
@@ -337,7 +337,7 @@ def _draw(attrs: dict, size: int, variant, record: bool):
         sun = attrs["eyewear"] == "sunglasses"
         frame = SUNGLASSES_FRAME if sun else GLASSES_FRAME
         rim = max(1, round(lw * (1 if sun else GLASSES_RIM)))
-        gr = 0.042 if sun else GLASSES_RADIUS
+        gr = 0.042 if sun else min(GLASSES_RADIUS, ex - 0.006)  # lenses never overlap (a child's eyes are closer)
         for s in (-1, 1):
             x = fx + s * ex
             d.ellipse(box(x, ey, gr, gr * 0.85), outline=frame, width=rim, fill=SUNGLASSES_LENS if sun else None)

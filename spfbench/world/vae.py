@@ -37,12 +37,12 @@ def posteriors(vae, x_uint8, batch_size: int = 256):
     """(means, stds) of the encoder's latent posterior for uint8 renders, float32, no grad."""
     import torch
 
-    from .model import _to_float
+    from .model import to_float
 
     means, stds = [], []
     with torch.no_grad():
         for s in range(0, len(x_uint8), batch_size):
-            post = vae.encode(_to_float(x_uint8[s : s + batch_size])).latent_dist
+            post = vae.encode(to_float(x_uint8[s : s + batch_size])).latent_dist
             means.append(post.mean)
             stds.append(post.std)
     return torch.cat(means), torch.cat(stds)
@@ -52,9 +52,9 @@ def reconstruct(vae, x_uint8, batch_size: int = 256):
     """uint8 (N, 3, H, W) decodes of the posterior means of uint8 renders (rounded as saved images are)."""
     import torch
 
-    from .model import _to_float, reconstruct_float
+    from .model import to_float, reconstruct_float
 
-    return torch.cat([((reconstruct_float(vae, _to_float(x_uint8[s : s + batch_size]), batch_size) + 1) * 127.5).round()
+    return torch.cat([((reconstruct_float(vae, to_float(x_uint8[s : s + batch_size]), batch_size) + 1) * 127.5).round()
                       .clamp(0, 255).to(torch.uint8).cpu() for s in range(0, len(x_uint8), batch_size)])
 
 
@@ -63,15 +63,15 @@ def reconstruction_report(vae, n: int = 512, seed: int = 1000, reader=None) -> d
     L1 and PSNR of the posterior-mean reconstructions, the reader's accuracy on them per attribute, and per
     target text the rate at which the reader finds the target on the reconstructions of renders showing it."""
     from .attributes import SCHEMA, TARGET_TEXTS
-    from .model import _to_float, _to_pil, reconstruct_float, render_batch, vae_mix
+    from .model import to_float, to_pil, reconstruct_float, render_batch, vae_mix
     from .reader import load_reader
 
     reader = reader or load_reader()
     attrs = [vae_mix(i, seed) for i in range(n)]
-    x = _to_float(render_batch(attrs, [i + 7_000_001 for i in range(n)]))
+    x = to_float(render_batch(attrs, [i + 7_000_001 for i in range(n)]))
     recs = reconstruct_float(vae, x)
     mse = ((recs - x) / 2).pow(2).mean().item()
-    got = reader.read([_to_pil(r) for r in recs])
+    got = reader.read([to_pil(r) for r in recs])
     targets = {}
     for text, (attr, value) in TARGET_TEXTS.items():
         rows = [i for i, a in enumerate(attrs) if a[attr] == value]
@@ -115,7 +115,7 @@ def finetune_decoder(
 
     from .reader import load_reader
     from .model import (
-        CARD, _atomic_torch_save, _lr_lambda, _resume, _save_and_evaluate, _step_loop, _to_float, load_world_pipeline,
+        CARD, _atomic_torch_save, _lr_lambda, _resume, _save_and_evaluate, _step_loop, to_float, load_world_pipeline,
         parameter_counts, render_batch_details, vae_checksum, vae_mix,
     )
 
@@ -163,7 +163,7 @@ def finetune_decoder(
 
     def one_step(step):
         idx = torch.randint(0, n, (batch_size,), generator=g)
-        x = _to_float(x_all[idx])
+        x = to_float(x_all[idx])
         w = 1.0 + detail_weight * detail_all[idx].float()
         z = mean_all[idx] + std_all[idx] * torch.randn(mean_all[idx].shape, generator=g)
         err = (vae.decode(z).sample - x).abs()
