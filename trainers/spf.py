@@ -132,10 +132,6 @@ class Spf(Method):
     def _map(self) -> bool:
         return self.config.use_sfcm and self._align
 
-    @property
-    def _hidden(self) -> bool:
-        return self.config.features == "hidden" or self.config.diagnostics_every > 0
-
     def bind_dataset(self, dataset) -> None:
         """The training set: its target masks (the ``attn_list`` entry of the target text) feed the
         localisation diagnostics when it has them."""
@@ -169,8 +165,9 @@ class Spf(Method):
                 params.append(p)
         unet.train()
         # One capture mechanism on both paths, recording only what the enabled losses read.
-        self.res_store = AttentionStore(query=self._align, key=cfg.use_text, probs=False, hidden=self._hidden, keep_grad=True)
-        self.ref_store = AttentionStore(query=self._align, key=cfg.use_text, probs=self._map, hidden=self._hidden, keep_grad=False)
+        # (hidden: switched per step in loss)
+        self.res_store = AttentionStore(query=self._align, key=cfg.use_text, probs=False, keep_grad=True)
+        self.ref_store = AttentionStore(query=self._align, key=cfg.use_text, probs=self._map, keep_grad=False)
         self._handles = [install_capture(unet, self.res_store), install_capture(ref, self.ref_store)]
         return params
 
@@ -229,26 +226,28 @@ class Spf(Method):
         noisy = sched.add_noise(latents, noise, t)
         target = diffusion_target(sched, latents, noise, t)
 
+        diagnose = self._diagnose_now()
+        # the attn2 inputs are kept only on the steps that read them (the "hidden" reading, or a diagnostic step)
+        self.res_store.save_hidden = self.ref_store.save_hidden = cfg.features == "hidden" or diagnose
         out_res = models.unet(noisy, t, text).sample  # response path (captures Q, K with grad)
         l_diff = torch.nn.functional.mse_loss(out_res.float(), target.float(), reduction="mean")
         numbers = {}
         latent_hw = tuple(latents.shape[-2:])
 
         l_text = l_fine = l_enh = None
-        diagnose = self._diagnose_now()
         if self._align or diagnose:
             ref_dtype = next(ref.parameters()).dtype
             with torch.no_grad():
                 out_ref = ref(noisy.to(ref_dtype), t, text_base.to(ref_dtype)).sample.float()
             names = self.res_store.names()
-            m_hat = parts = None
+            m_hat = maps = None
             if self._map:
                 probs = [self.ref_store[n].probs for n in names]
-                parts = self.sfcm_parts(models, bases, targets, out_ref, out_res, probs, latent_hw)
-                m_hat = parts.m_hat
+                maps = self.sfcm_parts(models, bases, targets, out_ref, out_res, probs, latent_hw)
+                m_hat = maps.m_hat
                 numbers.update({f"m_hat_{k}": v for k, v in D.map_summary(m_hat).items()})
             if diagnose:
-                numbers.update(self._diagnostics(models, batch, names, noisy, t, text_base, out_ref, parts))
+                numbers.update(self._diagnostics(models, batch, names, noisy, t, text_base, out_ref, maps))
         if self._align:
             if cfg.features == "hidden":  # the attn2 input features in Q's place (docs/spf.md, "Readings")
                 f_res = [L.split_heads(self.res_store[n].hidden, self.res_store[n].heads) for n in names]
@@ -282,7 +281,7 @@ class Spf(Method):
         return total, numbers
 
     @torch.no_grad()
-    def _diagnostics(self, models, batch, names, noisy, t, text_base, out_ref, parts) -> dict:
+    def _diagnostics(self, models, batch, names, noisy, t, text_base, out_ref, maps) -> dict:
         """Logged numbers (trainers/spf_diagnostics.py): per layer, relative MSE of the attn2 input features of
         this step's two forwards (response on [E_base, E_tar], reference on E_base); the response path's noise
         prediction on E_base alone against the reference's (one extra forward, nothing recorded); M's summary;
@@ -292,12 +291,12 @@ class Spf(Method):
         with self._handles[0].using(None):
             eps_base = models.unet(noisy, t, text_base).sample.float()
         out["diag_eps_base_rel"] = D.relative_mse(out_ref, eps_base)
-        if parts is not None:
-            out.update({f"m_{k}": v for k, v in D.map_summary(parts.m).items()})
+        if maps is not None:
+            out.update({f"m_{k}": v for k, v in D.map_summary(maps.m).items()})
             masks = self._batch_target_masks(batch, list(batch["target_text"]))
             if masks is not None:
                 keep, stack = masks
-                for name, m in (("m", parts.m), ("m_hat", parts.m_hat)):
+                for name, m in (("m", maps.m), ("m_hat", maps.m_hat)):
                     loc = D.localisation(m[keep], stack.to(m.device))
                     out[f"diag_{name}_auc"], out[f"diag_{name}_iou"] = loc["auc"], loc["iou"]
         return out
