@@ -132,8 +132,10 @@ class Runner:
         def visit(name: str, chain: tuple[str, ...]) -> None:
             if name in chain:
                 raise SpfbenchError(f"methods require each other in a cycle: {' -> '.join(chain + (name,))}")
-            for dep in method_class(name).requires.values():
-                visit(dep, chain + (name,))
+            given = self.method_config(name)
+            for key, dep in method_class(name).requires.items():
+                if given.get(key) is None:  # the config names the artifact (e.g. stage1_artifact): not fitted here
+                    visit(dep, chain + (name,))
             if name not in order:
                 order.append(name)
 

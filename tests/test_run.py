@@ -258,6 +258,16 @@ def test_required_method_is_fitted_once_and_shared(world, cli):
     import pandas as pd
 
     assert list(pd.read_csv(out / "results.csv")["method"]) == ["magnet", "spf"]
+    # a config that names the stage-1 artifact itself: naive is not fitted again (a reading study's shared stage 1)
+    cfg = json.loads((world / "cfg.json").read_text())
+    cfg["spf"] = {**cfg.get("spf", {}), "stage1_artifact": naive_artifact}
+    (world / "given.json").write_text(json.dumps(cfg))
+    args = run_args(world, world / "given", "spf", extra=["--limit", "2"])
+    args[args.index("--config") + 1] = world / "given.json"
+    code, stdout, err = cli(*args)
+    assert code == 0, stdout + err
+    assert not (world / "given" / "methods" / "naive").exists()
+    assert json.loads((world / "given" / "methods" / "spf" / "config.json").read_text())["stage1_artifact"] == naive_artifact
 
 
 def test_retention_and_curve(world, cli):

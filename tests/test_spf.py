@@ -266,3 +266,35 @@ def test_each_readings_alignment_scale_relative_to_l_diff(batch):
     # scale against L_diff (lambda3 = 0.1): the default alignment is a small fraction, the literal one is not
     assert 0.1 * mse["loss_fine"] < 0.05 * mse["loss_diffusion"]
     assert 0.1 * l2sq["loss_fine"] > 100 * 0.1 * mse["loss_fine"]
+
+
+def test_sfcm_normalize_none_subtracts_raw_attention_from_raw_noise_difference(batch):
+    """``sfcm_normalize="none"`` (eq. 5-7 as written): M is the raw channel-mean |eps_ref - eps_res| and each
+    A_base[i] the raw layer-mean probability, so M-hat = clamp(M_raw - sum (1 - gamma) A_raw, 0, 1); under the
+    default min-max both are rescaled per map, and with four phrases of max 1 the exclusion covers M."""
+    import torch.nn.functional as F
+
+    from trainers import spf_losses as L
+
+    models = fresh_models()
+    method = trainers.create("spf", {"sfcm_normalize": "none", "diagnostics_every": 0})
+    method.setup(models)
+    g = torch.Generator().manual_seed(3)
+    eps_ref = torch.randn(2, 4, 8, 8, generator=g)
+    eps_res = eps_ref + 0.3 * torch.randn(2, 4, 8, 8, generator=g)
+    probs = [torch.softmax(torch.randn(2, 2, 64, 77, generator=g), -1), torch.softmax(torch.randn(2, 2, 16, 77, generator=g), -1)]
+    bases, targets = list(batch["base_caption"]), list(batch["target_text"])
+    parts = method.sfcm_parts(models, bases, targets, eps_ref, eps_res, probs, (8, 8))
+    raw_m = F.interpolate((eps_ref - eps_res).abs().mean(1, keepdim=True), size=(64, 64), mode="bilinear",
+                          align_corners=False)[:, 0]
+    torch.testing.assert_close(parts.m, raw_m, atol=1e-5, rtol=1e-4)
+    assert parts.phrase_maps.amax() < 0.2  # raw probabilities over 77 tokens, not min-max'd to 1
+    excl = torch.einsum("bp,bpxy->bxy", (1 - parts.gamma.clamp(0, 1)) * parts.phrase_mask, parts.phrase_maps)
+    torch.testing.assert_close(parts.exclusion, excl)
+    torch.testing.assert_close(parts.m_hat, (raw_m - excl).clamp(0, 1), atol=1e-5, rtol=1e-4)
+    default = trainers.create("spf", {"diagnostics_every": 0})
+    default.setup(fresh_models())
+    mm = default.sfcm_parts(models, bases, targets, eps_ref, eps_res, probs, (8, 8))
+    assert parts.m_hat.mean() > 5 * mm.m_hat.mean()  # the raw reading leaves a map; the min-max one ~ erases it
+    with pytest.raises(Exception, match="sfcm_normalize"):
+        trainers.create("spf", {"sfcm_normalize": "softmax"})

@@ -53,6 +53,11 @@ class SpfConfig(TrainConfig):
     mask_mode: str = "pool"  # spf_losses.text_consistent_loss
     norm: str = "mse"  # mse | l2 | l2sq (spf_losses.NORMS; docs/spf.md "Readings")
     layer_reduction: str = "mean"  # mean | sum
+    # how eq. 5's M and eq. 6's A_base[i] are put on one scale before eq. 7 subtracts them: "minmax" (each map
+    # min-max normalised to [0, 1]: M per sample, A_base per phrase; docs/spf.md decisions 8, 9, 11), "max"
+    # (divided by its maximum) or "none" (as eq. 5-7 are written: raw channel-mean |eps difference| and raw
+    # layer-mean attention probabilities; M-hat still clamped to [0, 1])
+    sfcm_normalize: str = "minmax"
     # what the alignment losses compare: "query" (Q after to_q, eq. 3/4 as written) or "hidden" (the attn2
     # input features, what to_q projects: the UNet's own features; F pools them with the same softmax)
     features: str = "query"
@@ -79,6 +84,8 @@ class SpfConfig(TrainConfig):
             raise SpfbenchError(f"mask_mode must be pool or renorm, got {self.mask_mode!r}")
         if self.norm not in L.NORMS:
             raise SpfbenchError(f"norm must be one of {', '.join(L.NORMS)}, got {self.norm!r}")
+        if self.sfcm_normalize not in ("minmax", "max", "none"):
+            raise SpfbenchError(f"sfcm_normalize must be minmax, max or none, got {self.sfcm_normalize!r}")
         if self.features not in ("query", "hidden"):
             raise SpfbenchError(f"features must be query or hidden, got {self.features!r}")
         if self.diagnostics_every < 0:
@@ -331,7 +338,8 @@ class Spf(Method):
         info = [self._caption_info(models, b) for b in bases]
         weights, pmask = L.phrase_token_matrix([i[1] for i in info], n_txt=probs[0].shape[-1])
         device = out_ref.device
-        a_base = L.phrase_attention_maps(probs, weights.to(device), latent_hw=latent_hw)
+        norm = self.config.sfcm_normalize
+        a_base = L.phrase_attention_maps(probs, weights.to(device), latent_hw=latent_hw, normalize=norm)
         if gamma is None:
             gam = torch.ones(pmask.shape)
             for b, (base, tgt) in enumerate(zip(bases, targets)):
@@ -339,7 +347,8 @@ class Spf(Method):
                 gam[b, : g.shape[0]] = g[: gam.shape[1]]
         else:
             gam = torch.as_tensor(gamma, dtype=torch.float32).expand(pmask.shape).clone()
-        parts = L.sfcm(out_ref, out_res.detach(), a_base, gam.to(device), phrase_mask=pmask.to(device), return_parts=True)
+        parts = L.sfcm(out_ref, out_res.detach(), a_base, gam.to(device), phrase_mask=pmask.to(device),
+                       normalize=norm, return_parts=True)
         return SfcmParts(parts.m_hat, parts.m, parts.exclusion, a_base, gam, pmask, [i[0] for i in info])
 
     def _enhanced(self, models, batch, noisy, out_res, t, targets) -> torch.Tensor:
