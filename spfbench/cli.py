@@ -351,6 +351,33 @@ def report(
     typer.echo("written: " + ", ".join(str(p) for p in paths.values()))
 
 
+@app.command()
+def tradeoff(
+    runs: list[Path] = typer.Argument(..., help="Run folders (spfbench run --out) scored with trade-off metrics (ground truth: GT-Target, GT-Preserve)."),
+    out: Path = typer.Option(..., "--out", help="Folder for tradeoff.png and tradeoff.json."),
+    knob: list[str] = typer.Option([], "--knob", help="METHOD=FIELD: label that method's rows by its config field (e.g. lora=rank); rows of several runs become one line."),
+    title: str = typer.Option("preservation against response", help="Plot title."),
+) -> None:
+    """Preservation against response, one line per method (its curve steps and knob values), 95% CIs; which method dominates which."""
+    from . import tradeoff as T
+
+    knobs = {}
+    for k in knob:
+        if "=" not in k or not all(k.split("=", 1)):
+            raise SpfbenchError(f"--knob takes METHOD=FIELD (e.g. lora=rank), got {k!r}")
+        m, f = k.split("=", 1)
+        knobs[m] = f
+    for r in runs:
+        if not (r / "run.json").is_file():
+            raise SpfbenchError(f"{r}: not a run folder (no run.json); give the --out folder of `spfbench run`")
+    points = [p for r in runs for p in T.run_points(r, knobs)]
+    paths = T.write(points, out, title)
+    for c in T.comparisons(points):
+        if c["dominates"]:
+            typer.echo(f"{c['method']} dominates {c['dominates']} of {c['of']} points of {c['other']}")
+    typer.echo(f"{len(points)} points; written: {paths['png']}, {paths['json']}")
+
+
 world_app = typer.Typer(help="Portrait World (docs/world.md): rendered portraits with ground-truth attributes, CPU scale.")
 app.add_typer(world_app, name="world")
 

@@ -235,6 +235,10 @@ def render(data: dict, table: table1.Table, paper: bool = False) -> str:
     if curves:
         sections.append("<h2>Training curves (Fig. 5)</h2>" + "".join(
             f"<a href='{escape(src)}'><img class='curve' src='{escape(src)}' alt='{escape(name)} curve'></a>" for name, src in curves))
+    if (run / "tradeoff.png").is_file():
+        sections.append("<h2>Trade-off</h2><p>Preservation against response (ground truth), 95% CIs; a method beats "
+                        "another only where its line dominates (<a href='tradeoff.json'>tradeoff.json</a>).</p>"
+                        "<a href='tradeoff.png'><img class='curve' src='tradeoff.png' alt='trade-off plot'></a>")
     sections.append(
         "<h2>Triples</h2><div id='controls'>Sort by <select id='sort'><option value=''>test set order</option></select>"
         "<select id='dir'><option value='desc'>descending</option><option value='asc'>ascending</option></select>"
@@ -254,6 +258,11 @@ def write_html(run: Path, table: table1.Table | None = None, paper: bool = False
     if table is None:
         table = table1.collect({m["name"]: m["folder"] / "score" for m in data["methods"]
                                 if m["status"] == "complete" and (m["folder"] / "score" / "summary.json").is_file()})
+    from . import tradeoff
+
+    points = tradeoff.run_points(run)
+    if points:  # the run has trade-off metrics (ground truth): its rows and curve steps on one plot
+        tradeoff.write(points, run, title=f"{run.name}: preservation against response")
     out = run / "index.html"
     atomic_write_text(out, render(data, table, paper))
     return out

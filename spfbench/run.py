@@ -369,9 +369,13 @@ class Runner:
     def _curve(self, name: str, values: dict, folder: Path, state) -> None:
         from .curve import training_curve
 
+        from .metrics import metric_class
+
+        # Fig. 5's two, plus the run's trade-off metrics (ground truth), so a curve is also a trade-off line
+        ids = list(CURVE_METRICS) + [m for m in self.metric_ids if metric_class(m).tradeoff_axis and m not in CURVE_METRICS]
         if state.is_main_process:  # a few images per checkpoint: one process is enough
             training_curve(folder / "train", name, values, self.testset, self.triples[: self.curve_limit], folder / "curve",
-                           load_kwargs=self.load_kwargs, metrics_preset=self.preset, metric_ids=list(CURVE_METRICS), settings=self.settings,
+                           load_kwargs=self.load_kwargs, metrics_preset=self.preset, metric_ids=ids, settings=self.settings,
                            batch_size=self.gen_batch, device=str(state.device), dtype=self.dtype, progress=self.progress)
         state.wait_for_everyone()
 

@@ -64,3 +64,14 @@ def test_reduced_world_run(tmp_path, cli):
         n = rep["methods"][m]["target_n"]
         assert sum(hits[t] * n[t] for t in hits) / sum(n.values()) == pytest.approx(summary["gt-target@world-reader"]["value"])
     assert (tmp_path / "run" / "attributes.md").read_text().startswith("Attribute reads of 5 triples")
+
+    # the report draws the trade-off whenever ground truth is scored: one point per row, the rows' own means
+    from spfbench import tradeoff
+
+    assert (tmp_path / "run" / "tradeoff.png").is_file() and "Trade-off" in (tmp_path / "run" / "index.html").read_text()
+    saved = {p["method"]: p for p in json.loads((tmp_path / "run" / "tradeoff.json").read_text())["points"]}
+    assert set(saved) == {"naive", "spf"}
+    for m in ("naive", "spf"):
+        assert saved[m]["response"] == pytest.approx(rows[m]["metrics"]["GT-Target"]["value"])
+        assert saved[m]["preservation"] == pytest.approx(rows[m]["metrics"]["GT-Preserve"]["value"])
+    assert {p.method for p in tradeoff.run_points(tmp_path / "run")} == {"naive", "spf"}

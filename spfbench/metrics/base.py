@@ -97,6 +97,9 @@ class Metric(ABC):
     higher_is_better: ClassVar[bool]
     per_sample: ClassVar[bool] = True
     has_reference: ClassVar[bool] = False  # keeps statistics of the originals alone (cacheable per test set)
+    # an axis of the trade-off plot (spfbench/tradeoff.py): "response" (the target shown) or "preservation"
+    # (everything else kept), for metrics exact enough to draw a method's trade-off with (ground truth)
+    tradeoff_axis: ClassVar[str | None] = None
 
     def __init__(self, backbones: Backbones):
         self.backbones = backbones

@@ -37,6 +37,7 @@ def _target(text: str):
 
 class GtTarget(PerSampleMetric):
     id, column, higher_is_better = "gt-target@world-reader", "GT-Target", True
+    tradeoff_axis = "response"
 
     def score(self, batch: Batch) -> list[float | None]:
         read = self.backbones.get(READER).read(batch.customized)
@@ -53,6 +54,7 @@ class GtTarget(PerSampleMetric):
 
 class GtPreserve(PerSampleMetric):
     id, column, higher_is_better = "gt-preserve@world-reader", "GT-Preserve", True
+    tradeoff_axis = "preservation"
 
     def reset(self) -> None:
         super().reset()
