@@ -198,7 +198,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
         if cfg.cache_encodings:
-            dataset = self._cached(dataset, models, info, fingerprint, accelerator)
+            dataset = self._cached(dataset, models, info, accelerator, progress)
 
         sampler = EpochSampler(len(dataset), cfg.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate, drop_last=False)
@@ -348,10 +348,10 @@ class Trainer:
             ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
         return int(state["step"])
 
-    def _cached(self, dataset, models, info, fingerprint, accelerator):
+    def _cached(self, dataset, models, info, accelerator, progress):
         # the main process computes the cache; the others then open what it wrote
         if accelerator.is_main_process:
-            build_encoding_cache(dataset, models, self.method, self.out / "cache", model=info.to_dict())
+            build_encoding_cache(dataset, models, self.method, self.out / "cache", model=info.to_dict(), progress=progress)
         accelerator.wait_for_everyone()
         return build_encoding_cache(dataset, models, self.method, self.out / "cache", model=info.to_dict(), progress=False)
 
