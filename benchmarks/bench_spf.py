@@ -24,12 +24,26 @@ models, optimizer state and the step's activations) and MFU against ``--peak-tfl
 For presets other than ``tiny`` the SPF method's CLIP ViT-L/14 is a random-weight full-size open_clip
 ViT-L/14 (``--clip random``; the FLOPs do not depend on the weights and no download is needed);
 ``--clip method`` uses the method's own loader (published weights from the local cache).
+
+``--measure cache`` (issue 23) instead times the stage-2 step with and without ``cache_encodings``, side by
+side: per method (``--method`` and naive), fresh :class:`trainers.loop.Trainer` runs (the real loop: data
+loading, the cache's reads, the method's hooks; checkpoints off) in both settings, the order alternating
+over ``--repeats``; a step time is the loop's logged ``seconds``, the figure the median over the steps after
+the warm-up (at least one epoch, so that the uncached side's in-memory per-item caches are warm: the
+stricter comparison), then the median over repeats. Building the cache is a one-off and not counted (its
+run's wall time is recorded).
+
+    ratio = t_cached / t_uncached      target <= 1.0 for every method
+
+    python benchmarks/bench_spf.py --measure cache --preset tiny --threads 1 --out results/spf_cache_tiny_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import math
 import statistics
 import sys
 import tempfile
@@ -49,7 +63,7 @@ from spfbench.data import PortraitDataset, collate  # noqa: E402
 from spfbench.models import load_pipeline  # noqa: E402
 from spfbench.toydata import make_toy_data  # noqa: E402
 from trainers.base import Models  # noqa: E402
-from trainers.loop import _training_scheduler  # noqa: E402
+from trainers.loop import Trainer, _training_scheduler  # noqa: E402
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPF_REFERENCE_TFLOP_PER_SAMPLE = 7.95  # REFERENCE.md section 5: SD1.5, 512 px
@@ -143,6 +157,55 @@ def run_side(name: str, args, data: Path, device, count_flops: bool) -> dict:
     return {"times": times, "peak_gib": peak, "flops": flops}
 
 
+def loop_run(name: str, cached: bool, args, data: Path, out: Path, device) -> dict:
+    """One fresh Trainer run; its per-step seconds after the warm-up and its wall time."""
+    steps = args.warmup + args.steps
+    method = trainers.create(name, {"max_train_steps": steps, "checkpointing_steps": 10**9, "checkpoints_total_limit": 1,
+                                    "mixed_precision": args.precision, "train_batch_size": args.batch_size,
+                                    "random_flip": args.random_flip, "cache_encodings": cached})
+    clip = args.clip if args.clip != "auto" else ("method" if args.preset == "tiny" else "random")
+    if name != "naive" and clip == "random":
+        method._clip = random_clip(device)  # Spf.clip() returns the cached backbone
+    t = time.perf_counter()
+    Trainer(method, data, out, preset=args.preset, device=None if device.type == "cuda" else "cpu").run(progress=False)
+    wall = time.perf_counter() - t
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {"times": [e["seconds"] for e in log[args.warmup:]], "run_s": wall}
+
+
+def measure_cache(args, data: Path, tmp: Path, device) -> None:
+    per_epoch = math.ceil(args.n / args.batch_size)
+    args.warmup = max(args.warmup, per_epoch)  # the uncached side's in-memory caches warm (one epoch seen)
+    rows = {}
+    for name in (args.method, "naive"):
+        step_s = {False: [], True: []}
+        run_s = {False: [], True: []}
+        for r in range(args.repeats):
+            for cached in ((False, True) if r % 2 == 0 else (True, False)):
+                out = loop_run(name, cached, args, data, tmp / f"{name}-{r}-{'cached' if cached else 'plain'}", device)
+                step_s[cached].append(statistics.median(out["times"]))
+                run_s[cached].append(out["run_s"])
+                print(f"repeat {r} {name:<12} {'cached' if cached else 'uncached':<9} {step_s[cached][-1] * 1000:9.1f} ms/step",
+                      flush=True)
+        a, b = statistics.median(step_s[False]), statistics.median(step_s[True])
+        rows[name] = {"uncached_step_s": a, "cached_step_s": b, "ratio": b / a, "uncached_step_s_per_repeat": step_s[False],
+                      "cached_step_s_per_repeat": step_s[True], "uncached_run_s": run_s[False], "cached_run_s": run_s[True]}
+    for name, row in rows.items():
+        print(f"{name:<12} uncached {row['uncached_step_s'] * 1000:9.1f} ms/step   cached {row['cached_step_s'] * 1000:9.1f} ms/step"
+              f"   ratio cached/uncached {row['ratio']:.3f} (target <= 1.0)")
+    result = {
+        "command": "python benchmarks/bench_spf.py " + " ".join(sys.argv[1:]), "measure": "cache",
+        "preset": args.preset, "precision": args.precision, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(), "batch_size": args.batch_size, "n": args.n, "random_flip": args.random_flip,
+        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "timing": "trainers.loop.Trainer log.jsonl seconds per step (data loading included), median after the warm-up;"
+                  " median over repeats; the cache build is not counted (run_s holds each run's wall time)",
+        "methods": rows, "ratio": {name: row["ratio"] for name, row in rows.items()}, "target": 1.0,
+    }
+    write_result(args.out, result)
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,6 +222,9 @@ def main() -> None:
                    help="SPF's CLIP ViT-L/14: the method's loader, or random full-size weights (auto: method for tiny)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--measure", default="flops", choices=["flops", "cache"],
+                   help="flops: SPF vs naive achieved FLOP/s; cache: each with and without cache_encodings")
+    p.add_argument("--random-flip", action="store_true", help="(--measure cache) train with random_flip")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     if args.threads:
@@ -166,6 +232,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="spfbench-bench-spf-"))
     make_toy_data(tmp / "data", args.n, size=64 if args.preset == "tiny" else 512)
+    if args.measure == "cache":
+        return measure_cache(args, tmp / "data", tmp, device)
 
     sides = ["naive", args.method]
     step_s = {s: [] for s in sides}

@@ -802,6 +802,7 @@ def cache_encodings(
     batch_size: int = 16,
     shard_size: int = 256,
     progress: bool = True,
+    encode_record: Callable[[list[PortraitRecord]], dict] | None = None,
 ) -> "CachedDataset":
     """Encode every item once and store the results; returns a :class:`CachedDataset` over them.
 
@@ -811,7 +812,11 @@ def cache_encodings(
     Results are stored as returned (dtype included) in ``cache_dir/KEY[:24]/shard-NNNNN.safetensors``
     (``shard_size`` items each, written atomically); KEY is :func:`cache_key`, so a changed dataset,
     preprocessing or ``model_key`` gets a fresh folder. Shards already written are reused, so an
-    interrupted run resumes. With random_flip, the flipped images are encoded too.
+    interrupted run resumes. With random_flip, the flipped images are encoded too (``encode_image``'s
+    keys get a ``.flipped`` twin). ``encode_record(list of B records) -> dict of tensors (B, ...)``, when
+    given, adds what depends on the item's texts only (e.g. a method's base-caption encoding; not flipped).
+    Keys of the three encoders may not clash. Whatever ``encode_record`` computes must be named by
+    ``model_key`` too.
     """
     from safetensors.torch import save
     from tqdm.auto import tqdm
@@ -869,6 +874,12 @@ def cache_encodings(
                     clash = set(enc) & set(txt)
                     if clash:
                         raise ValueError(f"image and text encoders both return {', '.join(sorted(clash))}")
+                    if encode_record is not None:
+                        rec = _as_tensors(encode_record([dataset.records[i] for i in idx]), "record", len(idx))
+                        clash = (set(enc) | set(txt)) & set(rec)
+                        if clash:
+                            raise ValueError(f"the record encoder returns {', '.join(sorted(clash))}, already returned by another encoder")
+                        txt.update(rec)
                     for k, v in {**enc, **txt}.items():
                         parts.setdefault(k, []).append(v)
                     bar.update(len(idx))

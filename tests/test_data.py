@@ -575,3 +575,27 @@ def test_cache_bad_arguments_write_nothing(toy, tmp_path):
     with pytest.raises(SpfbenchError, match="model_key"):
         cache_encodings(ds, Encoders().image, Encoders().text, tmp_path / "c", model_key="", progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_cache_stores_record_level_encodings_unflipped(toy, tmp_path):
+    """encode_record (what depends on an item's texts only, e.g. SPF's base-caption encoding) is stored per
+    item beside the image and text encodings, computed once, and is the same whatever the item's flip."""
+    ds = PortraitDataset(toy, R, random_flip=True, seed=7)
+    enc, seen = Encoders(), []
+
+    def record(records):
+        seen.extend(r.index for r in records)
+        return {"base_len": torch.tensor([[float(len(r.base_caption))] for r in records])}
+
+    cached = cache_encodings(ds, enc.image, enc.text, tmp_path / "c", model_key="m", batch_size=3, progress=False,
+                             encode_record=record)
+    assert sorted(seen) == list(range(N))
+    for epoch in (0, 1):
+        cached.set_epoch(epoch)
+        for i in range(N):
+            assert cached[i]["base_len"].tolist() == [float(len(ds.records[i].base_caption))]
+    again = cache_encodings(ds, enc.image, enc.text, tmp_path / "c", model_key="m", progress=False, encode_record=record)
+    assert len(seen) == N and again.folder == cached.folder  # reused, not recomputed
+    with pytest.raises(ValueError, match="latents"):
+        cache_encodings(ds, enc.image, enc.text, tmp_path / "d", model_key="m", progress=False,
+                        encode_record=lambda recs: {"latents": torch.zeros(len(recs), 1)})

@@ -298,3 +298,190 @@ def test_sfcm_normalize_none_subtracts_raw_attention_from_raw_noise_difference(b
     assert parts.m_hat.mean() > 5 * mm.m_hat.mean()  # the raw reading leaves a map; the min-max one ~ erases it
     with pytest.raises(Exception, match="sfcm_normalize"):
         trainers.create("spf", {"sfcm_normalize": "softmax"})
+
+
+# -- per-item constants: E_I(x0) and E_base (issue 23) -------------------------------------------------
+
+def _flip_seed(pairs):
+    """A random_flip seed under which, in epoch 0, the first item of each pair is flipped and the second not."""
+    from spfbench.data import flip_decision
+
+    return next(s for s in range(1000) if all(flip_decision(s, 0, a) and not flip_decision(s, 0, b) for a, b in pairs))
+
+
+class EncoderCalls:
+    """Records what the SD text encoder and the CLIP image tower are asked to encode (forward pre-hooks)."""
+
+    def __init__(self, models, clip):
+        self.text_ids, self.image_calls = [], []
+        self.handles = [
+            models.text_encoder.register_forward_pre_hook(lambda m, args: self.text_ids.extend(args[0].tolist())),
+            clip.model.visual.register_forward_pre_hook(
+                lambda m, args: self.image_calls.append((args[0].shape[0], torch.is_grad_enabled()))),
+        ]
+
+    def encoded(self, models, captions) -> list[bool]:
+        """Which of ``captions`` the text encoder was fed."""
+        from trainers.base import tokenize
+
+        return [row in self.text_ids for row in tokenize(models.tokenizer, captions).tolist()]
+
+    def gt_images(self) -> int:  # images embedded without gradients: the ground truth (the prediction has them)
+        return sum(n for n, grad in self.image_calls if not grad)
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def spf_on(ds, config=None):
+    models = fresh_models()
+    method = trainers.create("spf", config or {})
+    method.setup(models)
+    method.bind_dataset(ds)
+    return models, method
+
+
+def test_cached_and_uncached_steps_compute_the_same_losses(toy, tmp_path):
+    """With cache_encodings the batch carries E_I(x0) of the item's pixels (its flip's with random_flip) and
+    E_base: the step computes what the uncached step computes from the pixels, up to float rounding of the
+    encoders' batch composition; before, the cached ground truth was the VAE decode of the latent mean."""
+    from spfbench.errors import SpfbenchError
+    from trainers import spf_losses as L
+    from trainers.loop import build_encoding_cache
+    from trainers.spf import GT_EMBEDDING, TEXT_BASE
+
+    ds = PortraitDataset(toy, resolution=64, random_flip=True, seed=_flip_seed([(0, 1)]))
+    assert ds.flipped(0) and not ds.flipped(1)
+    models_u, plain = spf_on(ds)
+    loss_u, num_u = plain.loss(models_u, collate([ds[0], ds[1]]), gen(3))
+
+    models_c, cached_method = spf_on(ds)
+    cached = build_encoding_cache(ds, models_c, cached_method, tmp_path / "cache", model={"preset": "tiny"}, progress=False)
+    batch_c = collate([cached[0], cached[1]])
+    assert "pixel_values" not in batch_c and {GT_EMBEDDING, TEXT_BASE} <= set(batch_c)
+    loss_c, num_c = cached_method.loss(models_c, batch_c, gen(3))
+    assert set(num_c) == set(num_u)
+    for k in num_u:
+        assert num_c[k] == pytest.approx(num_u[k], rel=1e-4, abs=1e-6), k
+    assert loss_c.item() == pytest.approx(loss_u.item(), rel=1e-4)
+
+    # what the cache holds, computed independently, one item at a time
+    clip = cached_method.clip(models_c)
+    size = clip.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+
+    def embed(pixels):
+        with torch.no_grad():
+            return clip.model.encode_image(L.clip_preprocess(pixels[None], size=size))[0]
+
+    for b, i in enumerate((0, 1)):
+        torch.testing.assert_close(batch_c[GT_EMBEDDING][b], embed(ds[i]["pixel_values"]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batch_c[TEXT_BASE][b], encode_text(models_c, [ds.records[i].base_caption])[0],
+                                   rtol=1e-4, atol=1e-5)
+    # controls, each 100 x the tolerance above: the flipped item got its flip's embedding, and the old cached
+    # ground truth (the VAE decode of the posterior mean) is another image on the tiny model
+    unflipped = ds.pixels(0, flip=False)
+    assert (batch_c[GT_EMBEDDING][0] - embed(unflipped)).abs().max() > 1e-3
+    with torch.no_grad():
+        decoded = models_c.vae.decode(cached[0]["latent_mean"][None]).sample[0].float()
+    assert (batch_c[GT_EMBEDDING][0] - embed(decoded)).abs().max() > 1e-3
+    no_gt = {k: v for k, v in batch_c.items() if k != GT_EMBEDDING}
+    with pytest.raises(SpfbenchError, match="neither pixel_values nor"):
+        cached_method.loss(models_c, no_gt, gen(3))
+
+
+def test_warm_per_item_caches_give_the_cold_step_and_skip_the_encoders(toy, monkeypatch):
+    """Without cache_encodings, E_I(x0) is kept per (dataset index, flipped) and E_base per base caption: a
+    batch whose items were seen in other batches is not encoded again and gives the cold step's losses; an
+    item whose flip changed is embedded again; the text cache is bounded (least recently used goes first)."""
+    from trainers.spf import Spf
+
+    ds = PortraitDataset(toy, resolution=64, random_flip=True, seed=_flip_seed([(1, 2)]))
+    x = lambda: collate([ds[1], ds[2]])  # noqa: E731
+    bases = [ds.records[i].base_caption for i in (1, 2)]
+    assert len(set(r.base_caption for r in ds.records)) == 4  # distinct captions: eviction is observable
+
+    models, cold = spf_on(ds)
+    _, num_cold = cold.loss(models, x(), gen(4))
+
+    models, warm = spf_on(ds)
+    warm.loss(models, collate([ds[0], ds[1]]), gen(0))
+    warm.loss(models, collate([ds[2], ds[3]]), gen(1))
+    calls = EncoderCalls(models, warm.clip(models))
+    _, num_warm = warm.loss(models, x(), gen(4))
+    assert calls.gt_images() == 0 and calls.encoded(models, bases) == [False, False]
+    assert any(calls.encoded(models, [ds.records[1].caption]))  # the hooks do see the complete caption's encoding
+    assert set(num_warm) == set(num_cold)
+    for k in num_cold:
+        assert num_warm[k] == pytest.approx(num_cold[k], rel=1e-5, abs=1e-7), k
+
+    # another epoch flips item 1 (and maybe 2): only the items whose flip changed are embedded again
+    from spfbench.data import flip_decision
+
+    epoch = next(e for e in range(1, 100) if not flip_decision(ds.seed, e, 1))
+    ds.set_epoch(epoch)
+    changed = sum(ds.flipped(i) != (i == 1) for i in (1, 2))
+    calls.close()
+    calls = EncoderCalls(models, warm.clip(models))
+    _, num_flip = warm.loss(models, x(), gen(4))
+    assert calls.gt_images() == changed >= 1
+    models, cold2 = spf_on(ds)
+    _, num_flip_cold = cold2.loss(models, x(), gen(4))
+    assert num_flip["loss_enhanced"] == pytest.approx(num_flip_cold["loss_enhanced"], rel=1e-5, abs=1e-7)
+    assert num_flip["loss_enhanced"] != pytest.approx(num_warm["loss_enhanced"], rel=1e-3)  # the flip does change it
+    calls.close()
+
+    # bounded: with room for one caption, a batch of two evicts the first; seeing it again encodes it again
+    ds.set_epoch(0)
+    monkeypatch.setattr(Spf, "text_cache_size", 1)
+    models, small = spf_on(ds)
+    small.loss(models, x(), gen(4))
+    calls = EncoderCalls(models, small.clip(models))
+    small.loss(models, x(), gen(4))
+    assert calls.encoded(models, bases) == [True, False]  # base 2 was the most recent: kept; base 1 evicted
+    calls.close()
+
+
+def test_encoding_cache_key_names_the_method_constants(toy):
+    """The loop's cache key: a method without extras keeps the plain key (model, dtype, resolution); SPF's
+    adds the method, its CLIP and what it stores, so another CLIP, or an ablation storing less, gets a fresh
+    cache (spf-no-text stores the same constants: E_base still feeds L_fine's reference path)."""
+    from spfbench.data import cache_key
+    from trainers.loop import encoding_cache_key
+
+    ds = PortraitDataset(toy, resolution=64)
+    models = fresh_models()
+    model = {"preset": "tiny"}
+    keys = {}
+    for label, name, cfg in [("naive", "naive", {}), ("spf", "spf", {}), ("b32", "spf", {"clip_model": "vit-b-32"}),
+                             ("no-enh", "spf-no-enh", {}), ("no-text", "spf-no-text", {})]:
+        keys[label] = encoding_cache_key(ds, models, trainers.create(name, cfg), model)
+    assert "extras" not in json.loads(keys["naive"])
+    assert json.loads(keys["spf"])["model"] == json.loads(keys["naive"])["model"]
+    assert len({cache_key(ds, k) for k in keys.values()}) == len(keys)  # the method's name is part of it too
+    assert json.loads(json.loads(keys["no-text"])["extras"]["key"]) == json.loads(json.loads(keys["spf"])["extras"]["key"])
+    assert "spf_clip_gt" not in json.loads(json.loads(keys["no-enh"])["extras"]["key"])["stored"]
+    # nothing left to store: no extras at all
+    assert trainers.create("spf-no-enh", {"use_text": False, "use_fine": False, "diagnostics_every": 0}).encoding_extras(models) is None
+
+
+def test_loop_with_cache_encodings_trains_spf_like_without(toy, tmp_path):
+    """The loop passes SPF's constants through the encoding cache: the same run with and without
+    cache_encodings (random_flip on) logs the same losses, up to the encoders' batch rounding."""
+    from safetensors import safe_open
+
+    logs = {}
+    for cached in (False, True):
+        cfg = {"max_train_steps": 3, "train_batch_size": 2, "learning_rate": 1e-3, "random_flip": True, "seed": 1,
+               "cache_encodings": cached}
+        out = tmp_path / str(cached)
+        Trainer(trainers.create("spf", cfg), toy, out, preset="tiny", device="cpu").run(progress=False)
+        logs[cached] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    shard = next((tmp_path / "True" / "cache").rglob("*.safetensors"))
+    with safe_open(str(shard), framework="pt") as f:
+        assert {"spf_clip_gt", "spf_clip_gt.flipped", "spf_text_base"} <= set(f.keys())
+    assert not (tmp_path / "False" / "cache").exists()
+    for a, b in zip(logs[False], logs[True], strict=True):
+        for k in ("loss_diffusion", "loss_enhanced", "loss_text", "loss_fine", "loss_total"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)

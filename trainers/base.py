@@ -8,7 +8,8 @@ configs), and four hooks the one training loop (:mod:`trainers.loop`) calls:
 * ``after_backward(models, step)`` / ``after_step(models, step)``: work on optimizer-sync steps after
   ``backward`` (before the optimizer step) and after the optimizer step (before ``zero_grad``: AdaLoRA's
   rank allocation); nothing by default;
-* ``trainable_state(models)`` / ``load_trainable_state(models, state)``: what a checkpoint stores.
+* ``trainable_state(models)`` / ``load_trainable_state(models, state)``: what a checkpoint stores;
+* ``encoding_extras(models)``: per-item constants the encoding cache stores for the method (optional).
 
 and two for the artifact: ``save_artifact(models, folder)`` and ``apply_artifact(pipe, folder)``, which
 loads the trained weights into a pipeline that then generates the customized image of a triple through
@@ -23,7 +24,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 
@@ -80,6 +81,21 @@ class TrainConfig:
                 raise SpfbenchError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise SpfbenchError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+class EncodingExtras(NamedTuple):
+    """Per-item constants a method adds to the encoding cache (``TrainConfig.cache_encodings``), beside
+    the VAE posterior and the complete caption's encoding: computed once per item when the cache is built
+    and then found in every batch under their keys (the method's ``loss`` reads them when present)."""
+
+    # what the tensors depend on (the models that compute them, a version): part of the cache's model key,
+    # so another CLIP or text encoder gets a fresh cache
+    key: str
+    # pixel_values (B, 3, R, R) float32 on CPU -> {name: tensor (B, ...)}; with random_flip also run on the
+    # flipped pixels (the batch then holds the variant of the item's flip, as for the latents)
+    image: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
+    # the items' records (spfbench.data.PortraitRecord: base_caption, target_text, ...) -> {name: tensor (B, ...)}
+    record: Callable[[list], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -145,6 +161,11 @@ class Method(ABC):
         latents, text = encode_batch(models, batch, generator)
         loss = diffusion_loss(models, latents, text, generator)
         return loss, {"loss_diffusion": loss.detach().item()}
+
+    def encoding_extras(self, models: Models) -> EncodingExtras | None:
+        """Per-item constants for the encoding cache (called after ``setup``, only with ``cache_encodings``);
+        None (default): the cache holds the latents and the complete caption's encoding only."""
+        return None
 
     def after_backward(self, models: Models, step: int) -> None:
         """Called on optimizer-sync steps after ``backward`` and gradient clipping, before ``optimizer.step``."""

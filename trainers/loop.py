@@ -198,7 +198,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
         if cfg.cache_encodings:
-            dataset = self._cached(dataset, models, info, fingerprint, accelerator)
+            dataset = self._cached(dataset, models, info, accelerator, progress)
 
         sampler = EpochSampler(len(dataset), cfg.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate, drop_last=False)
@@ -348,25 +348,53 @@ class Trainer:
             ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
         return int(state["step"])
 
-    def _cached(self, dataset, models, info, fingerprint, accelerator):
-        from spfbench.data import cache_encodings
-
-        def encode_image(pixels):  # the latent distribution: training samples from it as without the cache
-            with torch.no_grad():
-                dist = models.vae.encode(pixels.to(models.device, models.weight_dtype)).latent_dist
-            return {"latent_mean": dist.mean.float(), "latent_std": dist.std.float()}
-
-        def encode_text(captions):
-            from .base import encode_text as enc
-
-            return enc(models, captions).float()
-
-        key = json.dumps({"model": info.to_dict(), "dtype": str(models.weight_dtype), "resolution": dataset.resolution}, sort_keys=True)
+    def _cached(self, dataset, models, info, accelerator, progress):
         # the main process computes the cache; the others then open what it wrote
         if accelerator.is_main_process:
-            cache_encodings(dataset, encode_image, encode_text, self.out / "cache", model_key=key)
+            build_encoding_cache(dataset, models, self.method, self.out / "cache", model=info.to_dict(), progress=progress)
         accelerator.wait_for_everyone()
-        return cache_encodings(dataset, encode_image, encode_text, self.out / "cache", model_key=key, progress=False)
+        return build_encoding_cache(dataset, models, self.method, self.out / "cache", model=info.to_dict(), progress=False)
+
+
+def encoding_cache_key(dataset, models: Models, method: Method, model: dict) -> str:
+    """The ``model_key`` of the loop's encoding cache: the base model's identity, the compute dtype, the
+    resolution and, when the method stores per-item constants (``Method.encoding_extras``), their key."""
+    spec = {"model": model, "dtype": str(models.weight_dtype), "resolution": dataset.resolution}
+    extras = method.encoding_extras(models)
+    if extras is not None:
+        spec["extras"] = {"method": method.name, "key": extras.key}
+    return json.dumps(spec, sort_keys=True)
+
+
+def build_encoding_cache(dataset, models: Models, method: Method, cache_dir: Path, *, model: dict, progress: bool = True):
+    """``TrainConfig.cache_encodings``: the VAE posterior (mean, std) of every item (and of its flip with
+    random_flip), the complete caption's encoding, and the method's ``encoding_extras``, computed once into
+    ``cache_dir`` (:func:`spfbench.data.cache_encodings`; reused when present). Returns the
+    :class:`spfbench.data.CachedDataset`."""
+    from spfbench.data import cache_encodings
+
+    from .base import encode_text as enc
+
+    extras = method.encoding_extras(models)
+    reserved = {"latent_mean", "latent_std"}
+
+    def encode_image(pixels):  # the latent distribution: training samples from it as without the cache
+        with torch.no_grad():
+            dist = models.vae.encode(pixels.to(models.device, models.weight_dtype)).latent_dist
+        out = {"latent_mean": dist.mean.float(), "latent_std": dist.std.float()}
+        if extras is not None and extras.image is not None:
+            more = extras.image(pixels)
+            if reserved & set(more):
+                raise SpfbenchError(f"{method.name}: encoding_extras returns {', '.join(sorted(reserved & set(more)))}, a loop key")
+            out.update(more)
+        return out
+
+    def encode_text(captions):
+        return enc(models, captions).float()
+
+    key = encoding_cache_key(dataset, models, method, model)
+    record = extras.record if extras is not None else None
+    return cache_encodings(dataset, encode_image, encode_text, cache_dir, model_key=key, progress=progress, encode_record=record)
 
 
 def _unwrap(models: Models) -> Models:

@@ -16,9 +16,11 @@ Every decision is written in ``docs/spf.md`` ("Training procedure").
 from __future__ import annotations
 
 import copy
+import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -27,10 +29,37 @@ from spfbench.errors import SpfbenchError
 from . import spf_diagnostics as D
 from . import spf_losses as L
 from .attention import AttentionStore, install_capture
-from .base import Method, Models, TrainConfig, diffusion_target, encode_batch, encode_text
+from .base import EncodingExtras, Method, Models, TrainConfig, diffusion_target, encode_batch, encode_text
 
 REFERENCE = "reference_unet"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# per-item constants in the batch when TrainConfig.cache_encodings stored them (Spf.encoding_extras)
+GT_EMBEDDING = "spf_clip_gt"  # (B, D) CLIP image embedding of the ground-truth pixels (L_enhanced's E_I(x0))
+TEXT_BASE = "spf_text_base"  # (B, 77, C) the base caption encoded alone by the SD text encoder (E_base)
+EXTRAS_VERSION = 1  # bump when what encoding_extras computes changes: the encoding cache then rebuilds
+
+
+class _Lru:
+    """A bounded in-memory cache: the least recently used entry goes first once ``size`` is exceeded."""
+
+    def __init__(self, size: int):
+        self.size, self._d = int(size), OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key) -> bool:
+        return key in self._d
+
+    def get(self, key):
+        self._d.move_to_end(key)
+        return self._d[key]
+
+    def put(self, key, value) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
 
 
 @dataclass
@@ -119,9 +148,16 @@ class Spf(Method):
     description = "SPF-Portrait: dual-path contrastive stage 2 (SFCM alignment + response enhancement)"
     Config = SpfConfig
     requires = {"stage1_artifact": "naive"}  # stage 1 is the naive run (sec. 3.1)
+    # bounds of the in-memory per-item caches (used without cache_encodings; docs/spf.md decision 30):
+    # E_I(x0) per (dataset index, flipped): D floats each (ViT-L/14: 768 x 4 B = 3 KiB; 65536 -> <= 192 MiB);
+    # E_base per base caption: 77 x C values each (SD1.5: 77 x 768 x 4 B = 231 KiB in fp32; 1024 -> <= 231 MiB)
+    gt_cache_size: ClassVar[int] = 65536
+    text_cache_size: ClassVar[int] = 1024
 
     def __init__(self, config: SpfConfig | None = None):
         super().__init__(config)
+        self._gt_emb = _Lru(self.gt_cache_size)  # (index, flipped) -> (D,) float32, CPU
+        self._text_base = _Lru(self.text_cache_size)  # base caption -> (77, C) text encoder dtype, CPU
         self._gamma: dict[tuple[str, str], torch.Tensor] = {}  # (base caption, target text) -> (P,)
         self._target_emb: dict[str, torch.Tensor] = {}  # target text -> CLIP text embedding (D,)
         self._phrases: dict[str, tuple[list[str], list[list[int]], list[int]]] = {}
@@ -179,20 +215,24 @@ class Spf(Method):
         return params
 
     # -- CLIP -------------------------------------------------------------------------------------
+    def clip_preset(self, models: Models) -> str:
+        """The metric preset the CLIP comes from (``clip_preset``, with ``auto`` resolved)."""
+        preset = self.config.clip_preset
+        if preset == "auto" and models.preset == "world":  # Portrait World has its own CLIP
+            preset = "world"
+        if preset == "auto":  # otherwise by the UNet: SD1.x UNets attend to 768-d text
+            unet = getattr(models.unet, "module", models.unet)
+            cross = unet.config.cross_attention_dim
+            cross = max(cross) if isinstance(cross, (tuple, list)) else cross
+            preset = "real" if cross >= 768 else "tiny"
+        return preset
+
     def clip(self, models: Models):
         if self._clip is None:
             from spfbench.metrics.base import Backbones
             import spfbench.metrics.clip  # noqa: F401  (registers the clip-* loaders)
 
-            preset = self.config.clip_preset
-            if preset == "auto" and models.preset == "world":  # Portrait World has its own CLIP
-                preset = "world"
-            if preset == "auto":  # otherwise by the UNet: SD1.x UNets attend to 768-d text
-                unet = getattr(models.unet, "module", models.unet)
-                cross = unet.config.cross_attention_dim
-                cross = max(cross) if isinstance(cross, (tuple, list)) else cross
-                preset = "real" if cross >= 768 else "tiny"
-            self._clip = Backbones(preset, device=models.device).get(f"clip-{self.config.clip_model}")
+            self._clip = Backbones(self.clip_preset(models), device=models.device).get(f"clip-{self.config.clip_model}")
             self._clip.model.requires_grad_(False)
         return self._clip
 
@@ -217,6 +257,72 @@ class Spf(Method):
             self._target_emb[target] = self.clip(models).encode_texts([target])[0].float().clone()
         return self._target_emb[target]
 
+    # -- per-item constants: E_I(x0) and E_base --------------------------------------------------------
+    def _needs_text_base(self) -> bool:  # the reference forward (alignment losses, SFCM, diagnostics)
+        return self._align or self.config.diagnostics_every > 0
+
+    @torch.no_grad()
+    def gt_embedding(self, models: Models, pixels: torch.Tensor) -> torch.Tensor:
+        """E_I(x0) of L_enhanced: the CLIP image embedding (B, D) float32 of ground-truth pixels (B, 3, R, R)
+        in [-1, 1], through the same differentiable preprocessing as the prediction's (``clip_preprocess``)."""
+        clip = self.clip(models)
+        size = clip.model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        gt = pixels.to(models.device).float()
+        return clip.model.encode_image(L.clip_preprocess(gt, size=size).to(clip.dtype)).float()
+
+    def encoding_extras(self, models: Models) -> EncodingExtras | None:
+        """With ``cache_encodings``: E_I(x0) of each item's pixels (and of their flip) and E_base of its base
+        caption, stored once in the encoding cache; the key names the CLIP and what is stored (the SD text
+        encoder is already in the cache's model key)."""
+        image = (lambda pixels: {GT_EMBEDDING: self.gt_embedding(models, pixels)}) if self.config.use_enhanced else None
+        record = ((lambda records: {TEXT_BASE: encode_text(models, [r.base_caption for r in records]).float()})
+                  if self._needs_text_base() else None)
+        if image is None and record is None:
+            return None
+        key = {"version": EXTRAS_VERSION, "clip": f"{self.clip_preset(models)}/clip-{self.config.clip_model}" if image else None,
+               "stored": [k for k, f in ((GT_EMBEDDING, image), (TEXT_BASE, record)) if f is not None]}
+        return EncodingExtras(json.dumps(key, sort_keys=True), image, record)
+
+    def _item_keys(self, batch) -> list | None:
+        """(dataset index, flipped) per sample, when the batch comes from the bound training set."""
+        if self.dataset is None or "index" not in batch:
+            return None
+        return [(int(i), bool(self.dataset.flipped(int(i)))) for i in batch["index"]]
+
+    def batch_gt_embedding(self, models: Models, batch: dict) -> torch.Tensor:
+        """E_I(x0) (B, D) of the batch: from the encoding cache, else from the in-memory cache keyed by
+        (dataset index, flipped), else computed from ``pixel_values`` (and kept)."""
+        if GT_EMBEDDING in batch:
+            return batch[GT_EMBEDDING].to(models.device).float()
+        if "pixel_values" not in batch:
+            raise SpfbenchError(f"{self.name}: the batch has neither pixel_values nor {GT_EMBEDDING} (an encoding cache built without SPF's extras)")
+        keys = self._item_keys(batch)
+        if keys is None:
+            return self.gt_embedding(models, batch["pixel_values"])
+        have = {k: self._gt_emb.get(k) for k in dict.fromkeys(keys) if k in self._gt_emb}
+        missing = [b for b, k in enumerate(keys) if k not in have]
+        if missing:
+            emb = self.gt_embedding(models, batch["pixel_values"][missing]).cpu()
+            for b, e in zip(missing, emb):
+                have[keys[b]] = e.clone()
+                self._gt_emb.put(keys[b], have[keys[b]])
+        return torch.stack([have[k] for k in keys]).to(models.device)
+
+    def batch_text_base(self, models: Models, batch: dict) -> torch.Tensor:
+        """E_base (B, 77, C): the base captions encoded alone, from the encoding cache, else from the
+        in-memory cache keyed by the base caption, else encoded (and kept)."""
+        if TEXT_BASE in batch:
+            return batch[TEXT_BASE].to(models.device)
+        bases = list(batch["base_caption"])
+        have = {c: self._text_base.get(c) for c in dict.fromkeys(bases) if c in self._text_base}
+        missing = [c for c in dict.fromkeys(bases) if c not in have]
+        if missing:
+            for c, e in zip(missing, encode_text(models, missing).cpu()):
+                have[c] = e.clone()
+                self._text_base.put(c, have[c])
+        return torch.stack([have[c] for c in bases]).to(models.device)
+
     # -- the stage-2 loss -------------------------------------------------------------------------
     def loss(self, models: Models, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         cfg = self.config
@@ -224,7 +330,7 @@ class Spf(Method):
         sched = models.noise_scheduler
         latents, text = encode_batch(models, batch, generator)  # text: the complete caption, one encoding
         bases, targets = list(batch["base_caption"]), list(batch["target_text"])
-        text_base = encode_text(models, bases)  # E_base alone: the reference path's only input
+        text_base = self.batch_text_base(models, batch)  # E_base alone: the reference path's only input
         # same draws, in the same order, as trainers.base.diffusion_loss
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
         t_max = cfg.max_timestep or sched.config.num_train_timesteps
@@ -370,12 +476,7 @@ class Spf(Method):
             emb_pred = checkpoint(embed_prediction, x0_hat, use_reentrant=False)
         else:
             emb_pred = embed_prediction(x0_hat)
-        with torch.no_grad():
-            if "pixel_values" in batch:
-                gt = batch["pixel_values"].to(models.device).float()
-            else:  # cached encodings: the ground truth is the decode of the cached posterior mean
-                gt = vae.decode(batch["latent_mean"].to(models.device, vae_dtype)).sample.float()
-            emb_gt = clip.model.encode_image(L.clip_preprocess(gt, size=size).to(clip.dtype))
+        emb_gt = self.batch_gt_embedding(models, batch)  # the training image's, cached per item
         txt = torch.stack([self.target_embedding(models, x) for x in targets]).to(models.device)
         return L.enhanced_loss(emb_pred, emb_gt, txt)
 
