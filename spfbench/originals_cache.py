@@ -7,9 +7,10 @@ method and every rerun scored against that test set computes them once (docs/met
 feature cache").
 
 Key: sha256 of the canonical JSON of ``{cache format, test set content_sha256, metric id, its
-features_version and feature_spec(), metric preset, dtype, device type, {backbone: Backbones.fingerprint}}``
-(the fingerprint is the sha256 of the tensors the backbone computes with, so ``--weights``, a retrained
-file or another random seed is another key). Layout::
+features_version and feature_spec(), metric preset, device type, {backbone: Backbones.fingerprint}}``
+(the fingerprint is the sha256 of the tensors the backbone computes with, as loaded and cast: ``--weights``,
+a retrained file, another random seed or ``--dtype bf16`` on a backbone that follows it is another key;
+a backbone that always runs in fp32 keeps its key under every ``--dtype``). Layout::
 
     TESTSET/cache/originals/<metric id>.<preset>.<key[:16]>/key.json             what the key is of
     TESTSET/cache/originals/<metric id>.<preset>.<key[:16]>/<triple id>.safetensors
@@ -50,7 +51,6 @@ def cache_key(content_sha256: str, metric: PairwiseMetric) -> dict:
         "features_version": metric.features_version,
         "feature_spec": metric.feature_spec(),
         "preset": bb.preset,
-        "dtype": str(bb.dtype).removeprefix("torch."),
         "device": bb.device.type,
         "weights": {name: bb.fingerprint(name) for name in metric.feature_backbones()},
     }
@@ -82,13 +82,15 @@ class OriginalsCache:
 
     def load(self, tid: str) -> Features | None:
         """The cached features of triple ``tid``; ``None`` when absent, unreadable, or not this key's."""
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
+        from safetensors.torch import load
 
-        try:
-            with safe_open(str(self.path(tid)), framework="pt") as f:
-                meta = f.metadata() or {}
-                features = {name: f.get_tensor(name) for name in f.keys()}
-        except (OSError, SafetensorError):  # missing, truncated, not safetensors: recompute
+        try:  # read whole, not memory-mapped: a file truncated under a map would kill the process (SIGBUS)
+            data = self.path(tid).read_bytes()
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+            meta = header.get("__metadata__") or {}
+            features = load(data)
+        except (OSError, ValueError, AttributeError, SafetensorError):  # missing, truncated, not safetensors: recompute
             return None
         if meta.get("key") != self.digest or meta.get("sha256") != features_sha256(features):
             return None

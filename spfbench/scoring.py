@@ -22,8 +22,8 @@ in the test set folder (docs/metrics.md, "Originals' feature cache"):
                                                   each pairwise metric's features of one original
                                                   (``PairwiseMetric.original_features``; LPIPS, ID, CLIP-I,
                                                   Seg-Cons, GT-Preserve), key = content hash, metric, its
-                                                  feature spec, preset, dtype, device type and the sha256
-                                                  of the backbones' tensors (spfbench/originals_cache.py)
+                                                  feature spec, preset, device type and the sha256 of
+                                                  the backbones' tensors as loaded and cast (spfbench/originals_cache.py)
 
 Each process reads the entries of its own triples, computes the missing ones in the batch they arrive in
 and writes each whole, atomically (temporary file + rename), so concurrent shards or scorings never leave
