@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from .io import atomic_write_bytes, atomic_write_json, remove_stale_tmp
-from .metrics.base import PairwiseMetric
+from .metrics import PairwiseMetric
+from .metrics.base import tensors_sha256
 
 CACHE_FORMAT = 1
 FOLDER = Path("cache") / "originals"
@@ -57,12 +58,7 @@ def cache_key(content_sha256: str, metric: PairwiseMetric) -> dict:
 
 
 def features_sha256(features: Features) -> str:
-    h = hashlib.sha256()
-    for name in sorted(features):
-        t = features[name].contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(features[name].shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
-    return h.hexdigest()
+    return tensors_sha256(sorted(features.items()))
 
 
 class OriginalsCache:

@@ -186,10 +186,10 @@ def test_fingerprint_follows_the_tensors():
         metric_class(mid)  # registers the backbones
     assert [one.fingerprint(n) for n in names] == [two.fingerprint(n) for n in names]  # same seed, same tensors
     assert len({one.fingerprint(n) for n in names}) == len(names)
+    three = Backbones("tiny", "cpu")
     with torch.no_grad():
-        next(two.get("lpips-alex").parameters()).view(-1)[0] += 1e-6
-    two._fingerprints.clear()
-    assert two.fingerprint("lpips-alex") != one.fingerprint("lpips-alex")
+        next(three.get("lpips-alex").parameters()).view(-1)[0] += 1e-6
+    assert three.fingerprint("lpips-alex") != one.fingerprint("lpips-alex")
 
 
 def test_a_read_only_test_set_is_scored_without_caching(testset, tmp_path, counting, monkeypatch):
@@ -207,34 +207,35 @@ def test_a_read_only_test_set_is_scored_without_caching(testset, tmp_path, count
     assert counting == {m: 2 * N for m in PAIRWISE}
 
 
-def _write_repeatedly(folder, digest, n):
-    import torch
+BIG = 1 << 20  # a 4 MB entry: a torn write would be visible
 
-    from spfbench.originals_cache import OriginalsCache
 
-    cache = OriginalsCache.__new__(OriginalsCache)  # a store without a metric: only its file handling is under test
-    cache.folder, cache.digest, cache.key, cache.writable, cache._ready = folder, digest, {"k": digest}, True, False
-    big = {"x": torch.arange(1 << 20, dtype=torch.float32)}  # 4 MB: a torn write would be visible
+def _cache(root):
+    from spfbench.metrics import Backbones, create
+
+    return OriginalsCache(root, "0" * 64, create("clip-i@vit-l-14", Backbones("tiny", "cpu")))
+
+
+def _write_repeatedly(root, n):
+    cache = _cache(root)
     for _ in range(n):
-        cache.store("t0", big)
+        cache.store("t0", {"x": torch.arange(BIG, dtype=torch.float32)})
 
 
 def test_two_processes_writing_one_entry_never_leave_a_torn_file(tmp_path):
-    folder = tmp_path / "entries"
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_write_repeatedly, args=(folder, "k" * 64, 30)) for _ in range(2)]
+    procs = [ctx.Process(target=_write_repeatedly, args=(tmp_path, 30)) for _ in range(2)]
     for p in procs:
         p.start()
-    reader = OriginalsCache.__new__(OriginalsCache)
-    reader.folder, reader.digest = folder, "k" * 64
+    reader = _cache(tmp_path)
     seen = torn = 0
     while any(p.is_alive() for p in procs):
         if reader.path("t0").is_file():
             got = reader.load("t0")
             seen += 1
-            torn += got is None or not torch.equal(got["x"], torch.arange(1 << 20, dtype=torch.float32))
+            torn += got is None or not torch.equal(got["x"], torch.arange(BIG, dtype=torch.float32))
     for p in procs:
         p.join()
         assert p.exitcode == 0
     assert seen > 0 and torn == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["key.json", "t0.safetensors"]  # no temporary file left
+    assert sorted(p.name for p in reader.folder.iterdir()) == ["key.json", "t0.safetensors"]  # no temporary file left

@@ -102,13 +102,13 @@ class Backbones:
 
     def fingerprint(self, name: str) -> str:
         """sha256 of what backbone ``name`` computes with, as loaded (after ``--weights``, dtype and device
-        casts): an ``nn.Module``'s parameters and buffers (:func:`tensors_sha256`), or the backbone's own
+        casts): an ``nn.Module``'s parameters and buffers (:func:`module_sha256`), or the backbone's own
         ``fingerprint()`` (models that are not one module: CLIP with its preprocessing, the ONNX face models).
         Computed once per backbone."""
         if name not in self._fingerprints:
             model = self.get(name)
             if isinstance(model, torch.nn.Module):
-                self._fingerprints[name] = tensors_sha256(model)
+                self._fingerprints[name] = module_sha256(model)
             elif callable(getattr(model, "fingerprint", None)):
                 self._fingerprints[name] = model.fingerprint()
             else:
@@ -116,14 +116,19 @@ class Backbones:
         return self._fingerprints[name]
 
 
-def tensors_sha256(module: torch.nn.Module) -> str:
-    """sha256 over the class name and every parameter and buffer of ``module`` (name, dtype, shape, bytes)."""
-    h = hashlib.sha256(type(module).__qualname__.encode())
-    for name, t in chain(module.named_parameters(), module.named_buffers()):
-        t = t.detach().to("cpu").contiguous().reshape(-1)
+def tensors_sha256(named, prefix: str = "") -> str:
+    """sha256 over ``prefix`` and each ``(name, tensor)`` of ``named`` in order: name, dtype, shape, bytes."""
+    h = hashlib.sha256(prefix.encode())
+    for name, t in named:
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+        h.update((flat if flat.dtype == torch.bool else flat.view(torch.uint8)).numpy().tobytes())
     return h.hexdigest()
+
+
+def module_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the class name and every parameter and buffer of ``module``."""
+    return tensors_sha256(chain(module.named_parameters(), module.named_buffers()), type(module).__qualname__)
 
 
 class Metric(ABC):

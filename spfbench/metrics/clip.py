@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backbones, Batch, PairwiseMetric, PerSampleMetric, tensors_sha256
+from .base import Backbones, Batch, PairwiseMetric, PerSampleMetric, module_sha256
 
 # backbone key -> (open_clip model name, hub repo holding OpenAI's weights in open_clip format)
 CLIP_MODELS = {
@@ -32,7 +32,7 @@ class ClipBackbone:
 
     def fingerprint(self) -> str:
         """The model's tensors and the preprocessing (both decide the features)."""
-        return tensors_sha256(self.model) + "|" + repr(self.preprocess)
+        return module_sha256(self.model) + "|" + repr(self.preprocess)
 
     @torch.inference_mode()
     def encode_images(self, images) -> torch.Tensor:

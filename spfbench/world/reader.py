@@ -93,9 +93,9 @@ class AttributeReader:
 
     def fingerprint(self) -> str:
         """sha256 of the model's tensors and the attribute schema (what a read depends on)."""
-        from ..metrics.base import tensors_sha256
+        from ..metrics.base import module_sha256
 
-        return tensors_sha256(self.model) + "|" + json.dumps(self.schema, sort_keys=True)
+        return module_sha256(self.model) + "|" + json.dumps(self.schema, sort_keys=True)
 
     def to(self, device) -> "AttributeReader":
         self.model.to(device)
