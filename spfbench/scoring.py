@@ -14,7 +14,7 @@ A triple whose customized image is missing or unreadable is recorded as a failur
 run goes on. Killed runs resume from the last checkpoint.
 
 What depends on the originals alone is computed once per test set and reused by every method and rerun,
-in the test set folder (docs/metrics.md, "Originals' feature cache"):
+in the test set folder (docs/metrics.md, "Originals' feature cache")::
 
     TESTSET/cache/<fid id>.<preset>.<key>.pt      FID's reference statistics (n, sums), key = content hash,
                                                   metric, preset, triple ids; written by the main process
