@@ -11,8 +11,23 @@ Folder contract: the customized image of triple ``ID`` is ``IMAGES/ID.png`` (``.
                         detection rate or FID's n_real), plus counts of missing and unreadable images
 
 A triple whose customized image is missing or unreadable is recorded as a failure of every metric; the
-run goes on. Killed runs resume from the last checkpoint. FID's reference statistics (the originals
-alone) are cached in the test set folder and reused by every scoring of that set.
+run goes on. Killed runs resume from the last checkpoint.
+
+What depends on the originals alone is computed once per test set and reused by every method and rerun,
+in the test set folder (docs/metrics.md, "Originals' feature cache")::
+
+    TESTSET/cache/<fid id>.<preset>.<key>.pt      FID's reference statistics (n, sums), key = content hash,
+                                                  metric, preset, triple ids; written by the main process
+    TESTSET/cache/originals/<metric id>.<preset>.<key16>/<triple id>.safetensors
+                                                  each pairwise metric's features of one original
+                                                  (``PairwiseMetric.original_features``; LPIPS, ID, CLIP-I,
+                                                  Seg-Cons, GT-Preserve), key = content hash, metric, its
+                                                  feature spec, preset, device type and the sha256 of
+                                                  the backbones' tensors as loaded and cast (spfbench/originals_cache.py)
+
+Each process reads the entries of its own triples, computes the missing ones in the batch they arrive in
+and writes each whole, atomically (temporary file + rename), so concurrent shards or scorings never leave
+a torn entry; an unreadable or mismatched entry is recomputed; a read-only test set is not cached.
 """
 
 from __future__ import annotations
@@ -28,7 +43,8 @@ from PIL import Image
 
 from .errors import SpfbenchError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .metrics import Backbones, Batch, Metric, check_ids, create
+from .metrics import Backbones, Batch, Metric, PairwiseMetric, check_ids, create
+from .originals_cache import OriginalsCache
 from .testset import Triple, load_testset
 
 FORMAT_VERSION = 1
@@ -101,6 +117,7 @@ class Scorer:
     weights: dict[str, str] = field(default_factory=dict)
     checkpoint_seconds: float = 120.0
     backbones: Backbones | None = None  # shared, already loaded models (spfbench run scores every method with one set)
+    cache_originals: bool = True  # read and write the originals' features in TESTSET/cache/originals (False: compute them)
 
     def __post_init__(self):
         self.testset, self.images, self.out = Path(self.testset), Path(self.images), Path(self.out)
@@ -249,6 +266,11 @@ class Scorer:
             for m in references:
                 self._reference(m, False)
 
+        self.caches: dict[str, OriginalsCache] = {}
+        if self.cache_originals:
+            self.caches = {k: OriginalsCache(self.testset, self.meta["content_sha256"], m)
+                           for k, m in self.metrics.items() if isinstance(m, PairwiseMetric)}
+
         finished = set(saved["done"])
         todo = [t for t in self.triples if t.id not in finished][rank::world]
         done: list[str] = []
@@ -281,6 +303,7 @@ class Scorer:
                     target_texts=[t.target_text for t, _ in usable],
                     prompts=[t.target_caption for t, _ in usable],
                 )
+                batch.original_features = {k: c.get(batch.ids, batch.originals) for k, c in self.caches.items()}
                 for m in self.metrics.values():
                     m.update(batch)
             done.extend(t.id for t in chunk)

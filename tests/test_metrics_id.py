@@ -115,7 +115,7 @@ def test_nothing_detected_gives_no_value(tiny):
     assert r["value"] is None and r["detection_rate"] == 0.0 and r["failures"] == 1
 
 
-def test_recognition_is_one_batched_call(tiny, monkeypatch):
+def test_recognition_is_one_batched_call_per_side(tiny, monkeypatch):
     rec = tiny.get("arcface-buffalo-l").recognizer
     calls = []
     real = rec.get_feat
@@ -123,11 +123,13 @@ def test_recognition_is_one_batched_call(tiny, monkeypatch):
     o, c = _images(4, 6), _images(4, 7)
     m = create(MID, tiny)
     m.update(Batch(list("abcde"), [*o, _blank()], [*c, c[0]], ["x"] * 5))
-    assert calls == [8]  # 4 scorable pairs, both crops each, one call; the faceless triple adds nothing
+    # the originals with a face in one call (their cacheable side), then the customized crops of the pairs
+    # whose original has a face: the faceless original adds nothing
+    assert calls == [4, 4]
     m.recognition_chunk = 3
     calls.clear()
-    m.update(Batch(list("ab"), o[:2], c[:2], ["x"] * 2))
-    assert calls == [3, 1]
+    m.update(Batch(list("abcd"), o, c, ["x"] * 4))
+    assert calls == [3, 1, 3, 1]
 
 
 def test_shards_merge_to_one_pass(tiny):

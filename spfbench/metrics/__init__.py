@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import SpfbenchError
-from .base import Backbones, Batch, Metric, PerSampleMetric
+from .base import Backbones, Batch, Metric, PairwiseMetric, PerSampleMetric
 
 REGISTRY = {
     "clip-i@vit-l-14": "spfbench.metrics.clip:ClipI",
@@ -48,7 +48,7 @@ def create(metric_id: str, backbones: Backbones) -> Metric:
     return metric_class(metric_id)(backbones)
 
 
-__all__ = ["Backbones", "Batch", "Metric", "PerSampleMetric", "REGISTRY", "check_ids", "create", "metric_class"]
+__all__ = ["Backbones", "Batch", "Metric", "PairwiseMetric", "PerSampleMetric", "REGISTRY", "check_ids", "create", "metric_class"]
 
 
 # Modules whose real weight files ``spfbench weights`` lists (each has ``weight_rows() -> list[dict]``).

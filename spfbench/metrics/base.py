@@ -6,14 +6,21 @@
 * ``id`` carries backbone and scale (``clip-t@vit-l-14``), ``column`` is the paper's Table 1 column,
   ``higher_is_better`` gives the arrow.
 * Heavy models are *not* metric state: they come from a shared, lazily loading :class:`Backbones`, so
-  CLIP-I and CLIP-T use one CLIP, loaded once.
+  CLIP-I and CLIP-T use one CLIP, loaded once. ``Backbones.fingerprint(name)`` is the sha256 of the
+  tensors a loaded backbone computes with (its weights' identity, whatever file or seed they came from).
+* A :class:`PairwiseMetric` splits its value into what it computes from the original alone
+  (``original_features(ids, images) -> {id: {name: tensor}}``) and the pairwise rest
+  (``score_pairs(batch, features)``), so the originals' side can be cached per test set and reused by
+  every method (``spfbench/originals_cache.py``); given no features, it computes them itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from itertools import chain
 from typing import Callable, ClassVar
 
 import torch
@@ -34,6 +41,8 @@ class Batch:
     customized: list  # PIL images
     target_texts: list[str]
     prompts: list[str] | None = None
+    # metric id -> triple id -> that metric's features of the original (a PairwiseMetric computes them if absent)
+    original_features: dict[str, dict[str, dict[str, torch.Tensor]]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -66,6 +75,7 @@ class Backbones:
         self.dtype = dtype
         self.weights = dict(weights or {})  # weight-file name (as in `spfbench weights`) -> local path
         self._cache: dict[str, object] = {}
+        self._fingerprints: dict[str, str] = {}
 
     @property
     def random_weights(self) -> bool:
@@ -89,6 +99,36 @@ class Backbones:
         if name not in self._cache:
             self._cache[name] = self.loaders[name](self)
         return self._cache[name]
+
+    def fingerprint(self, name: str) -> str:
+        """sha256 of what backbone ``name`` computes with, as loaded (after ``--weights``, dtype and device
+        casts): an ``nn.Module``'s parameters and buffers (:func:`module_sha256`), or the backbone's own
+        ``fingerprint()`` (models that are not one module: CLIP with its preprocessing, the ONNX face models).
+        Computed once per backbone."""
+        if name not in self._fingerprints:
+            model = self.get(name)
+            if isinstance(model, torch.nn.Module):
+                self._fingerprints[name] = module_sha256(model)
+            elif callable(getattr(model, "fingerprint", None)):
+                self._fingerprints[name] = model.fingerprint()
+            else:
+                raise TypeError(f"backbone {name!r} ({type(model).__name__}) is no nn.Module and has no fingerprint()")
+        return self._fingerprints[name]
+
+
+def tensors_sha256(named, prefix: str = "") -> str:
+    """sha256 over ``prefix`` and each ``(name, tensor)`` of ``named`` in order: name, dtype, shape, bytes."""
+    h = hashlib.sha256(prefix.encode())
+    for name, t in named:
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update((flat if flat.dtype == torch.bool else flat.view(torch.uint8)).numpy().tobytes())
+    return h.hexdigest()
+
+
+def module_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the class name and every parameter and buffer of ``module``."""
+    return tensors_sha256(chain(module.named_parameters(), module.named_buffers()), type(module).__qualname__)
 
 
 class Metric(ABC):
@@ -166,3 +206,40 @@ class PerSampleMetric(Metric):
             "n": len(ok),
             "failures": len(self.values) - len(ok),
         }
+
+
+class PairwiseMetric(PerSampleMetric):
+    """A per-triple value of (original, customized) whose original side depends on the original alone.
+
+    ``original_features(ids, images)`` returns, per triple id, a flat dict of named CPU tensors computed
+    from that original only (embeddings, feature maps, masks, reads); ``score_pairs(batch, features)``
+    consumes them, in ``batch.ids`` order, with the customized images. The Scorer passes cached features
+    in ``batch.original_features[self.id]``; without them the metric computes them itself, so the cached
+    and uncached paths run the same code. A cache entry's identity is ``feature_spec()``,
+    ``features_version`` and the fingerprints of ``feature_backbones()`` (``spfbench/originals_cache.py``).
+    """
+
+    features_version: ClassVar[int] = 1  # bump when what original_features computes changes
+
+    @abstractmethod
+    def feature_backbones(self) -> tuple[str, ...]:
+        """Names of the :class:`Backbones` that ``original_features`` computes with."""
+
+    def feature_spec(self) -> dict:
+        """Settings other than weights that ``original_features`` depends on (JSON-serialisable)."""
+        return {}
+
+    @abstractmethod
+    def original_features(self, ids: list[str], images: list) -> dict[str, dict[str, torch.Tensor]]:
+        """Per triple id: named CPU tensors computed from that original image alone."""
+
+    @abstractmethod
+    def score_pairs(self, batch: Batch, features: list[dict[str, torch.Tensor]]) -> list[float | None]:
+        """One value per pair, ``features[i]`` being the original features of ``batch.ids[i]``."""
+
+    def score(self, batch: Batch) -> list[float | None]:
+        given = dict((batch.original_features or {}).get(self.id) or {})
+        missing = [i for i, t in enumerate(batch.ids) if t not in given]
+        if missing:
+            given.update(self.original_features([batch.ids[i] for i in missing], [batch.originals[i] for i in missing]))
+        return self.score_pairs(batch, [given[t] for t in batch.ids])

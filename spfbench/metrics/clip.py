@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backbones, Batch, PerSampleMetric
+from .base import Backbones, Batch, PairwiseMetric, PerSampleMetric, module_sha256
 
 # backbone key -> (open_clip model name, hub repo holding OpenAI's weights in open_clip format)
 CLIP_MODELS = {
@@ -29,6 +29,10 @@ class ClipBackbone:
     def __init__(self, model, preprocess, tokenizer, device, dtype):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.preprocess, self.tokenizer, self.device, self.dtype = preprocess, tokenizer, device, dtype
+
+    def fingerprint(self) -> str:
+        """The model's tensors and the preprocessing (both decide the features)."""
+        return module_sha256(self.model) + "|" + repr(self.preprocess)
 
     @torch.inference_mode()
     def encode_images(self, images) -> torch.Tensor:
@@ -81,12 +85,22 @@ for _key in CLIP_MODELS:
     Backbones.register(f"clip-{_key}")(lambda bb, k=_key: _load_clip(bb, k))
 
 
-class ClipI(PerSampleMetric):
+class ClipI(PairwiseMetric):
+    """The original's side: its unit image embedding (``embedding``, float32)."""
+
     id, column, higher_is_better, backbone = "clip-i@vit-l-14", "CLIP-I", True, "vit-l-14"
 
-    def score(self, batch: Batch) -> list[float]:
+    def feature_backbones(self) -> tuple[str, ...]:
+        return (f"clip-{self.backbone}",)
+
+    def original_features(self, ids: list[str], images: list) -> dict[str, dict[str, torch.Tensor]]:
+        e = self.backbones.get(f"clip-{self.backbone}").encode_images(images).cpu()
+        return {tid: {"embedding": e[i].clone()} for i, tid in enumerate(ids)}
+
+    def score_pairs(self, batch: Batch, features: list[dict[str, torch.Tensor]]) -> list[float]:
         clip = self.backbones.get(f"clip-{self.backbone}")
-        a, b = clip.encode_images(batch.originals), clip.encode_images(batch.customized)
+        b = clip.encode_images(batch.customized)
+        a = torch.stack([f["embedding"] for f in features]).to(b.device)
         return (a * b).sum(-1).tolist()
 
 

@@ -11,7 +11,9 @@ Per triple, on the original and on the customized image separately:
 4. Alignment: ``insightface.utils.face_align.norm_crop`` with the face's 5 landmarks to 112x112 (a
    similarity transform onto the ArcFace template), exactly what ``ArcFaceONNX.get`` does.
 5. Embedding: ArcFace ``w600k_r50.onnx`` (512-d) through ``ArcFaceONNX.get_feat``, which swaps BGR -> RGB
-   and maps pixels to ``(x - 127.5) / 127.5``; every aligned crop of a batch goes in one call.
+   and maps pixels to ``(x - 127.5) / 127.5``; the aligned crops of a batch's originals go in one call,
+   those of its customized images in another (the originals' side, face count and main-face embedding,
+   is a cacheable :meth:`IdSimilarity.original_features`).
 
 Value: ``cos(e_original, e_customized) = <e_o, e_c> / (|e_o| |e_c|)`` (float64), in [-1, 1]; the
 set value is the mean over triples where both images have a face. A triple without a face in the
@@ -44,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MissingWeightsError
-from .base import Backbones, Batch, PerSampleMetric
+from .base import Backbones, Batch, PairwiseMetric
 
 PACK = "buffalo_l"
 DET_FILE = "det_10g.onnx"
@@ -92,6 +94,16 @@ class FaceModels:
 
     def __init__(self, detector, recognizer):
         self.detector, self.recognizer = detector, recognizer
+
+    def fingerprint(self) -> str:
+        """sha256 of both models: each ONNX file's bytes (a model without a file, the stand-in detector:
+        its class name)."""
+        h = hashlib.sha256()
+        for model in (self.detector, self.recognizer):
+            file = getattr(model, "model_file", None)
+            h.update(Path(file).read_bytes() if file else type(model).__qualname__.encode())
+            h.update(b"\n")
+        return h.hexdigest()
 
     def main_face(self, bgr: np.ndarray) -> tuple[np.ndarray | None, int]:
         """Landmarks (5, 2) of the largest detected face (``None`` if there is none) and the face count."""
@@ -149,7 +161,7 @@ def to_bgr(image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8)[:, :, ::-1])
 
 
-class IdSimilarity(PerSampleMetric):
+class IdSimilarity(PairwiseMetric):
     id, column, higher_is_better = "id@arcface-buffalo-l", "ID", True
     recognition_chunk = 128  # aligned crops per recognizer call
 
@@ -164,27 +176,52 @@ class IdSimilarity(PerSampleMetric):
         super().merge(state)
         self.faces.update({k: list(v) for k, v in state.get("faces", {}).items()})
 
-    def score(self, batch: Batch) -> list[float | None]:
+    def feature_backbones(self) -> tuple[str, ...]:
+        return ("arcface-buffalo-l",)
+
+    def _main_faces(self, models: FaceModels, images: list) -> list[tuple[np.ndarray | None, int]]:
+        """Per image: the aligned crop of its main face (``None`` without a face) and its face count."""
+        out = []
+        with _quiet_skimage():
+            for im in images:
+                bgr = to_bgr(im)
+                kps, n = models.main_face(bgr)
+                out.append((None if kps is None else models.crop(bgr, kps), n))
+        return out
+
+    def original_features(self, ids: list[str], images: list) -> dict[str, dict]:
+        """``faces`` (int64 count) and, when there is a face, ``embedding`` (the main face's, float32)."""
+        import torch
+
+        models = self.backbones.get("arcface-buffalo-l")
+        faces = self._main_faces(models, images)
+        with_face = [i for i, (crop, _) in enumerate(faces) if crop is not None]
+        emb = models.embed([faces[i][0] for i in with_face], self.recognition_chunk)
+        out = {tid: {"faces": torch.tensor(n, dtype=torch.int64)} for tid, (_, n) in zip(ids, faces)}
+        for j, i in enumerate(with_face):
+            out[ids[i]]["embedding"] = torch.from_numpy(np.ascontiguousarray(emb[j], dtype=np.float32))
+        return out
+
+    def score_pairs(self, batch: Batch, features: list[dict]) -> list[float | None]:
         models = self.backbones.get("arcface-buffalo-l")
         out: list[float | None] = [None] * len(batch)
-        crops, pairs = [], []
-        with _quiet_skimage():
-            for i, (tid, orig, cust) in enumerate(zip(batch.ids, batch.originals, batch.customized)):
-                a, b = to_bgr(orig), to_bgr(cust)
-                (ka, na), (kb, nb) = models.main_face(a), models.main_face(b)
-                self.faces[tid] = [na, nb]
-                self.reasons.pop(tid, None)
-                if ka is None or kb is None:
-                    missing = [side for side, k in (("original", ka), ("customized", kb)) if k is None]
-                    self.reasons[tid] = "no face in " + " and no face in ".join(missing)
-                    continue
-                crops += [models.crop(a, ka), models.crop(b, kb)]
+        customized = self._main_faces(models, batch.customized)
+        pairs = []
+        for i, (tid, f, (crop, nb)) in enumerate(zip(batch.ids, features, customized)):
+            self.faces[tid] = [int(f["faces"]), nb]
+            self.reasons.pop(tid, None)
+            missing = [side for side, found in (("original", "embedding" in f), ("customized", crop is not None)) if not found]
+            if missing:
+                self.reasons[tid] = "no face in " + " and no face in ".join(missing)
+            else:
                 pairs.append(i)
         if pairs:
-            e = models.embed(crops, self.recognition_chunk).astype(np.float64).reshape(len(pairs), 2, -1)
+            eb = models.embed([customized[i][0] for i in pairs], self.recognition_chunk).astype(np.float64).reshape(len(pairs), -1)
+            ea = np.stack([features[i]["embedding"].numpy() for i in pairs]).astype(np.float64)
             with np.errstate(invalid="ignore", divide="ignore"):
-                e = e / np.linalg.norm(e, axis=-1, keepdims=True)
-                cos = (e[:, 0] * e[:, 1]).sum(-1)
+                ea = ea / np.linalg.norm(ea, axis=-1, keepdims=True)
+                eb = eb / np.linalg.norm(eb, axis=-1, keepdims=True)
+                cos = (ea * eb).sum(-1)
             for i, c in zip(pairs, cos.tolist()):
                 if np.isfinite(c):
                     out[i] = c

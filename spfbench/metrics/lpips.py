@@ -3,6 +3,8 @@
 Per triple: ``LPIPS(original, customized)`` with both images as float tensors in [-1, 1] (the
 package's ``normalize=False`` convention) at their stored resolution; mean over triples. Pairs of
 different sizes are recorded as failures (resizing would change the value), never resized silently.
+The package's forward is run in its two halves (each image's normalised trunk features, then the
+distance of two feature sets) so the originals' features can be cached; the value is the package's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import MissingWeightsError
-from .base import Backbones, Batch, PerSampleMetric
+from .base import Backbones, Batch, PairwiseMetric
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
@@ -58,27 +60,68 @@ def to_signed(image) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-class Lpips(PerSampleMetric):
+def lpips_features(net, x: torch.Tensor) -> list[torch.Tensor]:
+    """The unit-normalised trunk features of images ``x`` ((B, 3, H, W) in [-1, 1]), one per layer: the
+    first half of ``lpips.LPIPS.forward`` (version 0.1: scaling layer, trunk, ``normalize_tensor``)."""
+    import lpips
+
+    with torch.inference_mode():
+        return [lpips.normalize_tensor(o) for o in net.net.forward(net.scaling_layer(x))]
+
+
+def lpips_distance(net, feats0: list[torch.Tensor], feats1: list[torch.Tensor]) -> torch.Tensor:
+    """(B,) distances from two images' features: the second half of ``lpips.LPIPS.forward`` (squared
+    differences, linear heads, spatial mean, summed over layers; ``lpips=True``, ``spatial=False``)."""
+    import lpips
+
+    with torch.inference_mode():
+        val = 0
+        for kk in range(net.L):
+            val += lpips.spatial_average(net.lins[kk]((feats0[kk] - feats1[kk]) ** 2), keepdim=True)
+        return val.flatten()
+
+
+class Lpips(PairwiseMetric):
+    """The original's side: its normalised AlexNet features (one tensor per layer, ``layer0``..``layer4``)."""
+
     id, column, higher_is_better = "lpips@alex-v0.1", "LPIPS", False
 
-    def score(self, batch: Batch) -> list[float | None]:
+    def feature_backbones(self) -> tuple[str, ...]:
+        return ("lpips-alex",)
+
+    def original_features(self, ids: list[str], images: list) -> dict[str, dict[str, torch.Tensor]]:
+        net = self.backbones.get("lpips-alex")
+        out = {}
+        for idx in _by_size(images).values():
+            feats = lpips_features(net, torch.stack([to_signed(images[i]) for i in idx]).to(self.backbones.device))
+            for j, i in enumerate(idx):
+                out[ids[i]] = {f"layer{k}": f[j].cpu().clone() for k, f in enumerate(feats)}
+        return out
+
+    def score_pairs(self, batch: Batch, features: list[dict[str, torch.Tensor]]) -> list[float | None]:
         net = self.backbones.get("lpips-alex")
         out: list[float | None] = [None] * len(batch)
-        by_size: dict[tuple, list[int]] = {}
+        ok = []
         for i, (a, b) in enumerate(zip(batch.originals, batch.customized)):
             if a.size != b.size:
                 self.reasons[batch.ids[i]] = f"sizes differ: original {a.size}, customized {b.size}"
             else:
-                by_size.setdefault(a.size, []).append(i)
+                ok.append(i)
         dev = self.backbones.device
-        for idx in by_size.values():
-            x = torch.stack([to_signed(batch.originals[i]) for i in idx]).to(dev)
-            y = torch.stack([to_signed(batch.customized[i]) for i in idx]).to(dev)
-            with torch.inference_mode():
-                d = net(x, y).flatten().tolist()
-            for i, v in zip(idx, d):
+        for idx in _by_size([batch.customized[i] for i in ok]).values():
+            idx = [ok[j] for j in idx]
+            f1 = lpips_features(net, torch.stack([to_signed(batch.customized[i]) for i in idx]).to(dev))
+            f0 = [torch.stack([features[i][f"layer{k}"] for i in idx]).to(dev) for k in range(len(f1))]
+            for i, v in zip(idx, lpips_distance(net, f0, f1).tolist()):
                 out[i] = v
         return out
+
+
+def _by_size(images: list) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(im.size, []).append(i)
+    return groups
 
 
 def weight_rows() -> list[dict]:

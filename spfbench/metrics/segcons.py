@@ -19,8 +19,9 @@ SPF-Portrait publishes no formula for Seg-Cons, so spfbench fixes one (docs/metr
 Failures (value ``None`` with a reason, never dropped): original and customized of different sizes
 (never resized), and no mask in either image ("no masks in either image").
 
-Speed: the image encoder (ViT-H at 1024 x 1024) dominates. All images of a batch (originals and
-customized) go through the encoder together, in chunks of :attr:`SegCons.encoder_batch`, exactly as
+Speed: the image encoder (ViT-H at 1024 x 1024) dominates. A batch's originals (the cacheable
+:meth:`SegCons.original_features`: their masks, bit-packed), then its customized images, go through the
+encoder in chunks of :attr:`SegCons.encoder_batch`, exactly as
 ``SamPredictor.set_image`` prepares one image (``ResizeLongestSide`` + ``Sam.preprocess``); then each
 image's mask generation runs the stock generator on its precomputed embedding (a ``SamPredictor``
 whose ``set_image`` takes the embedding instead of recomputing it). The prompts of one image run
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import MissingWeightsError, SpfbenchError
-from .base import Backbones, Batch, PerSampleMetric
+from .base import Backbones, Batch, PairwiseMetric
 
 # kind -> (checkpoint file, URL, approximate size); the files are plain state dicts of tensors.
 SAM_WEIGHTS = {
@@ -288,7 +289,7 @@ def to_rgb_array(image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 
-class SegCons(PerSampleMetric):
+class SegCons(PairwiseMetric):
     id, column, higher_is_better = "seg-cons@sam-vit-h", "Seg-Cons", True
     kind = "vit_h"
     encoder_batch = 8  # images per image-encoder call (ViT-H at 1024^2: about 1 GB of attention per image)
@@ -306,7 +307,22 @@ class SegCons(PerSampleMetric):
             self._masks = SamMasks(model, self.generator_params, self.encoder_batch)
         return self._masks([to_rgb_array(im) for im in images])
 
-    def score(self, batch: Batch) -> list[float | None]:
+    def feature_backbones(self) -> tuple[str, ...]:
+        return (weight_name(self.kind),)
+
+    def feature_spec(self) -> dict:
+        return {"generator_params": dict(sorted(self.generator_params.items()))}
+
+    def original_features(self, ids: list[str], images: list) -> dict[str, dict[str, torch.Tensor]]:
+        """``masks``: the original's masks bit-packed row-wise (uint8 (N, ceil(H*W/8)), ``np.packbits``)
+        and ``shape`` (int64 [N, H, W])."""
+        out = {}
+        for tid, m in zip(ids, self.masks(images)):
+            flat = np.packbits(m.reshape(m.shape[0], m.shape[1] * m.shape[2]), axis=1)
+            out[tid] = {"masks": torch.from_numpy(np.ascontiguousarray(flat)), "shape": torch.tensor(m.shape, dtype=torch.int64)}
+        return out
+
+    def score_pairs(self, batch: Batch, features: list[dict[str, torch.Tensor]]) -> list[float | None]:
         out: list[float | None] = [None] * len(batch)
         ok = []
         for i, (a, b) in enumerate(zip(batch.originals, batch.customized)):
@@ -316,8 +332,9 @@ class SegCons(PerSampleMetric):
                 ok.append(i)
         if not ok:
             return out
-        masks = self.masks([batch.originals[i] for i in ok] + [batch.customized[i] for i in ok])
-        for i, ma, mb in zip(ok, masks[: len(ok)], masks[len(ok):]):
+        for i, mb in zip(ok, self.masks([batch.customized[i] for i in ok])):
+            n, h, w = features[i]["shape"].tolist()
+            ma = np.unpackbits(features[i]["masks"].numpy(), axis=1, count=h * w).astype(bool).reshape(n, h, w)
             out[i] = seg_consistency(ma, mb)
             if out[i] is None:
                 self.reasons[batch.ids[i]] = "no masks in either image"

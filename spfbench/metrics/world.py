@@ -17,7 +17,9 @@ A target text that is not a world target (``TARGET_TEXTS``) makes the triple a r
 
 from __future__ import annotations
 
-from .base import Backbones, Batch, PerSampleMetric
+import torch
+
+from .base import Backbones, Batch, PairwiseMetric, PerSampleMetric
 
 READER = "world-reader"
 
@@ -52,7 +54,9 @@ class GtTarget(PerSampleMetric):
         return out
 
 
-class GtPreserve(PerSampleMetric):
+class GtPreserve(PairwiseMetric):
+    """The original's side: the reader's read of it, one int64 value index per attribute (schema order)."""
+
     id, column, higher_is_better = "gt-preserve@world-reader", "GT-Preserve", True
     tradeoff_axis = "preservation"
 
@@ -60,9 +64,18 @@ class GtPreserve(PerSampleMetric):
         super().reset()
         self.agree: dict[str, dict[str, bool]] = {}  # triple id -> attribute -> same on both images
 
-    def score(self, batch: Batch) -> list[float | None]:
+    def feature_backbones(self) -> tuple[str, ...]:
+        return (READER,)
+
+    def original_features(self, ids: list[str], images: list) -> dict[str, dict[str, torch.Tensor]]:
+        schema = self.backbones.get(READER).schema
+        reads = self.backbones.get(READER).read(images)
+        return {tid: {k: torch.tensor(schema[k].index(v), dtype=torch.int64) for k, v in r.items()} for tid, r in zip(ids, reads)}
+
+    def score_pairs(self, batch: Batch, features: list[dict[str, torch.Tensor]]) -> list[float | None]:
         reader = self.backbones.get(READER)
-        before, after = reader.read(batch.originals), reader.read(batch.customized)
+        before = [{k: reader.schema[k][int(f[k])] for k in reader.schema} for f in features]
+        after = reader.read(batch.customized)
         out: list[float | None] = []
         for tid, text, a, b in zip(batch.ids, batch.target_texts, before, after):
             target = _target(text)

@@ -91,6 +91,12 @@ class AttributeReader:
         self.card = card or {}
         self.device = "cpu"
 
+    def fingerprint(self) -> str:
+        """sha256 of the model's tensors and the attribute schema (what a read depends on)."""
+        from ..metrics.base import module_sha256
+
+        return module_sha256(self.model) + "|" + json.dumps(self.schema, sort_keys=True)
+
     def to(self, device) -> "AttributeReader":
         self.model.to(device)
         self.device = device
