@@ -222,6 +222,48 @@ def test_auto_clip_is_the_world_clip_for_the_world_preset(tiny_pipe):
     assert trainers.create("spf").clip(tiny).model.visual.image_size != ref.visual.image_size  # 32 px random CLIP
 
 
+def test_clip_weights_train_in_another_clip_than_the_metrics(tiny_pipe, tmp_path):
+    """clip_weights: gamma and L_enhanced use that file's CLIP (a world CLIP of another seed here), not the
+    metrics' one; the encoding cache's key tells the two apart; a missing file is refused at config time."""
+    from spfbench.errors import SpfbenchError
+    from spfbench.metrics.base import Backbones
+    from spfbench.world.clip import load_world_clip, save_world_clip, world_clip_model
+
+    other = save_world_clip(world_clip_model(seed=1), tmp_path / "clip-seed1.safetensors")
+    p = tiny_pipe
+    world = Models(p.unet, p.vae, p.text_encoder, p.tokenizer, _training_scheduler(p), preset="world")
+    shipped, mine = trainers.create("spf"), trainers.create("spf", {"clip_weights": str(other)})
+    want = load_world_clip(other)[0].state_dict()
+    got = mine.clip(world).model.state_dict()
+    assert all(torch.equal(got[k].float(), want[k].float()) for k in want)
+    assert not torch.equal(shipped.clip(world).model.visual.conv1.weight, mine.clip(world).model.visual.conv1.weight)
+    # the metrics' CLIP is still the shipped one: CLIP-T is scored in another space than SPF trained in
+    metric_clip = Backbones("world", device="cpu").get("clip-vit-l-14").model
+    assert torch.equal(metric_clip.visual.conv1.weight, shipped.clip(world).model.visual.conv1.weight)
+    caption, target = "A woman, with a red background, in a white T-shirt", "a hat"
+    assert not torch.allclose(shipped.gamma(world, caption, target), mine.gamma(world, caption, target))
+    assert json.loads(shipped.encoding_extras(world).key)["clip"] != json.loads(mine.encoding_extras(world).key)["clip"]
+    with pytest.raises(SpfbenchError, match="clip_weights .*no such file"):
+        trainers.create("spf", {"clip_weights": str(tmp_path / "missing.safetensors")})
+
+
+def test_tiny_clip_weights_load_a_state_dict(tmp_path):
+    """--weights clip-KEY=FILE under the tiny preset loads that tiny CLIP (strictly); the real preset passes
+    the file to open_clip as its checkpoint (not run here: no weights)."""
+    from safetensors.torch import save_file
+    from spfbench.metrics.base import Backbones
+    from spfbench.metrics.clip import tiny_clip, weight_name
+
+    model = tiny_clip(seed=3)[0]
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    got = Backbones("tiny", device="cpu", weights={weight_name("tiny", "vit-l-14"): str(path)}).get("clip-vit-l-14")
+    assert torch.equal(got.model.visual.conv1.weight, model.visual.conv1.weight)
+    default = Backbones("tiny", device="cpu").get("clip-vit-l-14")
+    assert not torch.equal(default.model.visual.conv1.weight, model.visual.conv1.weight)
+    assert weight_name("world", "vit-b-32") == "clip-world" and weight_name("real", "vit-b-32") == "clip-vit-b-32"
+
+
 def test_each_readings_alignment_scale_relative_to_l_diff(batch):
     """The readings of eq. 3/4's norm (docs/spf.md, "Readings"): per-element MSE averaged over layers (the
     default) against the paper's ||.||^2 summed over layers. Same draws, same drifted response path: L_diff is

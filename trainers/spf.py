@@ -78,6 +78,10 @@ class SpfConfig(TrainConfig):
     max_timestep: int | None = None  # None: the scheduler's num_train_timesteps (the same range as L_diff)
     clip_preset: str = "auto"  # auto | tiny | real | world ("auto": world for the world preset, tiny for a small UNet, else real)
     clip_model: str = "vit-l-14"  # vit-l-14 (the paper) | vit-b-32
+    # gamma's and L_enhanced's CLIP from another weight file than the metrics' (so CLIP-T is not scored in the
+    # space SPF was trained in): on the world a world-CLIP .safetensors (e.g. one trained with another seed,
+    # docs/world.md), on real presets an open_clip checkpoint of clip_model. None: the preset's own
+    clip_weights: str | None = None
     reference_dtype: str = "auto"  # auto (= the run's compute dtype) | fp32 | fp16 | bf16
     mask_mode: str = "pool"  # spf_losses.text_consistent_loss
     norm: str = "mse"  # mse | l2 | l2sq (spf_losses.NORMS; docs/spf.md "Readings")
@@ -107,6 +111,8 @@ class SpfConfig(TrainConfig):
             raise SpfbenchError(f"clip_preset must be auto, tiny, real or world, got {self.clip_preset!r}")
         if self.clip_model not in ("vit-l-14", "vit-b-32"):
             raise SpfbenchError(f"clip_model must be vit-l-14 or vit-b-32, got {self.clip_model!r}")
+        if self.clip_weights is not None and not Path(self.clip_weights).is_file():
+            raise SpfbenchError(f"clip_weights {self.clip_weights}: no such file (give a CLIP weight file: a world CLIP .safetensors, or an open_clip checkpoint)")
         if self.reference_dtype not in ("auto", *_DTYPES):
             raise SpfbenchError(f"reference_dtype must be auto, fp32, fp16 or bf16, got {self.reference_dtype!r}")
         if self.mask_mode not in ("pool", "renorm"):
@@ -227,12 +233,19 @@ class Spf(Method):
             preset = "real" if cross >= 768 else "tiny"
         return preset
 
+    def _clip_backbones(self, models: Models):
+        from spfbench.metrics.base import Backbones
+        import spfbench.metrics.clip as clip_metrics  # (also registers the clip-* loaders)
+
+        preset = self.clip_preset(models)
+        weights = {}
+        if self.config.clip_weights is not None:
+            weights[clip_metrics.weight_name(preset, self.config.clip_model)] = self.config.clip_weights
+        return Backbones(preset, device=models.device, weights=weights)
+
     def clip(self, models: Models):
         if self._clip is None:
-            from spfbench.metrics.base import Backbones
-            import spfbench.metrics.clip  # noqa: F401  (registers the clip-* loaders)
-
-            self._clip = Backbones(self.clip_preset(models), device=models.device).get(f"clip-{self.config.clip_model}")
+            self._clip = self._clip_backbones(models).get(f"clip-{self.config.clip_model}")
             self._clip.model.requires_grad_(False)
         return self._clip
 
@@ -273,14 +286,19 @@ class Spf(Method):
 
     def encoding_extras(self, models: Models) -> EncodingExtras | None:
         """With ``cache_encodings``: E_I(x0) of each item's pixels (and of their flip) and E_base of its base
-        caption, stored once in the encoding cache; the key names the CLIP and what is stored (the SD text
-        encoder is already in the cache's model key)."""
+        caption, stored once in the encoding cache; the key names the CLIP (preset, model and the sha256 of its
+        tensors) and what is stored (the SD text encoder is already in the cache's model key)."""
         image = (lambda pixels: {GT_EMBEDDING: self.gt_embedding(models, pixels)}) if self.config.use_enhanced else None
         record = ((lambda records: {TEXT_BASE: encode_text(models, [r.base_caption for r in records]).float()})
                   if self._needs_text_base() else None)
         if image is None and record is None:
             return None
-        key = {"version": EXTRAS_VERSION, "clip": f"{self.clip_preset(models)}/clip-{self.config.clip_model}" if image else None,
+        clip = None
+        if image is not None:  # the CLIP by what it computes with (its tensors), whichever file it came from
+            from spfbench.metrics.base import module_sha256
+
+            clip = f"{self.clip_preset(models)}/clip-{self.config.clip_model}/{module_sha256(self.clip(models).model)}"
+        key = {"version": EXTRAS_VERSION, "clip": clip,
                "stored": [k for k, f in ((GT_EMBEDDING, image), (TEXT_BASE, record)) if f is not None]}
         return EncodingExtras(json.dumps(key, sort_keys=True), image, record)
 

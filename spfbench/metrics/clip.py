@@ -45,17 +45,30 @@ class ClipBackbone:
         return torch.nn.functional.normalize(self.model.encode_text(t).float(), dim=-1)
 
 
+def weight_name(preset: str, key: str) -> str:
+    """The ``--weights`` name of the CLIP file backbone ``clip-KEY`` loads under ``preset``: ``clip-world`` (the
+    world's one CLIP, whatever the key) or ``clip-KEY`` (an open_clip checkpoint of that model)."""
+    return "clip-world" if preset == "world" else f"clip-{key}"
+
+
 def _load_clip(bb: Backbones, key: str) -> ClipBackbone:
     import open_clip
 
     name, _ = CLIP_MODELS[key]
+    given = bb.weight_path(weight_name(bb.preset, key))
     if bb.preset == "world":  # Portrait World's own CLIP (docs/world.md), whatever the key asks
         from ..world.clip import load_world_clip
 
-        return ClipBackbone(*load_world_clip(bb.weight_path("clip-world")), bb.device, bb.dtype)
-    if bb.preset == "tiny":
-        return ClipBackbone(*tiny_clip(seed=0), bb.device, bb.dtype)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained="openai", force_quick_gelu=True)
+        return ClipBackbone(*load_world_clip(given), bb.device, bb.dtype)
+    if bb.preset == "tiny":  # a given file: a tiny CLIP's state dict (safetensors), e.g. another seed's
+        model, preprocess, tokenizer = tiny_clip(seed=0)
+        if given:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(given), strict=True)
+        return ClipBackbone(model, preprocess, tokenizer, bb.device, bb.dtype)
+    # a local checkpoint (--weights clip-KEY=PATH) in open_clip's format, else OpenAI's from the hub cache
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=given or "openai", force_quick_gelu=True)
     return ClipBackbone(model, preprocess, open_clip.get_tokenizer(name), bb.device, bb.dtype)
 
 
