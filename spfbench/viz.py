@@ -350,13 +350,14 @@ def run_attention(models: list[ModelSpec], caption: str, target: str, out: Path,
 @dataclass
 class SfcmView:
     m: torch.Tensor  # (S, S)
-    phrase_maps: torch.Tensor  # (P, S, S) A_base[i], min-max per phrase
+    phrase_maps: torch.Tensor  # (P, S, S) A_base[i] (scaled as ``normalize`` says)
     gamma: torch.Tensor  # (P,)
     phrases: list[str]
     exclusion: torch.Tensor  # (S, S)
     m_hat: torch.Tensor  # (S, S)
     image: object = None  # the training image (PIL)
     timestep: int = 0
+    normalize: str = "none"  # SpfConfig.sfcm_normalize the maps were computed with
 
     @property
     def weighted(self) -> torch.Tensor:
@@ -402,14 +403,14 @@ def sfcm_view(reference_unet, models, method, item: dict, timestep: int, seed: i
     pix = ((batch["pixel_values"][0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     return SfcmView(parts.m[0].cpu(), parts.phrase_maps[0, :p].cpu(), parts.gamma[0, :p].float().cpu(),
                     list(parts.phrases[0][:p]), parts.exclusion[0].cpu(), parts.m_hat[0].cpu(),
-                    Image.fromarray(pix), int(timestep))
+                    Image.fromarray(pix), int(timestep), method.config.sfcm_normalize)
 
 
 def sfcm_grid(view: SfcmView, caption: str, cell: int = 128) -> Grid:
     """One row: the training image, M, each phrase map times (1 - gamma), their sum, M-hat. Every map is
     shown on the absolute [0, 1] scale (no display renormalisation), so panels compare directly."""
     panels = [view.image, view.m.numpy()]
-    labels = [["image"], ["M = |eps_ref - eps_res|", "min-max"]]
+    labels = [["image"], ["M = |eps_ref - eps_res|", {"none": "raw"}.get(view.normalize, view.normalize)]]
     for i, ph in enumerate(view.phrases):
         panels.append(view.weighted[i].numpy())
         labels.append([f"A[{i}]*(1-g), g={view.gamma[i].item():.2f}", ph])

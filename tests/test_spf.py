@@ -311,15 +311,16 @@ def test_each_readings_alignment_scale_relative_to_l_diff(batch):
 
 
 def test_sfcm_normalize_none_subtracts_raw_attention_from_raw_noise_difference(batch):
-    """``sfcm_normalize="none"`` (eq. 5-7 as written): M is the raw channel-mean |eps_ref - eps_res| and each
-    A_base[i] the raw layer-mean probability, so M-hat = clamp(M_raw - sum (1 - gamma) A_raw, 0, 1); under the
-    default min-max both are rescaled per map, and with four phrases of max 1 the exclusion covers M."""
+    """``sfcm_normalize="none"`` (the default; eq. 5-7 as written): M is the raw channel-mean |eps_ref - eps_res|
+    and each A_base[i] the raw layer-mean probability, so M-hat = clamp(M_raw - sum (1 - gamma) A_raw, 0, 1);
+    under min-max both are rescaled per map, and with four phrases of max 1 the exclusion covers M."""
     import torch.nn.functional as F
 
     from trainers import spf_losses as L
 
     models = fresh_models()
-    method = trainers.create("spf", {"sfcm_normalize": "none", "diagnostics_every": 0})
+    method = trainers.create("spf", {"diagnostics_every": 0})
+    assert method.config.sfcm_normalize == "none"
     method.setup(models)
     g = torch.Generator().manual_seed(3)
     eps_ref = torch.randn(2, 4, 8, 8, generator=g)
@@ -334,9 +335,9 @@ def test_sfcm_normalize_none_subtracts_raw_attention_from_raw_noise_difference(b
     excl = torch.einsum("bp,bpxy->bxy", (1 - parts.gamma.clamp(0, 1)) * parts.phrase_mask, parts.phrase_maps)
     torch.testing.assert_close(parts.exclusion, excl)
     torch.testing.assert_close(parts.m_hat, (raw_m - excl).clamp(0, 1), atol=1e-5, rtol=1e-4)
-    default = trainers.create("spf", {"diagnostics_every": 0})
-    default.setup(fresh_models())
-    mm = default.sfcm_parts(models, bases, targets, eps_ref, eps_res, probs, (8, 8))
+    minmax = trainers.create("spf", {"sfcm_normalize": "minmax", "diagnostics_every": 0})
+    minmax.setup(fresh_models())
+    mm = minmax.sfcm_parts(models, bases, targets, eps_ref, eps_res, probs, (8, 8))
     assert parts.m_hat.mean() > 5 * mm.m_hat.mean()  # the raw reading leaves a map; the min-max one ~ erases it
     with pytest.raises(Exception, match="sfcm_normalize"):
         trainers.create("spf", {"sfcm_normalize": "softmax"})

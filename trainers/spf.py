@@ -86,11 +86,11 @@ class SpfConfig(TrainConfig):
     mask_mode: str = "pool"  # spf_losses.text_consistent_loss
     norm: str = "mse"  # mse | l2 | l2sq (spf_losses.NORMS; docs/spf.md "Readings")
     layer_reduction: str = "mean"  # mean | sum
-    # how eq. 5's M and eq. 6's A_base[i] are put on one scale before eq. 7 subtracts them: "minmax" (each map
-    # min-max normalised to [0, 1]: M per sample, A_base per phrase; docs/spf.md decisions 8, 9, 11), "max"
-    # (divided by its maximum) or "none" (as eq. 5-7 are written: raw channel-mean |eps difference| and raw
-    # layer-mean attention probabilities; M-hat still clamped to [0, 1])
-    sfcm_normalize: str = "minmax"
+    # how eq. 5's M and eq. 6's A_base[i] are put on one scale before eq. 7 subtracts them: "none" (default
+    # since issue 21: as eq. 5-7 are written, raw channel-mean |eps difference| and raw layer-mean attention
+    # probabilities, M-hat clamped to [0, 1]; docs/spf.md decision 8), "minmax" (each map min-max normalised
+    # to [0, 1]: M per sample, A_base per phrase; the default before) or "max" (divided by its maximum)
+    sfcm_normalize: str = "none"
     # what the alignment losses compare: "query" (Q after to_q, eq. 3/4 as written) or "hidden" (the attn2
     # input features, what to_q projects: the UNet's own features; F pools them with the same softmax)
     features: str = "query"
