@@ -21,7 +21,6 @@ SPF="--method spf --method spf-no-text --method spf-no-fine --method spf-no-enh 
 
 # stage 1: the untrained reference row and naive (the experiment's budget; the gentle one)
 $RUN --out $OUT/stage1 --config results/world/config.json --method original --method naive
-$RUN --out $OUT/stage1-gentle --config results/world/gentle.json --method naive
 keep() {  # keep RUN NAME: Table 1, per-triple scores and stage-2 diagnostics, committed beside this script
   mkdir -p $HERE/$2/samples
   for f in results.csv results.md results.json; do cp $1/$f $HERE/$2/$f; done
@@ -29,7 +28,6 @@ keep() {  # keep RUN NAME: Table 1, per-triple scores and stage-2 diagnostics, c
   $PY $HERE/diagnostics.py $1 > $HERE/$2/diagnostics.json
 }
 keep $OUT/stage1 stage1
-keep $OUT/stage1-gentle stage1-gentle
 
 reading() {  # reading NAME STAGE1_RUN OUT_NAME
   art=$(cd $2/methods/naive/train/artifact && pwd)
@@ -38,7 +36,11 @@ reading() {  # reading NAME STAGE1_RUN OUT_NAME
   keep $OUT/$3 $3
 }
 # in order of what the question needs first; gentle-NAME: reading NAME on the gentle stage 1
-PLAN=${*:-"l2sq-sum l2sq-sum-raw-sfcm default gentle-l2sq-sum-raw-sfcm hidden-l2sq-sum l2-sum gentle-default"}
+PLAN=${*:-"l2sq-sum l2sq-sum-raw-sfcm default gentle-l2sq-sum-raw-sfcm hidden-l2sq-sum l2-sum gentle-default default-raw-sfcm"}
+case " $PLAN" in *" gentle-"*)  # the gentle stage 1, only when a reading needs it
+  $RUN --out $OUT/stage1-gentle --config results/world/gentle.json --method naive
+  keep $OUT/stage1-gentle stage1-gentle ;;
+esac
 for r in $PLAN; do
   case $r in
     gentle-*) reading ${r#gentle-} $OUT/stage1-gentle $r ;;
