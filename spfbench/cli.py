@@ -353,7 +353,7 @@ def report(
 
 @app.command()
 def tradeoff(
-    runs: list[Path] = typer.Argument(..., help="Run folders (spfbench run --out) scored with trade-off metrics (ground truth: GT-Target, GT-Preserve)."),
+    runs: list[Path] = typer.Argument(..., help="Run folders (spfbench run --out) scored with trade-off metrics (ground truth: GT-Target, GT-Preserve), or tradeoff.json files written earlier (their points as saved; a run's point replaces a saved one of the same method, knob and value)."),
     out: Path = typer.Option(..., "--out", help="Folder for tradeoff.png and tradeoff.json."),
     knob: list[str] = typer.Option([], "--knob", help="METHOD=FIELD: label that method's rows by its config field (e.g. lora=rank); rows of several runs become one line."),
     title: str = typer.Option("preservation against response", help="Plot title."),
@@ -367,10 +367,13 @@ def tradeoff(
             raise SpfbenchError(f"--knob takes METHOD=FIELD (e.g. lora=rank), got {k!r}")
         m, f = k.split("=", 1)
         knobs[m] = f
+    saved: list = []
     for r in runs:
-        if not (r / "run.json").is_file():
-            raise SpfbenchError(f"{r}: not a run folder (no run.json); give the --out folder of `spfbench run`")
-    points = [p for r in runs for p in T.run_points(r, knobs)]
+        if r.is_file() and r.suffix == ".json":
+            saved += T.saved_points(r)
+        elif not (r / "run.json").is_file():
+            raise SpfbenchError(f"{r}: not a run folder (no run.json) nor a tradeoff.json; give the --out folder of `spfbench run`")
+    points = T.merge([p for r in runs if not r.is_file() for p in T.run_points(r, knobs)], saved)
     paths = T.write(points, out, title)
     for c in T.comparisons(points):
         if c["dominates"]:

@@ -17,6 +17,11 @@ Points come from run folders (``spfbench run``):
 * every step of a method's training curve (``--curve N``: ``methods/M/curve/step-S/scores.json``), knob
   "step"; step 0 is the base model.
 
+* a ``tradeoff.json`` written earlier (``saved_points``): its points as they were computed, so a line can
+  be added to a committed plot without rerunning the runs behind the others. A point computed from a run
+  replaces a saved one of the same method, knob and value (rerunning with the output file among the inputs
+  does not draw a point twice).
+
 Dominance (``dominated``): point a dominates point b when a's lower 95% CI bound is at or above b's
 mean on both axes, and above it on at least one: deliberately conservative, so a difference inside a's
 CI is not called a win.
@@ -127,6 +132,27 @@ def run_points(run: Path, knobs: dict[str, str] | None = None) -> list[Point]:
             if pt is not None:
                 points.append(pt)
     return points
+
+
+def saved_points(path: Path) -> list[Point]:
+    """The points of a ``tradeoff.json`` that ``write`` wrote (CIs and sources as computed then)."""
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text())["points"]
+        return [Point(**{**r, "response_ci": _pair(r["response_ci"]), "preservation_ci": _pair(r["preservation_ci"])})
+                for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SpfbenchError(f"{path}: not a tradeoff.json written by `spfbench tradeoff` ({e}); give a run folder or such a file") from None
+
+
+def _pair(ci):
+    return None if ci is None else (float(ci[0]), float(ci[1]))
+
+
+def merge(computed: list[Point], saved: list[Point]) -> list[Point]:
+    """``computed`` plus the saved points no computed point replaces (same method, knob and value)."""
+    have = {(p.method, p.knob, p.value) for p in computed}
+    return computed + [p for p in saved if (p.method, p.knob, p.value) not in have]
 
 
 def dominated(a: Point, b: Point) -> bool:

@@ -82,3 +82,26 @@ def test_cli_joins_runs_into_lines_and_refuses_bad_input_before_writing(tmp_path
         assert not (tmp_path / "bad").exists()
     code, stdout, err = cli("tradeoff", tmp_path, "--out", tmp_path / "bad")
     assert code != 0 and "not a run folder" in stdout + err and not (tmp_path / "bad").exists()
+
+
+def test_saved_points_join_new_runs_without_drawing_a_point_twice(tmp_path, cli):
+    a = make_run(tmp_path / "r4", rank=4, rows={"lora": ([0, 0, 1, 0], [0.9, 0.9, 0.8, 0.9])})
+    b = make_run(tmp_path / "r8", rank=8)
+    first = tmp_path / "first"
+    assert cli("tradeoff", a, "--knob", "lora=rank", "--out", first)[0] == 0
+    saved = T.saved_points(first / "tradeoff.json")
+    assert saved == T.run_points(a, {"lora": "rank"})  # a round trip: every field, CIs as tuples
+    # a committed plot plus a new run: the saved points stay, the new run's are added
+    code, stdout, err = cli("tradeoff", first / "tradeoff.json", b, "--knob", "lora=rank", "--out", tmp_path / "second")
+    assert code == 0, stdout + err
+    pts = T.saved_points(tmp_path / "second" / "tradeoff.json")
+    assert sorted((p.method, p.value) for p in pts if p.method == "lora") == [("lora", 4.0), ("lora", 8.0)]
+    # a rerun that names its own output and the run again: the run's point replaces the saved one
+    code, *_ = cli("tradeoff", tmp_path / "second" / "tradeoff.json", b, "--knob", "lora=rank", "--out", tmp_path / "second")
+    again = T.saved_points(tmp_path / "second" / "tradeoff.json")
+    assert code == 0 and len(again) == len(pts)
+    assert sorted(p.value for p in again if p.method == "lora") == [4.0, 8.0]
+    # a JSON that is not a tradeoff.json: one line, nothing written
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    code, stdout, err = cli("tradeoff", tmp_path / "other.json", "--out", tmp_path / "bad")
+    assert code != 0 and "not a tradeoff.json" in stdout + err and not (tmp_path / "bad").exists()
