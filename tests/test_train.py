@@ -218,6 +218,25 @@ def test_cached_encodings_train_like_encoding_every_step(toy, tmp_path):
     assert not list((tmp_path / "plain").glob("cache"))
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_dataset_a_method_holds_follows_the_epochs_the_loop_trains(toy, tmp_path, cached):
+    """A method that reads more than the batch (SPF's target masks, TokenCompose's masks) looks items up in
+    the dataset it was handed; with random_flip its flips must be the ones of the batches the loop draws,
+    cached encodings or not (6 items at batch 2: steps 1-3 are epoch 0, step 4 epoch 1)."""
+    method = naive(max_train_steps=4, random_flip=True, cache_encodings=cached, checkpointing_steps=100)
+    seen: dict = {"epochs": []}
+    method.bind_dataset = lambda ds: seen.setdefault("ds", ds)
+    plain_loss = method.loss
+
+    def loss(models, batch, g):
+        seen["epochs"].append(seen["ds"].epoch)
+        return plain_loss(models, batch, g)
+
+    method.loss = loss
+    run(method, toy, tmp_path / "run")
+    assert seen["epochs"] == [0, 0, 0, 1]
+
+
 def test_bad_data_is_refused_before_any_model_loads(toy, tmp_path, cli, monkeypatch):
     import shutil
 

@@ -197,8 +197,10 @@ class Trainer:
             raise SpfbenchError(f"method {self.method.name} left nothing to train")
         if cfg.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
+        datasets = [dataset]  # the one the method holds (bind_dataset) and, when cached, the one the loader reads
         if cfg.cache_encodings:
             dataset = self._cached(dataset, models, info, accelerator, progress)
+            datasets.append(dataset)
 
         sampler = EpochSampler(len(dataset), cfg.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate, drop_last=False)
@@ -241,7 +243,8 @@ class Trainer:
                 # iterated: give them the true epoch (a resumed run's loaders start counting at 0)
                 epoch_loader.set_epoch(epoch)
                 sampler.set_epoch(epoch)
-                dataset.set_epoch(epoch)  # flips (random_flip) are drawn per (seed, epoch, item)
+                for d in datasets:  # flips (random_flip) are drawn per (seed, epoch, item), in both alike
+                    d.set_epoch(epoch)
                 skip = 0
                 m_index = 0
                 for batch in epoch_loader:
