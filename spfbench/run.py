@@ -438,7 +438,22 @@ def environment(state=None) -> dict:
             env["cuda"] = torch.version.cuda
         else:
             env["cpu_threads"] = torch.get_num_threads()
+            # the kernels torch picks follow the CPU's instruction set: CPU results reproduce bit for bit
+            # only on the same capability (and model), so both are recorded
+            env["cpu"] = {"model": _cpu_model(), "capability": torch.backends.cpu.get_cpu_capability()}
     return env
+
+
+def _cpu_model() -> str | None:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 # -- outputs: everything below is rebuilt from the stored samples by `spfbench report` -----------------

@@ -278,3 +278,27 @@ def test_loop_options_bf16_accumulation_ema_and_checkpointing_run_and_load(toy, 
     trainers.load_artifact(r.artifact, fresh)
     img = generate(fresh, ["A man, a hat"], [1], GenerationSettings(steps=2), output_type="np")
     assert img.shape == (1, 64, 64, 3)
+
+
+def test_speed_levers_train_like_the_default_within_tolerance(toy, tmp_path, monkeypatch):
+    """docs/training.md "Speed levers": fused AdamW and channels-last change the arithmetic's order only
+    (losses within rel 1e-4 over 4 steps); DataLoader workers change nothing (identical losses), and a
+    finished run is reused across a change of workers (a speed-only field); compile_unet compiles the UNet
+    in place (its parameter names stay the plain UNet's); TF32 is switched on for CUDA only and restored."""
+    base = run(naive(), toy, tmp_path / "base")
+    for field, value in (("fused_adamw", True), ("channels_last", True)):
+        other = run(naive(**{field: value}), toy, tmp_path / field)
+        assert other.losses == pytest.approx(base.losses, rel=1e-4, abs=1e-6), field
+    workers = run(naive(dataloader_num_workers=2), toy, tmp_path / "workers")
+    assert workers.losses == base.losses
+    again = run(naive(dataloader_num_workers=0), toy, tmp_path / "workers")
+    assert again.reused
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    run(naive(compile_unet=True, allow_tf32=True), toy, tmp_path / "compiled")
+    assert compiled == ["UNet2DConditionModel"]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32
+    assert set(unet_state(tmp_path / "compiled")) == set(unet_state(tmp_path / "base"))
+    with pytest.raises(Exception, match="dataloader_num_workers"):
+        naive(dataloader_num_workers=-1)

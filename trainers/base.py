@@ -59,6 +59,13 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 2
     cache_encodings: bool = False  # VAE latents and text embeddings computed once (frozen VAE/text encoder only)
     log_every: int = 1
+    # speed levers (issue 23; docs/training.md "Speed levers": each measured by benchmarks/bench_levers.py, off
+    # by default until measured to help without changing results beyond the documented tolerance)
+    allow_tf32: bool = False  # CUDA: TF32 matmuls and convolutions while training (restored after); no effect on CPU
+    fused_adamw: bool = False  # torch's fused AdamW kernel (CUDA and CPU) instead of the foreach one
+    channels_last: bool = False  # the UNet's convolutions in channels-last memory format
+    compile_unet: bool = False  # torch.compile the UNet's forward (nn.Module.compile; first steps pay compilation)
+    dataloader_num_workers: int = 0  # worker processes decoding the batches (pinned memory on CUDA); results unchanged
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,6 +86,8 @@ class TrainConfig:
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise SpfbenchError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dataloader_num_workers < 0:
+            raise SpfbenchError(f"dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}")
         if self.learning_rate <= 0:
             raise SpfbenchError(f"learning_rate must be positive, got {self.learning_rate}")
 

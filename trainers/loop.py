@@ -35,6 +35,8 @@ from .base import ARTIFACT_META, Method, Models
 FORMAT_VERSION = 1
 # config fields that may change between a run and its resumption (how long, how often, how logged)
 RESUMABLE_CHANGES = {"max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every"}
+# fields that change how fast, never what is computed: a run resumes and a finished one is reused across them
+SPEED_ONLY = {"dataloader_num_workers"}
 
 
 class TrainingDiverged(SpfbenchError):
@@ -108,7 +110,7 @@ class Trainer:
 
     # -- identity of a run: a rerun resumes only if these match ------------------------------------
     def identity(self, model_info: dict, fingerprint: str) -> dict:
-        resumable = set(RESUMABLE_CHANGES) - set(self.method.schedule_fields)
+        resumable = (set(RESUMABLE_CHANGES) | SPEED_ONLY) - set(self.method.schedule_fields)
         if self.cfg.lr_scheduler not in ("constant", "constant_with_warmup"):
             resumable.discard("max_train_steps")  # the learning-rate schedule is laid out over it
         cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in resumable}
@@ -129,7 +131,8 @@ class Trainer:
     def request(self, fingerprint: str) -> dict:
         """What was asked of a run, known before any model loads: a finished run with the same request
         is reused as it is (``spfbench run`` reuses artifacts whose config and data match)."""
-        return {"format_version": FORMAT_VERSION, "method": self.method.name, "config": self.cfg.to_dict(),
+        config = {k: v for k, v in self.cfg.to_dict().items() if k not in SPEED_ONLY}
+        return {"format_version": FORMAT_VERSION, "method": self.method.name, "config": config,
                 "model": self.model_kwargs, "data_fingerprint": fingerprint}
 
     def finished(self, fingerprint: str) -> TrainResult | None:
@@ -197,15 +200,19 @@ class Trainer:
             raise SpfbenchError(f"method {self.method.name} left nothing to train")
         if cfg.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
+        if cfg.channels_last:
+            models.unet.to(memory_format=torch.channels_last)
         datasets = [dataset]  # the one the method holds (bind_dataset) and, when cached, the one the loader reads
         if cfg.cache_encodings:
             dataset = self._cached(dataset, models, info, accelerator, progress)
             datasets.append(dataset)
 
         sampler = EpochSampler(len(dataset), cfg.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate, drop_last=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate, drop_last=False,
+                                             num_workers=cfg.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+                                      **({"fused": True} if cfg.fused_adamw else {}))
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                      num_training_steps=cfg.max_train_steps * accelerator.num_processes)
         ema = None
@@ -215,6 +222,8 @@ class Trainer:
             ema = EMAModel(params, decay=cfg.ema_decay)
         unet, optimizer, loader, lr_scheduler = accelerator.prepare(models.unet, optimizer, loader, lr_scheduler)
         models.unet = unet
+        if cfg.compile_unet:  # in place: parameter names and state dicts stay the plain UNet's
+            accelerator.unwrap_model(models.unet).compile()
         if ema is not None:
             ema.to(accelerator.device)
 
@@ -236,6 +245,9 @@ class Trainer:
         epoch, skip = divmod(done_micro, batches_per_epoch)
         log = open(self.out / "log.jsonl", "a") if accelerator.is_main_process else None
         t_last = time.perf_counter()
+        tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        if cfg.allow_tf32 and accelerator.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         try:
             while step < cfg.max_train_steps:
                 epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
@@ -288,6 +300,7 @@ class Trainer:
                         break
                 epoch += 1
         finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
             bar.close()
             if log is not None:
                 log.close()
