@@ -494,11 +494,14 @@ def build_table(run: Path, kind: str = "score"):
 
 
 def to_json(table, record: dict) -> str:
+    from .table1 import paired_differences
+
     rows = []
     for r in table.rows:
         rows.append({"method": r.method, "ablation": r.ablation, "status": "failed" if r.error else "complete", "error": r.error,
                      "notes": list(r.notes), "metrics": {col: dataclasses.asdict(c) for col, c in r.cells.items()}})
-    return json.dumps({"spec": record["spec"], "environment": record.get("environment"), "rows": rows}, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps({"spec": record["spec"], "environment": record.get("environment"), "rows": rows,
+                       "paired": paired_differences(table)}, indent=2, ensure_ascii=False) + "\n"
 
 
 def write_reports(run: Path, paper: bool | None = None) -> dict[str, Path]:

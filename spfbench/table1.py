@@ -4,7 +4,8 @@
 ``samples.jsonl`` (per-triple values) into a :class:`Table`. Per-sample metrics get a 95% percentile
 bootstrap confidence interval over triples (B=1000 resamples of the non-null values, numpy
 ``default_rng(seed)`` with seed 0 by default, so outputs are deterministic); set-level FID has a value and
-N but no CI. See docs/table1.md for the layout decisions (ranking, ablations, the ``paper`` block).
+N but no CI. ``paired_differences`` gives, for every pair of rows, the mean per-triple difference of each
+per-sample column with its 95% paired bootstrap CI (``scipy.stats.bootstrap``). See docs/table1.md for the layout decisions (ranking, ablations, the ``paper`` block).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class Row:
     source: str = "ours"  # "ours" or "paper"
     error: str | None = None  # a method that failed: its row has no values, only this
     notes: tuple[str, ...] = ()  # what its fit recorded for the reader (trainers' ``training_notes``)
+    # column -> triple id -> per-sample value (per-sample metrics only; what paired differences pair)
+    samples: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
 
     @property
     def label(self) -> str:
@@ -138,12 +141,15 @@ def read_scores(folder: Path, method: str, b: int = BOOTSTRAP_B, seed: int = BOO
     if samples_path.is_file():
         samples = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
     cells = {}
+    per_triple: dict[str, dict[str, float]] = {}
     for col, mid in _pick_metrics(metrics).items():
         r = metrics[mid]
         value = r.get("value")
         cell = Cell(value=None if value is None else float(value), n=r.get("n"), metric=mid)
         if r.get("per_sample", col != "FID") and samples:
             vals = [s.get(mid) for s in samples]
+            per_triple[col] = {s["id"]: float(v) for s, v in zip(samples, vals)
+                               if v is not None and "id" in s and math.isfinite(float(v))}
             ci = bootstrap_ci(vals, b=b, seed=seed)
             if ci is not None:
                 cell.ci_low, cell.ci_high = ci
@@ -152,7 +158,72 @@ def read_scores(folder: Path, method: str, b: int = BOOTSTRAP_B, seed: int = BOO
                 if cell.n is None:
                     cell.n = sum(v is not None for v in vals)
         cells[col] = cell
-    return Row(method=method, cells=cells, ablation=is_ablation(method))
+    return Row(method=method, cells=cells, ablation=is_ablation(method), samples=per_triple)
+
+
+PAIRED_RESAMPLES = 2000
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float], resamples: int = PAIRED_RESAMPLES,
+                      seed: int = BOOTSTRAP_SEED) -> dict | None:
+    """Mean over the triples both rows scored of (a - b), with the 95% percentile bootstrap CI of that mean
+    (``scipy.stats.bootstrap``, resampling triples: the pairing is kept). None when no triple is shared."""
+    from scipy.stats import bootstrap
+
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        return None
+    d = np.array([a[i] - b[i] for i in ids], dtype=np.float64)
+    out = {"diff": float(d.mean()), "n": len(ids), "ci_low": None, "ci_high": None}
+    if len(ids) > 1 and not np.all(d == d[0]):
+        ci = bootstrap((d,), np.mean, n_resamples=resamples, confidence_level=0.95, method="percentile",
+                       random_state=np.random.default_rng(seed)).confidence_interval
+        out["ci_low"], out["ci_high"] = float(ci.low), float(ci.high)
+    elif len(ids) > 1:  # every difference equal: the interval is that value
+        out["ci_low"] = out["ci_high"] = float(d[0])
+    return out
+
+
+def paired_differences(table: "Table", resamples: int = PAIRED_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> list[dict]:
+    """For every pair of our rows (a before b in table order) and every per-sample column both have: the
+    paired difference a - b over their shared triples (``paired_difference``)."""
+    rows = [r for r in table.rows if r.source == "ours" and not r.error and r.samples]
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            for col in columns(rows):
+                if col in a.samples and col in b.samples:
+                    d = paired_difference(a.samples[col], b.samples[col], resamples, seed)
+                    if d is not None:
+                        out.append({"a": a.method, "b": b.method, "column": col, "metric": a.cells[col].metric,
+                                    "higher_is_better": HIGHER[col], **d})
+    return out
+
+
+BASELINE = "naive"  # the paper's "naive fine-tuning": every other method is read against it
+ABLATED = "spf"  # what the spf-no-* rows ablate
+
+
+def shown_pairs(rows: list[Row]) -> list[tuple[str, str]]:
+    """The comparisons the report shows (``paired_differences`` holds every pair): each method against
+    naive, each ablation against full SPF."""
+    names = [r.method for r in rows if r.source == "ours" and not r.error]
+    pairs = [(m, BASELINE) for m in names if m != BASELINE and BASELINE in names and not m.startswith(ABLATION_PREFIX)]
+    pairs += [(m, ABLATED) for m in names if m.startswith(ABLATION_PREFIX) and ABLATED in names]
+    return pairs
+
+
+def find_pair(paired: list[dict], a: str, b: str, column: str) -> dict | None:
+    """The difference a - b of ``column`` from ``paired_differences`` output, whichever order it was stored in."""
+    for d in paired:
+        if d["column"] != column:
+            continue
+        if (d["a"], d["b"]) == (a, b):
+            return d
+        if (d["a"], d["b"]) == (b, a):
+            lo, hi = d["ci_low"], d["ci_high"]
+            return {**d, "a": a, "b": b, "diff": -d["diff"], "ci_low": None if hi is None else -hi, "ci_high": None if lo is None else -lo}
+    return None
 
 
 def _order(rows: list[Row]) -> list[Row]:
