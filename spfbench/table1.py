@@ -10,8 +10,6 @@ per-sample column with its 95% paired bootstrap CI (``scipy.stats.bootstrap``). 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -297,25 +295,63 @@ def ranks(rows: list[Row]) -> dict[tuple[int, str], int]:
     return out
 
 
-def to_csv(table: Table, paper: bool = False) -> str:
-    """One row per method; per column: value, N, ci_low, ci_high, metric id (full precision)."""
+FIELDS = ("value", "n", "ci_low", "ci_high", "metric")
+
+
+def frame(table: Table, paper: bool = False):
+    """Table 1 as one pandas DataFrame, the single source of the CSV, Markdown and LaTeX (and of anyone's
+    own analysis): one row per method in the paper's order (ours, our ablations, then the paper's rows
+    with ``paper``); columns ``method, label, source, ablation, error, notes``, then per Table 1 column a
+    (column, field) pair for each of ``FIELDS`` and ``rank`` (1 best, 2 second, per block of unranked
+    ablations apart; on the displayed value). Column tuples: ``("", "method")`` ... ``("LPIPS", "value")``."""
+    import pandas as pd
+
     rows = _rows(table, paper)
     cols = columns(rows)
-    header = ["method", "source", "ablation"]
-    for col in cols:
-        header += [col, f"{col} N", f"{col} ci_low", f"{col} ci_high", f"{col} metric"]
-    header.append("error")
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        line = [r.method, r.source, r.ablation]
+    rk = ranks(rows)
+    records = []
+    for i, r in enumerate(rows):
+        rec = {("", "method"): r.method, ("", "label"): r.label, ("", "source"): r.source, ("", "ablation"): r.ablation,
+               ("", "error"): r.error, ("", "notes"): list(r.notes)}
         for col in cols:
             c = r.cells.get(col, Cell(None))
-            line += ["" if x is None else x for x in (c.value, c.n, c.ci_low, c.ci_high, c.metric)]
-        line.append(r.error or "")
-        w.writerow(line)
-    return buf.getvalue()
+            for f in FIELDS:
+                rec[(col, f)] = getattr(c, f)
+            rec[(col, "rank")] = rk.get((i, col))
+        records.append(rec)
+    df = pd.DataFrame.from_records(records, columns=pd.MultiIndex.from_tuples(
+        [("", k) for k in ("method", "label", "source", "ablation", "error", "notes")]
+        + [(col, f) for col in cols for f in (*FIELDS, "rank")]))
+    for col in cols:  # counts and ranks are integers where present
+        df[(col, "n")] = df[(col, "n")].astype("Int64")
+        df[(col, "rank")] = df[(col, "rank")].astype("Int64")
+    return df
+
+
+def _value_columns(df) -> list[str]:
+    return [c for c in dict.fromkeys(df.columns.get_level_values(0)) if c]
+
+
+def _missing(v) -> bool:
+    import pandas as pd
+
+    return v is None or (not isinstance(v, str) and pd.isna(v))
+
+
+def _opt(v):
+    return None if _missing(v) else v
+
+
+def to_csv(table: Table, paper: bool = False) -> str:
+    """One row per method; per column: value, N, ci_low, ci_high, metric id (full precision)."""
+    df = frame(table, paper)
+    flat = df[[("", "method"), ("", "source"), ("", "ablation")]].copy()
+    flat.columns = ["method", "source", "ablation"]
+    for col in _value_columns(df):
+        for f, name in zip(FIELDS, (col, f"{col} N", f"{col} ci_low", f"{col} ci_high", f"{col} metric")):
+            flat[name] = df[(col, f)]
+    flat["error"] = df[("", "error")].fillna("")
+    return flat.to_csv(index=False, lineterminator="\n")
 
 
 def _arrow(col: str, latex: bool) -> str:
@@ -324,39 +360,49 @@ def _arrow(col: str, latex: bool) -> str:
     return "↑" if HIGHER[col] else "↓"
 
 
+def _block(rec) -> tuple[str, bool]:
+    return rec[("", "source")], bool(rec[("", "ablation")])
+
+
+def _shown(rec, col: str, bold: str, under: str, details: bool) -> str:
+    """One cell as displayed: the rounded value (best / second marked), with CI and N when ``details``."""
+    s = fmt(_opt(rec[(col, "value")]), col)
+    rank = _opt(rec[(col, "rank")])
+    if rank == 1:
+        s = bold.format(s)
+    elif rank == 2:
+        s = under.format(s)
+    if details and s != "-":
+        if not _missing(rec[(col, "ci_low")]):
+            s += f" [{fmt(rec[(col, 'ci_low')], col)}, {fmt(rec[(col, 'ci_high')], col)}]"
+        if not _missing(rec[(col, "n")]):
+            s += f" (N={int(rec[(col, 'n')])})"
+    return s
+
+
 def to_markdown(table: Table, paper: bool = False) -> str:
     """Values with 95% CI in brackets (per-sample metrics) and N; **best**, <u>second</u>."""
-    rows = _rows(table, paper)
-    rk = ranks(rows)
-    cols = columns(rows)
+    df = frame(table, paper)
+    cols = _value_columns(df)
     groups = "; ".join(f"{g}: " + ", ".join(c for c in cols if GROUP_OF[c] == g) for g, _ in _groups(cols))
     lines = [f"Groups: {groups}. Best per column in **bold**, second <u>underlined</u> (non-ablation rows, ours and paper ranked apart).", ""]
     lines.append("| Method | " + " | ".join(f"{col} ({_arrow(col, False)})" for col in cols) + " |")
     lines.append("|---|" + "---:|" * len(cols))
     prev = None
-    for i, r in enumerate(rows):
-        group = (r.source, r.ablation)
-        if prev is not None and group != prev:
-            lines.append("| " + ("*paper, ablations*" if r.source == "paper" and r.ablation else "*paper*" if r.source == "paper" else "*ablations*") + " |" + " |" * len(cols))
-        prev = group
-        cells = []
-        for col in cols:
-            c = r.cells.get(col, Cell(None))
-            s = fmt(c.value, col)
-            if rk.get((i, col)) == 1:
-                s = f"**{s}**"
-            elif rk.get((i, col)) == 2:
-                s = f"<u>{s}</u>"
-            if s != "-":
-                if c.ci_low is not None:
-                    s += f" [{fmt(c.ci_low, col)}, {fmt(c.ci_high, col)}]"
-                if c.n is not None:
-                    s += f" (N={c.n})"
-            cells.append(s)
-        if r.error:
-            cells = [f"failed: {r.error}".replace("|", "\\|").replace("\n", " ")] + [""] * (len(cols) - 1)
-        lines.append(f"| {r.label}{' *' if r.notes else ''} | " + " | ".join(cells) + " |")
-    notes = [f"* {r.label}: {n}" for r in rows for n in r.notes]
+    notes = []
+    for _, rec in df.iterrows():
+        source, ablation = block = _block(rec)
+        if prev is not None and block != prev:
+            lines.append("| " + ("*paper, ablations*" if source == "paper" and ablation else "*paper*" if source == "paper" else "*ablations*") + " |" + " |" * len(cols))
+        prev = block
+        error = _opt(rec[("", "error")])
+        if error:
+            cells = [f"failed: {error}".replace("|", "\\|").replace("\n", " ")] + [""] * (len(cols) - 1)
+        else:
+            cells = [_shown(rec, col, "**{}**", "<u>{}</u>", details=True) for col in cols]
+        label = rec[("", "label")]
+        lines.append(f"| {label}{' *' if rec[('', 'notes')] else ''} | " + " | ".join(cells) + " |")
+        notes += [f"* {label}: {n}" for n in rec[("", "notes")]]
     if notes:
         lines += ["", "\\* Notes recorded by the fit:", "", *notes]
     return "\n".join(lines) + "\n"
@@ -370,49 +416,46 @@ def tex_escape(s: str) -> str:
     return "".join(_TEX_ESCAPE.get(ch, ch) for ch in s)
 
 
+LATEX_HEADER = ("% Requires \\usepackage{booktabs}. Generated by spfbench (table1.to_latex, pandas Styler.to_latex).\n"
+                "% Wider than one column: put it in a table* float, or wrap the tabular in \\resizebox{\\textwidth}{!}{...}.\n")
+
+
 def to_latex(table: Table, paper: bool = False) -> str:
-    """A booktabs tabular laid out like the paper's Table 1 (values only; CIs and N are in the CSV)."""
-    rows = _rows(table, paper)
-    rk = ranks(rows)
-    cols = columns(rows)
-    ncol = 1 + len(cols)
-    spans, rules, start = [], [], 2
-    for g, n in _groups(cols):
-        spans.append(f"\\multicolumn{{{n}}}{{c}}{{{g}}}")
+    """A booktabs tabular laid out like the paper's Table 1 (values only; CIs and N are in the CSV), written
+    by pandas' ``Styler.to_latex`` from :func:`frame`; then the paper's rules: a \\cmidrule under each
+    group, a \\midrule between blocks, the published block titled, a failed row as a comment."""
+    import pandas as pd
+
+    df = frame(table, paper)
+    cols = _value_columns(df)
+    ok = df[df[("", "error")].isna()]
+    header = pd.MultiIndex.from_tuples([(GROUP_OF[c], f"{tex_escape(c)} ({_arrow(c, True)})") for c in cols], names=["Method", None])
+    shown = pd.DataFrame([[_shown(rec, c, "\\textbf{{{}}}", "\\underline{{{}}}", details=False) for c in cols] for _, rec in ok.iterrows()],
+                         index=[tex_escape(x) for x in ok[("", "label")]], columns=header)
+    body = shown.style.to_latex(hrules=True, multicol_align="c", column_format="l" + "c" * len(cols)).splitlines()
+    # rules the Styler does not draw: \cmidrule under each group header, a \midrule between blocks
+    rules, start = [], 2
+    for _, n in _groups(cols):
         rules.append(f"\\cmidrule(lr){{{start}-{start + n - 1}}}")
         start += n
-    out = [
-        "% Requires \\usepackage{booktabs}. Generated by spfbench table1.",
-        "\\begin{tabular}{l" + "c" * len(cols) + "}",
-        "\\toprule",
-        "Method & " + " & ".join(spans) + " \\\\",
-        " ".join(rules),
-        " & " + " & ".join(f"{tex_escape(col)} ({_arrow(col, True)})" for col in cols) + " \\\\",
-        "\\midrule",
-    ]
+    first_data = body.index("\\midrule") + 1
+    out = body[:2] + [body[2], " ".join(rules)] + body[3:first_data]
+    data = iter(body[first_data:body.index("\\bottomrule")])
     prev = None
-    for i, r in enumerate(rows):
-        group = (r.source, r.ablation)
-        if prev is not None and group != prev:
+    for _, rec in df.iterrows():
+        block = _block(rec)
+        if prev is not None and block != prev:
             out.append("\\midrule")
-            if r.source == "paper" and prev[0] == "ours":
-                out.append(f"\\multicolumn{{{ncol}}}{{l}}{{\\textit{{Published values (paper Table 1)}}}} \\\\")
-                out.append("\\midrule")
-        prev = group
-        if r.error:  # no values: a comment keeps the table honest about what is missing
-            out.append(f"% {r.label}: failed ({' '.join(r.error.split())})")
-            continue
-        cells = []
-        for col in cols:
-            s = fmt(r.cells.get(col, Cell(None)).value, col)
-            if rk.get((i, col)) == 1:
-                s = f"\\textbf{{{s}}}"
-            elif rk.get((i, col)) == 2:
-                s = f"\\underline{{{s}}}"
-            cells.append(s)
-        out.append(tex_escape(r.label) + " & " + " & ".join(cells) + " \\\\")
+            if block[0] == "paper" and prev[0] == "ours":
+                out += [f"\\multicolumn{{{1 + len(cols)}}}{{l}}{{\\textit{{Published values (paper Table 1)}}}} \\\\", "\\midrule"]
+        prev = block
+        error = _opt(rec[("", "error")])
+        if error:  # no values: a comment keeps the table honest about what is missing
+            out.append(f"% {rec[('', 'label')]}: failed ({' '.join(error.split())})")
+        else:
+            out.append(next(data))
     out += ["\\bottomrule", "\\end{tabular}"]
-    return "\n".join(out) + "\n"
+    return LATEX_HEADER + "\n".join(out) + "\n"
 
 
 def write(table: Table, out: Path, paper: bool = False, stem: str = "results") -> dict[str, Path]:

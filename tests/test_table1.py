@@ -268,3 +268,21 @@ def test_paired_differences_pair_the_triples(tmp_path):
     assert (z["diff"], z["ci_low"], z["ci_high"]) == (0.0, 0.0, 0.0)
     assert t1.find_pair(paired, "lora", "naive", "FID") is None  # set-level columns are not paired
     assert t1.shown_pairs(table.rows) == [("lora", "naive")]
+
+
+def test_one_dataframe_feeds_every_format(tmp_path):
+    """frame() is Table 1's one source: its values, ranks and CIs are what the CSV, Markdown and LaTeX show."""
+    table = _table(tmp_path)
+    df = t1.frame(table)
+    assert list(df[("", "method")]) == ["naive", "lora", "spf", "spf-no-sfcm"]
+    spf = df[df[("", "method")] == "spf"].iloc[0]
+    assert spf[("LPIPS", "value")] == pytest.approx(0.2) and spf[("LPIPS", "rank")] == 1
+    assert pd.isna(df[df[("", "method")] == "spf-no-sfcm"].iloc[0][("LPIPS", "rank")])  # ablations are not ranked
+    csv = pd.read_csv(io.StringIO(t1.to_csv(table)))
+    assert csv["LPIPS"].tolist() == pytest.approx(df[("LPIPS", "value")].tolist())
+    assert csv["LPIPS N"].tolist() == df[("LPIPS", "n")].tolist()
+    tex = t1.to_latex(table)
+    assert "\\resizebox" in tex.splitlines()[1] and "table*" in tex.splitlines()[1]  # the width note in the header
+    assert "\\cmidrule(lr){2-6}" in tex
+    md = t1.to_markdown(table)
+    assert sum(line.count("**") // 2 for line in md.splitlines()[4:]) == int((df.xs("rank", axis=1, level=1) == 1).sum().sum())
