@@ -258,6 +258,7 @@ def train(
     weights_seed: int = typer.Option(0, help="Random presets: seed of the random weights."),
     device: Optional[str] = typer.Option(None, help="cpu to force the CPU (default: accelerate's choice)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="tensorboard, wandb or none: accelerate's trackers (overrides the config's report_to)."),
 ) -> None:
     """Train one method on a portrait set; writes OUT/artifact (loadable by generation) and resumes if rerun."""
     _quiet_libraries()
@@ -265,6 +266,8 @@ def train(
     from trainers.loop import Trainer
 
     values = trainers.read_config_file(config) if config else {}
+    if report_to is not None:
+        values["report_to"] = report_to
     if max_steps is not None:
         values["max_train_steps"] = max_steps
     if rank is not None:
@@ -311,12 +314,16 @@ def run(
     batch_size: int = typer.Option(16, help="Scoring batch size (generation uses the test set's own batch size)."),
     device: Optional[str] = typer.Option(None, help="cpu to force the CPU (default: accelerate's choice)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="tensorboard, wandb or none: every method's training to accelerate's trackers (overrides the config's all.report_to)."),
 ) -> None:
     """Fit every method, generate the customized image of every triple, score it, and write Table 1 and the report."""
     _quiet_libraries()
     from .run import Runner, read_config
 
-    runner = Runner(testset, data, out, list(method), preset=preset, config=read_config(config), limit=limit,
+    values = read_config(config)
+    if report_to is not None:
+        values = {**values, "all": {**values.get("all", {}), "report_to": report_to}}
+    runner = Runner(testset, data, out, list(method), preset=preset, config=values, limit=limit,
                     metric_ids=list(metric) if metric else None, retention=retention, curve=curve, curve_limit=curve_limit,
                     paper=paper, device=device, score_batch_size=batch_size, weights=_weights_option(weights or []),
                     progress=progress)

@@ -31,6 +31,7 @@ import torch
 from spfbench.errors import SpfbenchError
 
 ARTIFACT_META = "method.json"
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -66,6 +67,12 @@ class TrainConfig:
     channels_last: bool = False  # the UNet's convolutions in channels-last memory format
     compile_unet: bool = False  # torch.compile the UNet's forward (nn.Module.compile; first steps pay compilation)
     dataloader_num_workers: int = 0  # worker processes decoding the batches (pinned memory on CUDA); results unchanged
+    # training visibility (docs/training.md "Trackers and validation images"); none of these changes a result
+    report_to: str = "none"  # none | tensorboard | wandb: accelerate's trackers get every logged number
+    validation_every: int = 0  # every N optimizer steps, images of the validation prompts (0: never)
+    validation_prompts: list[str] | None = None  # None: the first 4 complete captions of the training set
+    validation_steps: int = 25  # sampler steps of the validation images
+    validation_guidance: float = 7.0  # their classifier-free guidance
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -88,6 +95,13 @@ class TrainConfig:
                 raise SpfbenchError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.dataloader_num_workers < 0:
             raise SpfbenchError(f"dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}")
+        if self.report_to not in REPORT_TO:
+            raise SpfbenchError(f"report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        if self.validation_every < 0 or self.validation_steps < 1:
+            raise SpfbenchError("validation_every must be 0 (off) or more and validation_steps at least 1")
+        if self.validation_prompts is not None and (not isinstance(self.validation_prompts, list) or not self.validation_prompts
+                                                    or not all(isinstance(p, str) and p.strip() for p in self.validation_prompts)):
+            raise SpfbenchError("validation_prompts must be a non-empty list of non-empty strings (or null: the data's first captions)")
         if self.learning_rate <= 0:
             raise SpfbenchError(f"learning_rate must be positive, got {self.learning_rate}")
 

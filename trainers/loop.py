@@ -36,7 +36,8 @@ FORMAT_VERSION = 1
 # config fields that may change between a run and its resumption (how long, how often, how logged)
 RESUMABLE_CHANGES = {"max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every"}
 # fields that change how fast, never what is computed: a run resumes and a finished one is reused across them
-SPEED_ONLY = {"dataloader_num_workers"}
+SPEED_ONLY = {"dataloader_num_workers", "report_to", "validation_every", "validation_prompts", "validation_steps",
+              "validation_guidance"}
 
 
 class TrainingDiverged(SpfbenchError):
@@ -152,6 +153,37 @@ class Trainer:
                 found.append((int(p.name.split("-")[-1]), p))
         return sorted(found)
 
+    def _validate(self, pipe, accelerator, prompts: list[str], step: int) -> None:
+        """Images of the validation prompts with the model as trained so far (fixed seeds ``seed + i``), to
+        ``OUT/validation/step-N/I.png`` and to the trackers. Nothing it does reaches the training: the images
+        are drawn from their own seeded generators, the UNet goes back to train mode."""
+        import numpy as np
+
+        from spfbench.generation import GenerationSettings, generate
+        from spfbench.io import atomic_write_bytes, encode_png
+
+        cfg = self.cfg
+        unet = pipe.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            with accelerator.autocast():
+                images = generate(pipe, list(prompts), [cfg.seed + i for i in range(len(prompts))],
+                                  GenerationSettings(steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance))
+        finally:
+            unet.train(was_training)
+        folder = self.out / "validation" / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            atomic_write_bytes(folder / f"{i}.png", encode_png(img))
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
+
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> TrainResult:
         from accelerate import Accelerator
@@ -172,10 +204,12 @@ class Trainer:
 
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
+        log_with = None if cfg.report_to == "none" else cfg.report_to
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             cpu=self.device == "cpu",
+            **({"log_with": log_with, "project_dir": str(self.out / "trackers")} if log_with else {}),
         )
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
 
@@ -236,6 +270,10 @@ class Trainer:
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.out / "run.json", {"identity": identity, "config": cfg.to_dict(), "status": "running"})
+        if log_with:
+            accelerator.init_trackers(self.method.name, config=_tracker_config(cfg),
+                                      init_kwargs={"wandb": {"dir": str(self.out / "trackers")}})
+        validation_prompts = cfg.validation_prompts or [r.caption for r in dataset.records[:4]]
 
         batches_per_epoch = len(loader)
         micro = cfg.gradient_accumulation_steps
@@ -290,10 +328,15 @@ class Trainer:
                     bar.update(1)
                     if log is not None and step % cfg.log_every == 0:
                         now = time.perf_counter()
-                        log.write(json.dumps({"step": step, "loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0],
-                                              "seconds": round(now - t_last, 4), **numbers}) + "\n")
+                        entry = {"step": step, "loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0],
+                                 "seconds": round(now - t_last, 4), **numbers}
+                        log.write(json.dumps(entry) + "\n")
                         log.flush()
                         t_last = now
+                        if log_with:
+                            accelerator.log({k: v for k, v in entry.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+                    if cfg.validation_every and step % cfg.validation_every == 0 and accelerator.is_main_process:
+                        self._validate(pipe, accelerator, validation_prompts, step)
                     if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
                         self._save_checkpoint(step, models, optimizer, lr_scheduler, ema, identity, accelerator)
                     if step >= cfg.max_train_steps:
@@ -301,6 +344,8 @@ class Trainer:
                 epoch += 1
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
+            if log_with:
+                accelerator.end_training()
             bar.close()
             if log is not None:
                 log.close()
@@ -416,6 +461,11 @@ def build_encoding_cache(dataset, models: Models, method: Method, cache_dir: Pat
 def _unwrap(models: Models) -> Models:
     unet = getattr(models.unet, "module", models.unet)
     return Models(unet, models.vae, models.text_encoder, models.tokenizer, models.noise_scheduler, models.weight_dtype, models.extra, models.preset)
+
+
+def _tracker_config(cfg) -> dict:
+    """The config as trackers take it (scalars only; lists as text)."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in cfg.to_dict().items()}
 
 
 def _training_scheduler(pipe):
