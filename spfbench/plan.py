@@ -11,7 +11,9 @@ device), each an ordinary ``spfbench run`` folder under ``PLAN/calibration/``:
 Every stage is modelled as fixed + per-unit cost, and the two sizes separate the two (``timings.json``
 of each run, spfbench/timing.py):
 
-* fit:      T(k) = fixed + k * per_step      (model loading, encoding caches, the final save: fixed)
+* fit:      T(k) = fixed + k * per_step      (model loading, encoding caches, the final save: fixed); per_step
+  is the median step time of the loop's own log in run ``b`` (first step left out), fixed what remains of
+  ``b``'s fit; a method without a loop log (nothing trained, a rank sweep) takes the line through both runs
 * generate: T(n) = fixed + ceil(n / G) * per_batch
 * score, per metric: the first method scored pays loading and the originals' side
   (load + n * first_per_image); every later one n * per_image (the originals' cache, docs/metrics.md).
@@ -89,6 +91,20 @@ def _metric_seconds(run: Path, method: str) -> dict[str, float]:
     return out
 
 
+def _logged_step_seconds(path: Path) -> float | None:
+    """Median seconds per optimizer step in a loop's ``log.jsonl``, the first step left out (it pays the
+    warm-up); None without a log of at least two steps."""
+    import statistics
+
+    try:
+        entries = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return None
+    seconds = [e["seconds"] / (e["step"] - p["step"]) for p, e in zip(entries, entries[1:])
+               if isinstance(e.get("seconds"), (int, float)) and e.get("step", 0) > p.get("step", 0)]
+    return statistics.median(seconds) if seconds else None
+
+
 def unit_costs(run_a: Path, run_b: Path, steps: tuple[int, int], triples: tuple[int, int], batch: int,
                order: list[str], table: list[str], metric_ids: list[str]) -> dict:
     """Per-unit costs from the two calibration runs (see the module docstring)."""
@@ -98,8 +114,13 @@ def unit_costs(run_a: Path, run_b: Path, steps: tuple[int, int], triples: tuple[
         (fa, pa), (fb, pb) = _method_stage(run_a, name, "fit"), _method_stage(run_b, name, "fit")
         if fa is None or fb is None:
             raise SpfbenchError(f"calibration: {name} has no fit timing in {run_a} and {run_b} (did it fail? see its status.json)")
-        fit = Linear.through(steps[0], fa, steps[1], fb)
-        entry["fit"] = {"fixed_s": fit.fixed, "per_step_s": fit.per_unit, "peak_memory_bytes": pb or pa}
+        logged = _logged_step_seconds(run_b / "methods" / name / "train" / "log.jsonl")
+        if logged is not None:  # the loop's own step times: steady state, free of the fixed part's noise
+            fit = Linear(max(fb - steps[1] * logged, 0.0), logged)
+        else:  # no loop log (a method that trains nothing, a rank sweep's own folders): two-point fit
+            fit = Linear.through(steps[0], fa, steps[1], fb)
+        entry["fit"] = {"fixed_s": fit.fixed, "per_step_s": fit.per_unit, "peak_memory_bytes": pb or pa,
+                        "per_step_from": "loop log" if logged is not None else "two sizes"}
         if name in table:
             (ga, pa), (gb, pb) = _method_stage(run_a, name, "generate"), _method_stage(run_b, name, "generate")
             if ga is None or gb is None:

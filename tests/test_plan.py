@@ -130,3 +130,23 @@ def test_bad_input_gets_one_line_and_writes_nothing(world, cli, tmp_path):
     (tmp_path / "run" / "run.json").write_text("{}")
     code, out, err = cli("plan-check", tmp_path, tmp_path / "run")
     assert code != 0 and "recorded no timings" in out + err
+
+
+def test_fit_per_step_cost_comes_from_the_loop_log_when_there_is_one(tmp_path):
+    """A noisy fixed part (model loading) would swamp a few steps' difference between the two calibration
+    runs; the loop's own step times do not (first step left out, log_every honoured)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    fake_method(a, "naive", fit=40.0, gen=1.0, score={"m": {"pairs": 1.0}})
+    fake_method(b, "naive", fit=31.0, gen=2.0, score={"m": {"pairs": 2.0}})  # b loaded faster than a
+    log = b / "methods" / "naive" / "train" / "log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("\n".join(json.dumps(e) for e in (
+        {"step": 2, "seconds": 9.0}, {"step": 4, "seconds": 1.0}, {"step": 6, "seconds": 1.2}, {"step": 8, "seconds": 0.8})) + "\n")
+    costs = P.unit_costs(a, b, (1, 8), (4, 8), 4, ["naive"], ["naive"], ["m"])
+    fit = costs["methods"]["naive"]["fit"]
+    assert fit["per_step_s"] == pytest.approx(0.5) and fit["per_step_from"] == "loop log"  # median of 1.0/2, 1.2/2, 0.8/2
+    assert fit["fixed_s"] == pytest.approx(31.0 - 8 * 0.5)
+    # without a log, the line through the two runs (clamped: b was faster, so all of it is fixed cost)
+    log.unlink()
+    fit = P.unit_costs(a, b, (1, 8), (4, 8), 4, ["naive"], ["naive"], ["m"])["methods"]["naive"]["fit"]
+    assert fit["per_step_s"] == 0 and fit["per_step_from"] == "two sizes"
