@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import sync, write_result  # noqa: E402
 
-from spfbench.metrics import Backbones, Batch, create  # noqa: E402
+from spfbench.metrics import Backbones, Batch, PairwiseMetric, create  # noqa: E402
 from spfbench.scoring import DEFAULT_METRICS  # noqa: E402
 
 
@@ -85,6 +85,9 @@ class Ours:
         for i in range(0, len(pairs), self.batch_size):
             m.update(sub(pairs, i, i + self.batch_size))
         self.last = m.compute()
+        reasons = getattr(m, "reasons", {})
+        if reasons:  # why pairs failed (e.g. Seg-Cons on random SAM weights: no mask passes SAM's filters)
+            self.last["failure_reasons"] = {r: list(reasons.values()).count(r) for r in sorted(set(reasons.values()))}
 
 
 class Naive:
@@ -188,13 +191,13 @@ def images_per_pair(metric_id: str) -> int:
     return IMAGES_PER_PAIR.get(metric_id.split("@")[0], 2)
 
 
-def per_metric(values: list[str] | None, what: str) -> dict[str, int]:
+def per_metric(values: list[str] | None, what: str, minimum: int = 1) -> dict[str, int]:
     """``METRIC=INT`` options -> {metric id: int}."""
     out = {}
     for v in values or []:
         mid, sep, num = v.partition("=")
-        if not sep or not num.isdigit() or int(num) < 1:
-            raise SystemExit(f"{what} takes METRIC=N with N >= 1, got {v!r}")
+        if not sep or not num.isdigit() or int(num) < minimum:
+            raise SystemExit(f"{what} takes METRIC=N with N >= {minimum}, got {v!r}")
         out[mid] = int(num)
     return out
 
@@ -230,6 +233,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--repeats-for", action="append", metavar="METRIC=R", help="repeats for one metric (repeatable)")
     p.add_argument("--warm-pairs", type=int, default=2, help="pairs of the untimed warm-up run of each way (FID: at least 2)")
+    p.add_argument("--warm-for", action="append", metavar="METRIC=N", help="warm-up pairs for one metric (0: load only)")
     p.add_argument("--device", default=None)
     p.add_argument("--metric", action="append", help="metric id (repeatable; default: the eight of Table 1)")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
@@ -237,6 +241,7 @@ def main() -> None:
 
     metrics = args.metric or DEFAULT_METRICS
     n_for, repeats_for = per_metric(args.n_for, "--n-for"), per_metric(args.repeats_for, "--repeats-for")
+    warm_for = per_metric(args.warm_for, "--warm-for", minimum=0)
     size = args.size or (64 if args.preset == "tiny" else 512)
     bb = Backbones(args.preset, args.device)
     if bb.random_weights:
@@ -256,11 +261,18 @@ def main() -> None:
     for mid in metrics:
         n, repeats = n_for.get(mid, args.n), repeats_for.get(mid, args.repeats)
         pairs = sub(all_pairs, 0, n)
-        # warm up: load the metric's backbones and run each way once (not timed)
+        # warm up: load the metric's backbones and run each way once on a few pairs (not timed); 0 warm-up pairs
+        # (a pairwise metric whose one forward costs minutes, SAM ViT-H on a CPU): load its backbones only
         t0 = time.perf_counter()
-        warm = sub(all_pairs, 0, max(args.warm_pairs, 2 if mid.startswith("fid@") else 1))
-        ours.run(mid, warm)
-        naive.run(mid, warm)
+        n_warm = warm_for.get(mid, args.warm_pairs)
+        probe = create(mid, bb_id if mid.startswith("id@") else bb)
+        if n_warm == 0 and isinstance(probe, PairwiseMetric):
+            for name in probe.feature_backbones():
+                probe.backbones.get(name)
+        else:
+            warm = sub(all_pairs, 0, max(n_warm, 2 if mid.startswith("fid@") else 1))
+            ours.run(mid, warm)
+            naive.run(mid, warm)
         load_s = time.perf_counter() - t0
         t_ours, t_naive = [], []
         for r in range(repeats):
@@ -273,9 +285,9 @@ def main() -> None:
                      "ours_pairs_per_s": n / to, "naive_pairs_per_s": n / tn,
                      "ours_images_per_s": k * n / to, "naive_images_per_s": k * n / tn, "speedup": tn / to,
                      "ours_s": to, "naive_s": tn, "ours_runs_s": t_ours, "naive_runs_s": t_naive,
-                     "warmup_and_load_s": load_s}
+                     "warm_pairs": n_warm, "warmup_and_load_s": load_s}
         if ours.last is not None:
-            rows[mid]["ours_result"] = {k2: v for k2, v in ours.last.items() if k2 in ("value", "n", "failures", "detection_rate")}
+            rows[mid]["ours_result"] = {k2: v for k2, v in ours.last.items() if k2 in ("value", "n", "failures", "detection_rate", "failure_reasons")}
         print(f"{mid:<24} n={n:<3} spfbench {n / to:8.3f} pairs/s   naive {n / tn:8.3f} pairs/s   x{tn / to:6.2f}", flush=True)
         if mid.startswith("fid@"):  # FID feature extraction vs torchmetrics' FID alone at the same batch size
             ratios = []
