@@ -271,6 +271,13 @@ def main() -> None:
 
     rows = {}
     fid_ratio = None
+    header = {
+        "command": "python benchmarks/bench_metrics.py " + " ".join(sys.argv[1:]),
+        "preset": args.preset, "device": str(bb.device),
+        "device_name": torch.cuda.get_device_name(bb.device) if bb.device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(), "clock": CLOCK, "n": args.n, "size": size, "batch_size": args.batch_size,
+        "repeats": args.repeats,
+    }
     for mid in metrics:
         n, repeats = n_for.get(mid, args.n), repeats_for.get(mid, args.repeats)
         pairs = sub(all_pairs, 0, n)
@@ -314,6 +321,8 @@ def main() -> None:
             print(f"FID features at batch {args.batch_size}: spfbench / torchmetrics FID alone speed ratio {fid_ratio:.3f} (target >= 1)")
         naive.drop()
         drop_backbones(bb, bb_id)  # keep one metric's models in memory at a time
+        if args.out:  # the figures so far (a long CPU run may be stopped before the end)
+            write_result(args.out, {**header, "complete": False, "metrics": rows, "fid_features_vs_torchmetrics": fid_ratio})
     # pairs/s of all the metrics run on the same pairs: sum of per-pair costs
     per_pair_ours = sum(r["ours_s"] / r["n"] for r in rows.values())
     per_pair_naive = sum(r["naive_s"] / r["n"] for r in rows.values())
@@ -321,17 +330,17 @@ def main() -> None:
           f"   x{per_pair_naive / per_pair_ours:6.2f}")
 
     result = {
-        "command": "python benchmarks/bench_metrics.py " + " ".join(sys.argv[1:]),
-        "preset": args.preset, "device": str(bb.device),
-        "device_name": torch.cuda.get_device_name(bb.device) if bb.device.type == "cuda" else None,
-        "cpu_threads": torch.get_num_threads(), "clock": CLOCK, "n": args.n, "size": size, "batch_size": args.batch_size,
-        "repeats": args.repeats, "metrics": rows,
+        **header, "complete": True, "metrics": rows,
         "all": {"ours_s_per_pair": per_pair_ours, "naive_s_per_pair": per_pair_naive,
                 "ours_pairs_per_s": 1 / per_pair_ours, "naive_pairs_per_s": 1 / per_pair_naive,
                 "speedup": per_pair_naive / per_pair_ours},
         "fid_features_vs_torchmetrics": fid_ratio,
     }
     write_result(args.out, result)
+    if bb.random_weights:
+        import shutil
+
+        shutil.rmtree(os.environ[ROOT_ENV], ignore_errors=True)
 
 
 if __name__ == "__main__":
