@@ -206,7 +206,7 @@ def test_fid_inception_is_torch_fidelitys_architecture_from_a_random_file(cpu):
     saved = torch.load(path, map_location="cpu", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())  # loaded from that file
     assert Backbones("full-random", "cpu").fingerprint("inception-fid") == cpu.fingerprint("inception-fid")
-    x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in _images(3, 0, size=96)])
+    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in _images(3, 0, size=96)])
     with torch.inference_mode():
         f = net(x)
     assert f.shape == (3, 2048) and torch.isfinite(f).all() and f.std() > 1e-3  # activations neither vanish nor blow up
