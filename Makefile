@@ -7,7 +7,10 @@ PYTHON ?= python3
 UV_VERSION := 0.13.9
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# extras installed: the tests' and ONNX Runtime's CPU build; GPU=1 (a CUDA machine) takes onnxruntime-gpu instead
+GPU ?=
+EXTRAS := test,$(if $(GPU),gpu,cpu)
+STAMP := $(VENV)/.installed-$(EXTRAS)
 DEMO_OUT ?= runs/demo
 DEMO_TINY_OUT ?= runs/demo-tiny
 
@@ -18,9 +21,12 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	{ $(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION) && \
-	  $(BIN)/uv pip install --quiet --python $(BIN)/python -c requirements/lock.txt -e ".[test]"; } || \
+	  $(BIN)/uv pip install --quiet --python $(BIN)/python -c requirements/lock.txt -e ".[$(EXTRAS)]"; } || \
 	{ echo "uv install failed; installing with pip (slower)"; \
-	  $(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e ".[test]"; }
+	  $(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e ".[$(EXTRAS)]"; }
+	@# the two ONNX Runtime builds share one module: keep only the one asked for
+	$(if $(GPU),$(BIN)/python -m pip uninstall -y -q onnxruntime 2>/dev/null; $(BIN)/python -m pip install -q --force-reinstall --no-deps onnxruntime-gpu,$(BIN)/python -m pip uninstall -y -q onnxruntime-gpu 2>/dev/null || true)
+	rm -f $(VENV)/.installed*
 	touch $(STAMP)
 
 test: install browser
@@ -60,7 +66,7 @@ bench: install
 # Re-resolve pyproject.toml's ranges in a scratch venv and freeze them into requirements/lock.txt.
 lock:
 	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv
-	.lockvenv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
+	.lockvenv/bin/pip install --quiet --disable-pip-version-check -e ".[test,cpu]"
 	{ echo "# Exact versions for spfbench's own machines (CPU dev/CI: registry CUDA build of torch, runs on CPU)."; \
 	  echo "# Regenerate: make lock"; \
 	  .lockvenv/bin/pip freeze --exclude-editable; } > requirements/lock.txt

@@ -258,6 +258,7 @@ def train(
     weights_seed: int = typer.Option(0, help="Random presets: seed of the random weights."),
     device: Optional[str] = typer.Option(None, help="cpu to force the CPU (default: accelerate's choice)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="tensorboard, wandb or none: accelerate's trackers (overrides the config's report_to)."),
 ) -> None:
     """Train one method on a portrait set; writes OUT/artifact (loadable by generation) and resumes if rerun."""
     _quiet_libraries()
@@ -265,6 +266,8 @@ def train(
     from trainers.loop import Trainer
 
     values = trainers.read_config_file(config) if config else {}
+    if report_to is not None:
+        values["report_to"] = report_to
     if max_steps is not None:
         values["max_train_steps"] = max_steps
     if rank is not None:
@@ -311,12 +314,16 @@ def run(
     batch_size: int = typer.Option(16, help="Scoring batch size (generation uses the test set's own batch size)."),
     device: Optional[str] = typer.Option(None, help="cpu to force the CPU (default: accelerate's choice)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="tensorboard, wandb or none: every method's training to accelerate's trackers (overrides the config's all.report_to)."),
 ) -> None:
     """Fit every method, generate the customized image of every triple, score it, and write Table 1 and the report."""
     _quiet_libraries()
     from .run import Runner, read_config
 
-    runner = Runner(testset, data, out, list(method), preset=preset, config=read_config(config), limit=limit,
+    values = read_config(config)
+    if report_to is not None:
+        values = {**values, "all": {**values.get("all", {}), "report_to": report_to}}
+    runner = Runner(testset, data, out, list(method), preset=preset, config=values, limit=limit,
                     metric_ids=list(metric) if metric else None, retention=retention, curve=curve, curve_limit=curve_limit,
                     paper=paper, device=device, score_batch_size=batch_size, weights=_weights_option(weights or []),
                     progress=progress)
@@ -336,6 +343,46 @@ def run(
         typer.echo(f"report: {(out / 'index.html').resolve()}")
         if failed:
             raise typer.Exit(1)
+
+
+@app.command()
+def plan(
+    testset: Path = typer.Option(..., "--testset", help="The run's test set (build-testset)."),
+    data: Path = typer.Option(..., "--data", help="The run's training set."),
+    out: Path = typer.Option(..., "--out", help="Plan folder: plan.{json,md}, calibration runs (calibration/a, calibration/b)."),
+    method: list[str] = typer.Option(..., "--method", help="Method name (repeatable), as for `spfbench run`."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The run's config file (as for `spfbench run`)."),
+    triples: Optional[int] = typer.Option(None, help="Plan for N triples (default: the test set's); more than the test set has adds the build's cost."),
+    calibrate_steps: int = typer.Option(3, help="Calibration trains each method 1 and 1 + K optimizer steps; this is K."),
+    metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric id (repeatable; default: the run's defaults)."),
+    preset: Optional[str] = typer.Option(None, help="Metric backbones, as for `spfbench run`."),
+    weights: Optional[list[str]] = typer.Option(None, "--weights", help="NAME=PATH: a local metric weight file."),
+    batch_size: int = typer.Option(16, help="Scoring batch size, as for `spfbench run`."),
+    device: Optional[str] = typer.Option(None, help="cpu to force the CPU."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Estimate a run's hours and peak memory per stage (build, fit per method, generate, score per metric) from a calibration on this hardware."""
+    _quiet_libraries()
+    from .plan import make_plan, markdown
+    from .run import read_config
+
+    result = make_plan(testset, data, list(method), out, config=read_config(config), triples=triples, extra_steps=calibrate_steps,
+                       metric_ids=list(metric) if metric else None, preset=preset, device=device,
+                       weights=_weights_option(weights or []), score_batch_size=batch_size, progress=progress)
+    typer.echo(markdown(result))
+    typer.echo(f"written: {out / 'plan.json'}, {out / 'plan.md'}; after the run: spfbench plan-check {out} RUN")
+
+
+@app.command("plan-check")
+def plan_check(
+    plan_dir: Path = typer.Argument(..., help="A plan folder (spfbench plan --out) or its plan.json."),
+    run_dir: Path = typer.Argument(..., help="The run folder it planned (spfbench run --out)."),
+) -> None:
+    """The plan's estimate beside the run's own timings (measured / estimated per stage); writes check.{json,md}."""
+    from .plan import check
+
+    result = check(plan_dir, run_dir)
+    typer.echo(result["markdown"])
 
 
 @app.command()

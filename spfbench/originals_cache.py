@@ -64,11 +64,13 @@ def features_sha256(features: Features) -> str:
 class OriginalsCache:
     """Per-original features of one metric on one test set (see the module docstring)."""
 
-    def __init__(self, testset: Path, content_sha256: str, metric: PairwiseMetric):
+    def __init__(self, testset: Path, content_sha256: str, metric: PairwiseMetric, root: Path | None = None):
         self.metric = metric
         self.key = cache_key(content_sha256, metric)
         self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()
-        self.folder = Path(testset) / FOLDER / f"{metric.id}.{metric.backbones.preset}.{self.digest[:16]}"
+        # root: the cache folder (default TESTSET/cache; `spfbench plan` calibrates on an empty one)
+        base = Path(root) / FOLDER.name if root is not None else Path(testset) / FOLDER
+        self.folder = base / f"{metric.id}.{metric.backbones.preset}.{self.digest[:16]}"
         self.writable = True
         self._ready = False  # folder made, stale temporary files removed, key.json written
         self.computed = 0  # originals whose features this instance computed (the others were read)

@@ -167,6 +167,38 @@ def _table1_html(table: table1.Table, paper: bool, columns: list[str]) -> str:
     return f"<table><tr><th>Method</th>{head}</tr>{''.join(body)}</table>"
 
 
+def _paired_html(table: table1.Table) -> str:
+    """Each method against naive and each ablation against full SPF: the mean per-triple difference with its
+    95% paired bootstrap CI; a CI that excludes 0 in the better direction is bold, in the worse italic."""
+    rows = [r for r in table.rows if r.source == "ours" and not r.error]
+    pairs = table1.shown_pairs(rows)
+    if not pairs:
+        return ""
+    paired = table1.paired_differences(table)
+    cols = [c for c in table1.columns(rows) if any(d["column"] == c for d in paired)]
+    body = []
+    for a, b in pairs:
+        cells = []
+        for col in cols:
+            d = table1.find_pair(paired, a, b, col)
+            if d is None:
+                cells.append("<td>-</td>")
+                continue
+            s = f"{d['diff']:+.3f}"
+            if d["ci_low"] is not None:
+                s += f" <small>[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]</small>"
+                better = d["ci_low"] > 0 if d["higher_is_better"] else d["ci_high"] < 0
+                worse = d["ci_high"] < 0 if d["higher_is_better"] else d["ci_low"] > 0
+                s = f"<b>{s}</b>" if better else f"<i>{s}</i>" if worse else s
+            cells.append(f"<td>{s}</td>")
+        body.append(f"<tr><th>{escape(a)} &minus; {escape(b)}</th>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{escape(c)} {table1._arrow(c, False)}</th>" for c in cols)
+    return ("<h2>Paired differences</h2><p>Mean over the triples both rows scored of the per-triple difference, 95% "
+            "paired bootstrap CI (<code>scipy.stats.bootstrap</code>, percentile); <b>bold</b>: better beyond its CI, "
+            "<i>italic</i>: worse beyond its CI. Every pair of rows is in <a href='results.json'>results.json</a> (<code>paired</code>).</p>"
+            f"<table><tr><th>Comparison</th>{head}</tr>{''.join(body)}</table>")
+
+
 def _run_status(info: dict, methods: list[dict]) -> str:
     """The run's status as its methods' outcomes say (a run whose every method failed is not "complete")."""
     status = str(info.get("status", "-"))
@@ -222,6 +254,7 @@ def render(data: dict, table: table1.Table, paper: bool = False) -> str:
                                                                "retention.md", "retention.csv", "retention.tex") if (run / n).is_file()]
     if links:
         sections.append("<p>Files: " + ", ".join(links) + "</p>")
+    sections.append(_paired_html(table))
     retention = {m["name"]: m["folder"] / "retention" / "score" for m in data["methods"]
                  if m["status"] == "complete" and (m["folder"] / "retention" / "score" / "summary.json").is_file()}
     if retention:

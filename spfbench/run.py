@@ -9,7 +9,8 @@ Run folder (every step writes as it finishes; a killed run rerun with the same c
     RUN/methods/M/generation.json       what made the images: the artifact's method.json, base model, sampler
     RUN/methods/M/images/ID.png         customized image of triple ID: complete caption, the triple's seed
     RUN/methods/M/notes/ID.json         what the method did for that triple, if it says (Magnet's edits/fallbacks)
-    RUN/methods/M/score/                spfbench score output (samples.jsonl per triple, summary.json)
+    RUN/methods/M/score/                spfbench score output (samples.jsonl per triple, summary.json, timings.json)
+    RUN/methods/M/timings.json          seconds and peak memory of each attempt at each stage (spfbench/timing.py)
     RUN/methods/M/retention/            --retention: images from the base text only, preservation scores
     RUN/methods/M/curve/                --curve: CLIP-T and image fidelity over checkpoints (curve.png)
     RUN/results.{json,csv,md,tex}       Table 1 (retention.{csv,md,tex} with --retention)
@@ -72,6 +73,7 @@ class Runner:
     score_batch_size: int = 16
     weights: dict[str, str] = field(default_factory=dict)  # metric weight files (NAME=PATH)
     progress: bool = True
+    cache_dir: Path | None = None  # the originals' cached statistics and features (None: TESTSET/cache)
 
     def __post_init__(self):
         import trainers
@@ -211,12 +213,18 @@ class Runner:
     @contextmanager
     def _stage(self, outcome: MethodOutcome, stage: str, state):
         """Run one stage of a method; an exception marks the method failed at that stage (recorded) and
-        the run goes on with the others."""
+        the run goes on with the others. Each attempt at a stage appends its seconds and peak memory, and
+        what the block puts in the yielded dict (e.g. images made), to ``methods/M/timings.json``."""
+        from .timing import append_attempt, timed
+
         outcome.stage = stage
         folder = self.out / "methods" / outcome.method
         self._status(folder, outcome, state)
+        work: dict = {}
+        stages: dict = {}
         try:
-            yield
+            with timed(stages, stage):
+                yield work
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -226,6 +234,10 @@ class Runner:
             if state.is_main_process:
                 print(f"error: method {outcome.method} failed at {stage}: {outcome.error} (recorded in {folder / 'status.json'})",
                       flush=True)
+        finally:
+            if state.is_main_process:
+                append_attempt(folder / "timings.json", {"stages": stages, "work": work, "processes": state.num_processes,
+                                                         "failed": outcome.status == "failed"})
 
     def _produce(self, name: str, artifacts: dict, outcomes: dict, state, table_row: bool) -> MethodOutcome:
         """Fit (or reuse) the method and generate its customized images (and retention images)."""
@@ -255,12 +267,12 @@ class Runner:
                 outcome.status, outcome.stage = "complete", None
                 self._status(folder, outcome, state)
             return outcome
-        with self._stage(outcome, "generate", state):
-            self._generate(artifact, self.triples, folder / "images", folder, state)
+        with self._stage(outcome, "generate", state) as work:
+            work["images"] = self._generate(artifact, self.triples, folder / "images", folder, state)
         if self.retention and outcome.status != "failed":
-            with self._stage(outcome, "retention", state):
+            with self._stage(outcome, "retention", state) as work:
                 base_only = [dataclasses.replace(t, target_caption=t.base_caption) for t in self.triples]
-                self._generate(artifact, base_only, folder / "retention" / "images", folder / "retention", state)
+                work["images"] = self._generate(artifact, base_only, folder / "retention" / "images", folder / "retention", state)
         return outcome
 
     def _evaluate(self, outcome: MethodOutcome, state) -> None:
@@ -363,7 +375,8 @@ class Runner:
             device = str(PartialState().device) if self.device != "cpu" else "cpu"
             self._backbones = Backbones(self.preset, device, weights=self.weights)
         scorer = Scorer(self.testset, images, out, metric_ids, preset=self.preset, device=str(self._backbones.device),
-                        batch_size=self.score_batch_size, limit=self.limit, weights=self.weights, backbones=self._backbones)
+                        batch_size=self.score_batch_size, limit=self.limit, weights=self.weights, backbones=self._backbones,
+                        cache_dir=self.cache_dir)
         return scorer.run(progress=self.progress)
 
     def _curve(self, name: str, values: dict, folder: Path, state) -> None:
@@ -425,7 +438,22 @@ def environment(state=None) -> dict:
             env["cuda"] = torch.version.cuda
         else:
             env["cpu_threads"] = torch.get_num_threads()
+            # the kernels torch picks follow the CPU's instruction set: CPU results reproduce bit for bit
+            # only on the same capability (and model), so both are recorded
+            env["cpu"] = {"model": _cpu_model(), "capability": torch.backends.cpu.get_cpu_capability()}
     return env
+
+
+def _cpu_model() -> str | None:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 # -- outputs: everything below is rebuilt from the stored samples by `spfbench report` -----------------
@@ -466,11 +494,14 @@ def build_table(run: Path, kind: str = "score"):
 
 
 def to_json(table, record: dict) -> str:
+    from .table1 import paired_differences
+
     rows = []
     for r in table.rows:
         rows.append({"method": r.method, "ablation": r.ablation, "status": "failed" if r.error else "complete", "error": r.error,
                      "notes": list(r.notes), "metrics": {col: dataclasses.asdict(c) for col, c in r.cells.items()}})
-    return json.dumps({"spec": record["spec"], "environment": record.get("environment"), "rows": rows}, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps({"spec": record["spec"], "environment": record.get("environment"), "rows": rows,
+                       "paired": paired_differences(table)}, indent=2, ensure_ascii=False) + "\n"
 
 
 def write_reports(run: Path, paper: bool | None = None) -> dict[str, Path]:

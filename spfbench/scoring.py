@@ -9,6 +9,10 @@ Folder contract: the customized image of triple ``ID`` is ``IMAGES/ID.png`` (``.
                         the triple could not be scored) and the reason for every null
     OUT/summary.json    one entry per metric: value, n, failures (and metric extras such as ID's
                         detection rate or FID's n_real), plus counts of missing and unreadable images
+    OUT/timings.json    seconds per metric and part (load: backbones and cache keys; reference: FID's
+                        statistics of the originals; originals: the pairwise metrics' features of the
+                        originals, read or computed; pairs: the rest), one entry per attempt with the
+                        triples it scored and its peak memory (``spfbench plan`` reads it)
 
 A triple whose customized image is missing or unreadable is recorded as a failure of every metric; the
 run goes on. Killed runs resume from the last checkpoint.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +123,7 @@ class Scorer:
     checkpoint_seconds: float = 120.0
     backbones: Backbones | None = None  # shared, already loaded models (spfbench run scores every method with one set)
     cache_originals: bool = True  # read and write the originals' features in TESTSET/cache/originals (False: compute them)
+    cache_dir: Path | None = None  # where the originals' statistics and features are cached (None: TESTSET/cache)
 
     def __post_init__(self):
         self.testset, self.images, self.out = Path(self.testset), Path(self.images), Path(self.out)
@@ -221,7 +227,7 @@ class Scorer:
     # -- cached statistics of the originals alone (FID's "real" side), one file per (metric, preset, triples)
     def _reference(self, metric: Metric, progress: bool) -> None:
         key = _bytes_sha(f"{self.meta['content_sha256']}|{metric.id}|{self.preset}|{self.spec()['triples_sha256']}")[:16]
-        path = self.testset / "cache" / f"{metric.id}.{self.preset}.{key}.pt"
+        path = self._cache_root() / f"{metric.id}.{self.preset}.{key}.pt"
         if path.is_file():
             metric.set_reference(torch.load(path, map_location="cpu", weights_only=True))
             return
@@ -240,6 +246,9 @@ class Scorer:
         except OSError:  # a read-only test set: the statistics are simply not cached
             pass
 
+    def _cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir is not None else self.testset / "cache"
+
     def run(self, progress: bool = True) -> dict:
         """Score (or resume). Under ``accelerate launch`` every process scores its share of the triples not
         yet done and keeps its own ``state.part-R.pt``; the main process then merges the gathered metric
@@ -257,19 +266,24 @@ class Scorer:
         for m in self.metrics.values():
             m.reset()
         found, stray = find_images(self.images, [t.id for t in self.triples])
+        clock = StageClock(self.metrics)
         references = [m for m in self.metrics.values() if m.has_reference]
         if main:  # the main process computes (or loads) the cached reference first; the others then load it
             for m in references:
-                self._reference(m, progress)
+                with clock(m.id, "reference"):
+                    self._reference(m, progress)
         ps.wait_for_everyone()
         if not main:
             for m in references:
-                self._reference(m, False)
+                with clock(m.id, "reference"):
+                    self._reference(m, False)
 
         self.caches: dict[str, OriginalsCache] = {}
         if self.cache_originals:
-            self.caches = {k: OriginalsCache(self.testset, self.meta["content_sha256"], m)
-                           for k, m in self.metrics.items() if isinstance(m, PairwiseMetric)}
+            for k, m in self.metrics.items():
+                if isinstance(m, PairwiseMetric):
+                    with clock(k, "load"):  # the cache key fingerprints the backbones: they load here
+                        self.caches[k] = OriginalsCache(self.testset, self.meta["content_sha256"], m, root=self.cache_dir)
 
         finished = set(saved["done"])
         todo = [t for t in self.triples if t.id not in finished][rank::world]
@@ -303,9 +317,13 @@ class Scorer:
                     target_texts=[t.target_text for t, _ in usable],
                     prompts=[t.target_caption for t, _ in usable],
                 )
-                batch.original_features = {k: c.get(batch.ids, batch.originals) for k, c in self.caches.items()}
-                for m in self.metrics.values():
-                    m.update(batch)
+                batch.original_features = {}
+                for k, c in self.caches.items():
+                    with clock(k, "originals"):
+                        batch.original_features[k] = c.get(batch.ids, batch.originals)
+                for k, m in self.metrics.items():
+                    with clock(k, "pairs"):
+                        m.update(batch)
             done.extend(t.id for t in chunk)
             bar.update(len(chunk) * world)
             if time.monotonic() - last_save > self.checkpoint_seconds:
@@ -313,6 +331,8 @@ class Scorer:
                 last_save = time.monotonic()
         bar.close()
         self._write_state(part, self._state(done, inputs))
+        if main:
+            clock.record(self.out / "timings.json", triples=len(done) * world, processes=world)
         ps.wait_for_everyone()
         summary = None
         if main:
@@ -352,6 +372,36 @@ class Scorer:
         atomic_write_json(self.out / "summary.json", summary)
         atomic_write_json(self.out / "score.json", {"spec": self.spec(), "status": "complete"})
         return summary
+
+
+class StageClock:
+    """Seconds per (metric id, part) of one scoring attempt, and the attempt's peak memory; ``record``
+    appends the attempt to ``timings.json``. On CUDA each timed block ends with a synchronize so the
+    seconds are the work's, not the launch's."""
+
+    def __init__(self, metrics):
+        self.seconds: dict[str, dict[str, float]] = {k: {} for k in metrics}
+        self.cuda = torch.cuda.is_available()
+        from .timing import reset_peak_memory
+
+        reset_peak_memory()
+
+    @contextmanager
+    def __call__(self, metric_id: str, part: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            parts = self.seconds.setdefault(metric_id, {})
+            parts[part] = parts.get(part, 0.0) + time.perf_counter() - t0
+
+    def record(self, path: Path, **work) -> None:
+        from .timing import append_attempt, peak_memory
+
+        append_attempt(path, {"metrics": {k: {p: round(v, 4) for p, v in parts.items()} for k, parts in self.seconds.items()},
+                              **work, **peak_memory()})
 
 
 def _chunks(items: list, size: int):

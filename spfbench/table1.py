@@ -4,13 +4,12 @@
 ``samples.jsonl`` (per-triple values) into a :class:`Table`. Per-sample metrics get a 95% percentile
 bootstrap confidence interval over triples (B=1000 resamples of the non-null values, numpy
 ``default_rng(seed)`` with seed 0 by default, so outputs are deterministic); set-level FID has a value and
-N but no CI. See docs/table1.md for the layout decisions (ranking, ablations, the ``paper`` block).
+N but no CI. ``paired_differences`` gives, for every pair of rows, the mean per-triple difference of each
+per-sample column with its 95% paired bootstrap CI (``scipy.stats.bootstrap``). See docs/table1.md for the layout decisions (ranking, ablations, the ``paper`` block).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -82,6 +81,8 @@ class Row:
     source: str = "ours"  # "ours" or "paper"
     error: str | None = None  # a method that failed: its row has no values, only this
     notes: tuple[str, ...] = ()  # what its fit recorded for the reader (trainers' ``training_notes``)
+    # column -> triple id -> per-sample value (per-sample metrics only; what paired differences pair)
+    samples: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
 
     @property
     def label(self) -> str:
@@ -138,12 +139,15 @@ def read_scores(folder: Path, method: str, b: int = BOOTSTRAP_B, seed: int = BOO
     if samples_path.is_file():
         samples = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
     cells = {}
+    per_triple: dict[str, dict[str, float]] = {}
     for col, mid in _pick_metrics(metrics).items():
         r = metrics[mid]
         value = r.get("value")
         cell = Cell(value=None if value is None else float(value), n=r.get("n"), metric=mid)
         if r.get("per_sample", col != "FID") and samples:
             vals = [s.get(mid) for s in samples]
+            per_triple[col] = {s["id"]: float(v) for s, v in zip(samples, vals)
+                               if v is not None and "id" in s and math.isfinite(float(v))}
             ci = bootstrap_ci(vals, b=b, seed=seed)
             if ci is not None:
                 cell.ci_low, cell.ci_high = ci
@@ -152,7 +156,72 @@ def read_scores(folder: Path, method: str, b: int = BOOTSTRAP_B, seed: int = BOO
                 if cell.n is None:
                     cell.n = sum(v is not None for v in vals)
         cells[col] = cell
-    return Row(method=method, cells=cells, ablation=is_ablation(method))
+    return Row(method=method, cells=cells, ablation=is_ablation(method), samples=per_triple)
+
+
+PAIRED_RESAMPLES = 2000
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float], resamples: int = PAIRED_RESAMPLES,
+                      seed: int = BOOTSTRAP_SEED) -> dict | None:
+    """Mean over the triples both rows scored of (a - b), with the 95% percentile bootstrap CI of that mean
+    (``scipy.stats.bootstrap``, resampling triples: the pairing is kept). None when no triple is shared."""
+    from scipy.stats import bootstrap
+
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        return None
+    d = np.array([a[i] - b[i] for i in ids], dtype=np.float64)
+    out = {"diff": float(d.mean()), "n": len(ids), "ci_low": None, "ci_high": None}
+    if len(ids) > 1 and not np.all(d == d[0]):
+        ci = bootstrap((d,), np.mean, n_resamples=resamples, confidence_level=0.95, method="percentile",
+                       random_state=np.random.default_rng(seed)).confidence_interval
+        out["ci_low"], out["ci_high"] = float(ci.low), float(ci.high)
+    elif len(ids) > 1:  # every difference equal: the interval is that value
+        out["ci_low"] = out["ci_high"] = float(d[0])
+    return out
+
+
+def paired_differences(table: "Table", resamples: int = PAIRED_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> list[dict]:
+    """For every pair of our rows (a before b in table order) and every per-sample column both have: the
+    paired difference a - b over their shared triples (``paired_difference``)."""
+    rows = [r for r in table.rows if r.source == "ours" and not r.error and r.samples]
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            for col in columns(rows):
+                if col in a.samples and col in b.samples:
+                    d = paired_difference(a.samples[col], b.samples[col], resamples, seed)
+                    if d is not None:
+                        out.append({"a": a.method, "b": b.method, "column": col, "metric": a.cells[col].metric,
+                                    "higher_is_better": HIGHER[col], **d})
+    return out
+
+
+BASELINE = "naive"  # the paper's "naive fine-tuning": every other method is read against it
+ABLATED = "spf"  # what the spf-no-* rows ablate
+
+
+def shown_pairs(rows: list[Row]) -> list[tuple[str, str]]:
+    """The comparisons the report shows (``paired_differences`` holds every pair): each method against
+    naive, each ablation against full SPF."""
+    names = [r.method for r in rows if r.source == "ours" and not r.error]
+    pairs = [(m, BASELINE) for m in names if m != BASELINE and BASELINE in names and not m.startswith(ABLATION_PREFIX)]
+    pairs += [(m, ABLATED) for m in names if m.startswith(ABLATION_PREFIX) and ABLATED in names]
+    return pairs
+
+
+def find_pair(paired: list[dict], a: str, b: str, column: str) -> dict | None:
+    """The difference a - b of ``column`` from ``paired_differences`` output, whichever order it was stored in."""
+    for d in paired:
+        if d["column"] != column:
+            continue
+        if (d["a"], d["b"]) == (a, b):
+            return d
+        if (d["a"], d["b"]) == (b, a):
+            lo, hi = d["ci_low"], d["ci_high"]
+            return {**d, "a": a, "b": b, "diff": -d["diff"], "ci_low": None if hi is None else -hi, "ci_high": None if lo is None else -lo}
+    return None
 
 
 def _order(rows: list[Row]) -> list[Row]:
@@ -226,25 +295,63 @@ def ranks(rows: list[Row]) -> dict[tuple[int, str], int]:
     return out
 
 
-def to_csv(table: Table, paper: bool = False) -> str:
-    """One row per method; per column: value, N, ci_low, ci_high, metric id (full precision)."""
+FIELDS = ("value", "n", "ci_low", "ci_high", "metric")
+
+
+def frame(table: Table, paper: bool = False):
+    """Table 1 as one pandas DataFrame, the single source of the CSV, Markdown and LaTeX (and of anyone's
+    own analysis): one row per method in the paper's order (ours, our ablations, then the paper's rows
+    with ``paper``); columns ``method, label, source, ablation, error, notes``, then per Table 1 column a
+    (column, field) pair for each of ``FIELDS`` and ``rank`` (1 best, 2 second, per block of unranked
+    ablations apart; on the displayed value). Column tuples: ``("", "method")`` ... ``("LPIPS", "value")``."""
+    import pandas as pd
+
     rows = _rows(table, paper)
     cols = columns(rows)
-    header = ["method", "source", "ablation"]
-    for col in cols:
-        header += [col, f"{col} N", f"{col} ci_low", f"{col} ci_high", f"{col} metric"]
-    header.append("error")
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        line = [r.method, r.source, r.ablation]
+    rk = ranks(rows)
+    records = []
+    for i, r in enumerate(rows):
+        rec = {("", "method"): r.method, ("", "label"): r.label, ("", "source"): r.source, ("", "ablation"): r.ablation,
+               ("", "error"): r.error, ("", "notes"): list(r.notes)}
         for col in cols:
             c = r.cells.get(col, Cell(None))
-            line += ["" if x is None else x for x in (c.value, c.n, c.ci_low, c.ci_high, c.metric)]
-        line.append(r.error or "")
-        w.writerow(line)
-    return buf.getvalue()
+            for f in FIELDS:
+                rec[(col, f)] = getattr(c, f)
+            rec[(col, "rank")] = rk.get((i, col))
+        records.append(rec)
+    df = pd.DataFrame.from_records(records, columns=pd.MultiIndex.from_tuples(
+        [("", k) for k in ("method", "label", "source", "ablation", "error", "notes")]
+        + [(col, f) for col in cols for f in (*FIELDS, "rank")]))
+    for col in cols:  # counts and ranks are integers where present
+        df[(col, "n")] = df[(col, "n")].astype("Int64")
+        df[(col, "rank")] = df[(col, "rank")].astype("Int64")
+    return df
+
+
+def _value_columns(df) -> list[str]:
+    return [c for c in dict.fromkeys(df.columns.get_level_values(0)) if c]
+
+
+def _missing(v) -> bool:
+    import pandas as pd
+
+    return v is None or (not isinstance(v, str) and pd.isna(v))
+
+
+def _opt(v):
+    return None if _missing(v) else v
+
+
+def to_csv(table: Table, paper: bool = False) -> str:
+    """One row per method; per column: value, N, ci_low, ci_high, metric id (full precision)."""
+    df = frame(table, paper)
+    flat = df[[("", "method"), ("", "source"), ("", "ablation")]].copy()
+    flat.columns = ["method", "source", "ablation"]
+    for col in _value_columns(df):
+        for f, name in zip(FIELDS, (col, f"{col} N", f"{col} ci_low", f"{col} ci_high", f"{col} metric")):
+            flat[name] = df[(col, f)]
+    flat["error"] = df[("", "error")].fillna("")
+    return flat.to_csv(index=False, lineterminator="\n")
 
 
 def _arrow(col: str, latex: bool) -> str:
@@ -253,39 +360,49 @@ def _arrow(col: str, latex: bool) -> str:
     return "↑" if HIGHER[col] else "↓"
 
 
+def _block(rec) -> tuple[str, bool]:
+    return rec[("", "source")], bool(rec[("", "ablation")])
+
+
+def _shown(rec, col: str, bold: str, under: str, details: bool) -> str:
+    """One cell as displayed: the rounded value (best / second marked), with CI and N when ``details``."""
+    s = fmt(_opt(rec[(col, "value")]), col)
+    rank = _opt(rec[(col, "rank")])
+    if rank == 1:
+        s = bold.format(s)
+    elif rank == 2:
+        s = under.format(s)
+    if details and s != "-":
+        if not _missing(rec[(col, "ci_low")]):
+            s += f" [{fmt(rec[(col, 'ci_low')], col)}, {fmt(rec[(col, 'ci_high')], col)}]"
+        if not _missing(rec[(col, "n")]):
+            s += f" (N={int(rec[(col, 'n')])})"
+    return s
+
+
 def to_markdown(table: Table, paper: bool = False) -> str:
     """Values with 95% CI in brackets (per-sample metrics) and N; **best**, <u>second</u>."""
-    rows = _rows(table, paper)
-    rk = ranks(rows)
-    cols = columns(rows)
+    df = frame(table, paper)
+    cols = _value_columns(df)
     groups = "; ".join(f"{g}: " + ", ".join(c for c in cols if GROUP_OF[c] == g) for g, _ in _groups(cols))
     lines = [f"Groups: {groups}. Best per column in **bold**, second <u>underlined</u> (non-ablation rows, ours and paper ranked apart).", ""]
     lines.append("| Method | " + " | ".join(f"{col} ({_arrow(col, False)})" for col in cols) + " |")
     lines.append("|---|" + "---:|" * len(cols))
     prev = None
-    for i, r in enumerate(rows):
-        group = (r.source, r.ablation)
-        if prev is not None and group != prev:
-            lines.append("| " + ("*paper, ablations*" if r.source == "paper" and r.ablation else "*paper*" if r.source == "paper" else "*ablations*") + " |" + " |" * len(cols))
-        prev = group
-        cells = []
-        for col in cols:
-            c = r.cells.get(col, Cell(None))
-            s = fmt(c.value, col)
-            if rk.get((i, col)) == 1:
-                s = f"**{s}**"
-            elif rk.get((i, col)) == 2:
-                s = f"<u>{s}</u>"
-            if s != "-":
-                if c.ci_low is not None:
-                    s += f" [{fmt(c.ci_low, col)}, {fmt(c.ci_high, col)}]"
-                if c.n is not None:
-                    s += f" (N={c.n})"
-            cells.append(s)
-        if r.error:
-            cells = [f"failed: {r.error}".replace("|", "\\|").replace("\n", " ")] + [""] * (len(cols) - 1)
-        lines.append(f"| {r.label}{' *' if r.notes else ''} | " + " | ".join(cells) + " |")
-    notes = [f"* {r.label}: {n}" for r in rows for n in r.notes]
+    notes = []
+    for _, rec in df.iterrows():
+        source, ablation = block = _block(rec)
+        if prev is not None and block != prev:
+            lines.append("| " + ("*paper, ablations*" if source == "paper" and ablation else "*paper*" if source == "paper" else "*ablations*") + " |" + " |" * len(cols))
+        prev = block
+        error = _opt(rec[("", "error")])
+        if error:
+            cells = [f"failed: {error}".replace("|", "\\|").replace("\n", " ")] + [""] * (len(cols) - 1)
+        else:
+            cells = [_shown(rec, col, "**{}**", "<u>{}</u>", details=True) for col in cols]
+        label = rec[("", "label")]
+        lines.append(f"| {label}{' *' if rec[('', 'notes')] else ''} | " + " | ".join(cells) + " |")
+        notes += [f"* {label}: {n}" for n in rec[("", "notes")]]
     if notes:
         lines += ["", "\\* Notes recorded by the fit:", "", *notes]
     return "\n".join(lines) + "\n"
@@ -299,49 +416,46 @@ def tex_escape(s: str) -> str:
     return "".join(_TEX_ESCAPE.get(ch, ch) for ch in s)
 
 
+LATEX_HEADER = ("% Requires \\usepackage{booktabs}. Generated by spfbench (table1.to_latex, pandas Styler.to_latex).\n"
+                "% Wider than one column: put it in a table* float, or wrap the tabular in \\resizebox{\\textwidth}{!}{...}.\n")
+
+
 def to_latex(table: Table, paper: bool = False) -> str:
-    """A booktabs tabular laid out like the paper's Table 1 (values only; CIs and N are in the CSV)."""
-    rows = _rows(table, paper)
-    rk = ranks(rows)
-    cols = columns(rows)
-    ncol = 1 + len(cols)
-    spans, rules, start = [], [], 2
-    for g, n in _groups(cols):
-        spans.append(f"\\multicolumn{{{n}}}{{c}}{{{g}}}")
+    """A booktabs tabular laid out like the paper's Table 1 (values only; CIs and N are in the CSV), written
+    by pandas' ``Styler.to_latex`` from :func:`frame`; then the paper's rules: a \\cmidrule under each
+    group, a \\midrule between blocks, the published block titled, a failed row as a comment."""
+    import pandas as pd
+
+    df = frame(table, paper)
+    cols = _value_columns(df)
+    ok = df[df[("", "error")].isna()]
+    header = pd.MultiIndex.from_tuples([(GROUP_OF[c], f"{tex_escape(c)} ({_arrow(c, True)})") for c in cols], names=["Method", None])
+    shown = pd.DataFrame([[_shown(rec, c, "\\textbf{{{}}}", "\\underline{{{}}}", details=False) for c in cols] for _, rec in ok.iterrows()],
+                         index=[tex_escape(x) for x in ok[("", "label")]], columns=header)
+    body = shown.style.to_latex(hrules=True, multicol_align="c", column_format="l" + "c" * len(cols)).splitlines()
+    # rules the Styler does not draw: \cmidrule under each group header, a \midrule between blocks
+    rules, start = [], 2
+    for _, n in _groups(cols):
         rules.append(f"\\cmidrule(lr){{{start}-{start + n - 1}}}")
         start += n
-    out = [
-        "% Requires \\usepackage{booktabs}. Generated by spfbench table1.",
-        "\\begin{tabular}{l" + "c" * len(cols) + "}",
-        "\\toprule",
-        "Method & " + " & ".join(spans) + " \\\\",
-        " ".join(rules),
-        " & " + " & ".join(f"{tex_escape(col)} ({_arrow(col, True)})" for col in cols) + " \\\\",
-        "\\midrule",
-    ]
+    first_data = body.index("\\midrule") + 1
+    out = body[:2] + [body[2], " ".join(rules)] + body[3:first_data]
+    data = iter(body[first_data:body.index("\\bottomrule")])
     prev = None
-    for i, r in enumerate(rows):
-        group = (r.source, r.ablation)
-        if prev is not None and group != prev:
+    for _, rec in df.iterrows():
+        block = _block(rec)
+        if prev is not None and block != prev:
             out.append("\\midrule")
-            if r.source == "paper" and prev[0] == "ours":
-                out.append(f"\\multicolumn{{{ncol}}}{{l}}{{\\textit{{Published values (paper Table 1)}}}} \\\\")
-                out.append("\\midrule")
-        prev = group
-        if r.error:  # no values: a comment keeps the table honest about what is missing
-            out.append(f"% {r.label}: failed ({' '.join(r.error.split())})")
-            continue
-        cells = []
-        for col in cols:
-            s = fmt(r.cells.get(col, Cell(None)).value, col)
-            if rk.get((i, col)) == 1:
-                s = f"\\textbf{{{s}}}"
-            elif rk.get((i, col)) == 2:
-                s = f"\\underline{{{s}}}"
-            cells.append(s)
-        out.append(tex_escape(r.label) + " & " + " & ".join(cells) + " \\\\")
+            if block[0] == "paper" and prev[0] == "ours":
+                out += [f"\\multicolumn{{{1 + len(cols)}}}{{l}}{{\\textit{{Published values (paper Table 1)}}}} \\\\", "\\midrule"]
+        prev = block
+        error = _opt(rec[("", "error")])
+        if error:  # no values: a comment keeps the table honest about what is missing
+            out.append(f"% {rec[('', 'label')]}: failed ({' '.join(error.split())})")
+        else:
+            out.append(next(data))
     out += ["\\bottomrule", "\\end{tabular}"]
-    return "\n".join(out) + "\n"
+    return LATEX_HEADER + "\n".join(out) + "\n"
 
 
 def write(table: Table, out: Path, paper: bool = False, stem: str = "results") -> dict[str, Path]:

@@ -599,3 +599,24 @@ def test_cache_stores_record_level_encodings_unflipped(toy, tmp_path):
     with pytest.raises(ValueError, match="latents"):
         cache_encodings(ds, enc.image, enc.text, tmp_path / "d", model_key="m", progress=False,
                         encode_record=lambda recs: {"latents": torch.zeros(len(recs), 1)})
+
+
+def test_shards_written_by_the_webdataset_library_read_as_its_own_reader_streams_them(toy, tmp_path):
+    """Shards made the way users make them (webdataset.ShardWriter) give the imagefolder's items, in the
+    order webdataset's own streaming reader yields the samples."""
+    import webdataset as wds
+
+    rows = rows_of(toy)
+    pattern = str(tmp_path / "w-%04d.tar")
+    with wds.ShardWriter(pattern, maxcount=4, verbose=0) as sink:
+        for i, r in enumerate(rows):
+            meta = {k: v for k, v in r.items() if k != "file_name"}
+            sink.write({"__key__": f"s{i:05d}", "png": (toy / r["file_name"]).read_bytes(), "json": json.dumps(meta).encode()})
+    shards = sorted(str(p) for p in tmp_path.glob("w-*.tar"))
+    assert len(shards) == -(-N // 4)
+    ours = PortraitDataset(tmp_path, R)
+    ref = PortraitDataset(toy, R)
+    assert ours.format == "webdataset" and len(ours) == N
+    assert all(item_equal(ours[i], ref[i]) for i in range(N))
+    streamed = [json.loads(s["json"])["base_caption"] for s in wds.WebDataset(shards, shardshuffle=False)]
+    assert streamed == [ours[i]["base_caption"] for i in range(N)]

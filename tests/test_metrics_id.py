@@ -220,3 +220,20 @@ def test_providers_follow_the_torch_device(monkeypatch):
 def test_tiny_recognizer_is_deterministic():
     assert idm.tiny_recognizer_path(0) == idm.tiny_recognizer_path(0) != idm.tiny_recognizer_path(1)
     assert idm.tiny_recognizer_model(0).SerializeToString() == idm.tiny_recognizer_model(0).SerializeToString()
+
+
+def test_onnxruntime_is_an_extra_with_one_clear_line_when_missing_or_doubled(monkeypatch):
+    import importlib.metadata as md
+    import importlib.util
+
+    from spfbench.errors import SpfbenchError
+    from spfbench.metrics.id import check_onnxruntime
+
+    real_find, real_version = importlib.util.find_spec, md.version
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find(name, *a))
+    with pytest.raises(SpfbenchError, match=r"spfbench\[cpu\].*spfbench\[gpu\]"):
+        check_onnxruntime()
+    monkeypatch.setattr(importlib.util, "find_spec", real_find)
+    monkeypatch.setattr(md, "version", lambda d: "1.0" if d in ("onnxruntime", "onnxruntime-gpu") else real_version(d))
+    with pytest.warns(UserWarning, match="both onnxruntime and onnxruntime-gpu"):
+        check_onnxruntime()

@@ -366,3 +366,16 @@ def test_lora_best_rank_through_the_config(world, tmp_path):
     assert read_artifact_meta(art)["config"]["rank"] == sweep["best_rank"]
     with pytest.raises(Exception, match="val_data is the rank sweep's held-out set"):
         trainers.fit("lora", {"val_data": str(tmp_path / "val")}, world / "data", tmp_path / "x", preset="tiny")
+
+
+def test_results_json_and_report_hold_the_paired_differences(full_run):
+    """results.json pairs every two rows on their shared triples; the report shows lora against naive."""
+    paired = json.loads((full_run / "results.json").read_text())["paired"]
+    got = {(d["a"], d["b"], d["column"]) for d in paired}
+    assert got == {("naive", "lora", c) for c in ("LPIPS", "CLIP-T")}  # FID is set-level: not paired
+    lp_naive, lp_lora = samples(full_run / "methods" / "naive"), samples(full_run / "methods" / "lora")
+    d = next(x for x in paired if x["column"] == "LPIPS")
+    diffs = [a["lpips@alex-v0.1"] - b["lpips@alex-v0.1"] for a, b in zip(lp_naive, lp_lora)]
+    assert d["n"] == 8 and d["diff"] == pytest.approx(sum(diffs) / len(diffs))
+    html = (full_run / "index.html").read_text()
+    assert "<h2>Paired differences</h2>" in html and "lora &minus; naive" in html

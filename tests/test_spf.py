@@ -142,24 +142,37 @@ def test_two_stage_run_gives_an_artifact_that_loads_and_generates(toy, tmp_path)
     log = [json.loads(line) for line in (tmp_path / "stage2" / "log.jsonl").read_text().splitlines()]
     assert {"loss_diffusion", "loss_text", "loss_fine", "loss_enhanced", "m_hat_mean"} <= set(log[-1])
 
-    f = "unet/diffusion_pytorch_model.safetensors"
-    stage1, stage2 = load_file(s1.artifact / f), load_file(r.artifact / f)
-    changed = {k for k in stage1 if not torch.equal(stage1[k], stage2[k])}
-    assert changed and all(".attn2." in k for k in changed)  # stage 2 moved only cross-attention
+    from trainers.spf import ATTN2_FILE
+
+    # the artifact holds what stage 2 trained (attn2) and points to stage 1 for the rest
+    stage1 = load_file(s1.artifact / "unet/diffusion_pytorch_model.safetensors")
+    attn2 = load_file(r.artifact / ATTN2_FILE)
+    assert attn2 and all(".attn2." in k for k in attn2) and not (r.artifact / "unet").exists()
+    assert any(not torch.equal(v, stage1[k]) for k, v in attn2.items())  # stage 2 moved cross-attention
+    size = lambda d: sum(p.stat().st_size for p in d.rglob("*") if p.is_file())  # noqa: E731
+    assert size(r.artifact) < size(s1.artifact) / 3
 
     pipe, _ = load_pipeline("tiny", device="cpu")
     cls = trainers.load_artifact(r.artifact, pipe)
     assert cls.name == "spf"
-    assert all(torch.equal(v, stage2[k]) for k, v in pipe.unet.state_dict().items())
+    assert all(torch.equal(v, attn2[k] if k in attn2 else stage1[k]) for k, v in pipe.unet.state_dict().items())
     images = generate(pipe, ["A woman, smiling, wearing a hat"], [0], GenerationSettings(steps=2))
     assert len(images) == 1 and images[0].size == (64, 64)
+    # the stage-1 artifact gone: one line saying so
+    import shutil
+
+    from spfbench.errors import SpfbenchError
+
+    shutil.move(str(s1.artifact), str(tmp_path / "elsewhere"))
+    with pytest.raises(SpfbenchError, match="stage1_artifact .*no unet"):
+        trainers.load_artifact(r.artifact, load_pipeline("tiny", device="cpu")[0])
 
 
 def test_cli_trains_spf(cli, toy, tmp_path):
     code, out, err = cli("train", "--method", "spf", "--data", toy, "--out", tmp_path / "o", "--preset", "tiny",
                          "--max-steps", "2", "--device", "cpu", "--no-progress")
     assert code == 0, err
-    assert (tmp_path / "o" / "artifact" / "unet").is_dir()
+    assert (tmp_path / "o" / "artifact" / "response_attn2.safetensors").is_file()  # on the base model: no stage 1
     # the documented two-stage procedure: a naive run, then stage 2 from its artifact via --config
     code, out, err = cli("train", "--method", "naive", "--data", toy, "--out", tmp_path / "s1", "--preset", "tiny",
                          "--max-steps", "1", "--device", "cpu", "--no-progress")

@@ -239,3 +239,50 @@ def test_small_values_keep_two_significant_digits_and_rank_apart():
     rows = [t1.Row("naive", {"FID": t1.Cell(0.00032)}), t1.Row("lora", {"FID": t1.Cell(0.00003)})]
     r = t1.ranks(rows)
     assert r[(1, "FID")] == 1 and r[(0, "FID")] == 2
+
+
+def test_paired_differences_pair_the_triples(tmp_path):
+    """Rows that differ by a small per-triple shift on a large shared spread: the paired CI is the shift's,
+    far narrower than the unpaired CIs (which overlap); a triple one row lacks is left out of the pair."""
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.2, 0.8, 60)
+    shift = 0.02 + rng.normal(0, 0.005, 60)
+    lpips_b = list(base + shift)
+    lpips_b[5] = None  # not scored in b: the pair uses 59 triples
+    a = write_scores(tmp_path / "a", {"LPIPS": list(base), "CLIP-T": list(base)})
+    b = write_scores(tmp_path / "b", {"LPIPS": lpips_b, "CLIP-T": list(base)})
+    table = t1.collect({"naive": a, "lora": b})
+    paired = t1.paired_differences(table)
+    d = t1.find_pair(paired, "lora", "naive", "LPIPS")
+    keep = [i for i in range(60) if i != 5]
+    assert d["n"] == 59 and d["diff"] == pytest.approx(float(np.mean(shift[keep])))
+    assert d["ci_low"] < d["diff"] < d["ci_high"] and d["ci_low"] > 0  # the shift is detected
+    assert d["ci_high"] - d["ci_low"] < 0.01
+    rows = {r.method: r for r in table.rows}
+    assert rows["lora"].cells["LPIPS"].ci_low < rows["naive"].cells["LPIPS"].ci_high  # unpaired CIs overlap
+    # the other orientation is the same difference negated, its CI mirrored
+    e = t1.find_pair(paired, "naive", "lora", "LPIPS")
+    assert (e["diff"], e["ci_low"], e["ci_high"]) == pytest.approx((-d["diff"], -d["ci_high"], -d["ci_low"]))
+    # identical values: a zero difference with a degenerate interval
+    z = t1.find_pair(paired, "lora", "naive", "CLIP-T")
+    assert (z["diff"], z["ci_low"], z["ci_high"]) == (0.0, 0.0, 0.0)
+    assert t1.find_pair(paired, "lora", "naive", "FID") is None  # set-level columns are not paired
+    assert t1.shown_pairs(table.rows) == [("lora", "naive")]
+
+
+def test_one_dataframe_feeds_every_format(tmp_path):
+    """frame() is Table 1's one source: its values, ranks and CIs are what the CSV, Markdown and LaTeX show."""
+    table = _table(tmp_path)
+    df = t1.frame(table)
+    assert list(df[("", "method")]) == ["naive", "lora", "spf", "spf-no-sfcm"]
+    spf = df[df[("", "method")] == "spf"].iloc[0]
+    assert spf[("LPIPS", "value")] == pytest.approx(0.2) and spf[("LPIPS", "rank")] == 1
+    assert pd.isna(df[df[("", "method")] == "spf-no-sfcm"].iloc[0][("LPIPS", "rank")])  # ablations are not ranked
+    csv = pd.read_csv(io.StringIO(t1.to_csv(table)))
+    assert csv["LPIPS"].tolist() == pytest.approx(df[("LPIPS", "value")].tolist())
+    assert csv["LPIPS N"].tolist() == df[("LPIPS", "n")].tolist()
+    tex = t1.to_latex(table)
+    assert "\\resizebox" in tex.splitlines()[1] and "table*" in tex.splitlines()[1]  # the width note in the header
+    assert "\\cmidrule(lr){2-6}" in tex
+    md = t1.to_markdown(table)
+    assert sum(line.count("**") // 2 for line in md.splitlines()[4:]) == int((df.xs("rank", axis=1, level=1) == 1).sum().sum())

@@ -278,3 +278,66 @@ def test_loop_options_bf16_accumulation_ema_and_checkpointing_run_and_load(toy, 
     trainers.load_artifact(r.artifact, fresh)
     img = generate(fresh, ["A man, a hat"], [1], GenerationSettings(steps=2), output_type="np")
     assert img.shape == (1, 64, 64, 3)
+
+
+def test_speed_levers_train_like_the_default_within_tolerance(toy, tmp_path, monkeypatch):
+    """docs/training.md "Speed levers": fused AdamW and channels-last change the arithmetic's order only
+    (losses within rel 1e-4 over 4 steps); DataLoader workers change nothing (identical losses), and a
+    finished run is reused across a change of workers (a speed-only field); compile_unet compiles the UNet
+    in place (its parameter names stay the plain UNet's); TF32 is switched on for CUDA only and restored."""
+    base = run(naive(), toy, tmp_path / "base")
+    for field, value in (("fused_adamw", True), ("channels_last", True)):
+        other = run(naive(**{field: value}), toy, tmp_path / field)
+        assert other.losses == pytest.approx(base.losses, rel=1e-4, abs=1e-6), field
+    workers = run(naive(dataloader_num_workers=2), toy, tmp_path / "workers")
+    assert workers.losses == base.losses
+    again = run(naive(dataloader_num_workers=0), toy, tmp_path / "workers")
+    assert again.reused
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    run(naive(compile_unet=True, allow_tf32=True), toy, tmp_path / "compiled")
+    assert compiled == ["UNet2DConditionModel"]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32
+    assert set(unet_state(tmp_path / "compiled")) == set(unet_state(tmp_path / "base"))
+    with pytest.raises(Exception, match="dataloader_num_workers"):
+        naive(dataloader_num_workers=-1)
+
+
+def test_report_to_tensorboard_logs_every_number_and_validation_images_without_changing_training(toy, tmp_path):
+    """accelerate's TensorBoard tracker gets the loss, the learning rate and every loss part at every logged
+    step, and the validation images at their steps (read back from the event file); the same run without
+    trackers or validation trains identically (they change no result, and a finished run is reused)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plain = run(naive(), toy, tmp_path / "plain")
+    tracked = run(naive(report_to="tensorboard", validation_every=2, validation_steps=2,
+                        validation_prompts=["A woman, smiling, a hat", "A man, glasses"]), toy, tmp_path / "tb")
+    assert tracked.losses == plain.losses
+    events = list((tmp_path / "tb" / "trackers").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx(plain.losses, rel=1e-6)
+    logged = {k for line in (tmp_path / "tb" / "log.jsonl").read_text().splitlines() for k in json.loads(line)} - {"step"}
+    assert {"loss", "lr"} <= logged and logged <= set(acc.Tags()["scalars"])  # every number of the JSONL log
+    images = acc.Images("validation")
+    assert sorted({e.step for e in images}) == [2, 4]
+    assert sorted(p.name for p in (tmp_path / "tb" / "validation").iterdir()) == ["step-000002", "step-000004"]
+    assert len(list((tmp_path / "tb" / "validation" / "step-000004").glob("*.png"))) == 2
+    again = run(naive(report_to="none"), toy, tmp_path / "tb")  # trackers are not part of what was trained
+    assert again.reused
+    with pytest.raises(Exception, match="report_to"):
+        naive(report_to="mlflow")
+    with pytest.raises(Exception, match="validation_prompts"):
+        naive(validation_prompts=[])
+
+
+def test_report_to_wandb_offline(toy, tmp_path, monkeypatch):
+    """wandb (an optional extra) in offline mode: the run writes its offline run folder with the history."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(naive(max_train_steps=2, report_to="wandb"), toy, tmp_path / "wb")
+    runs = list((tmp_path / "wb" / "trackers").rglob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb"))

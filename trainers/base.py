@@ -31,6 +31,7 @@ import torch
 from spfbench.errors import SpfbenchError
 
 ARTIFACT_META = "method.json"
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -59,6 +60,19 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 2
     cache_encodings: bool = False  # VAE latents and text embeddings computed once (frozen VAE/text encoder only)
     log_every: int = 1
+    # speed levers (issue 23; docs/training.md "Speed levers": each measured by benchmarks/bench_levers.py, off
+    # by default until measured to help without changing results beyond the documented tolerance)
+    allow_tf32: bool = False  # CUDA: TF32 matmuls and convolutions while training (restored after); no effect on CPU
+    fused_adamw: bool = False  # torch's fused AdamW kernel (CUDA and CPU) instead of the foreach one
+    channels_last: bool = False  # the UNet's convolutions in channels-last memory format
+    compile_unet: bool = False  # torch.compile the UNet's forward (nn.Module.compile; first steps pay compilation)
+    dataloader_num_workers: int = 0  # worker processes decoding the batches (pinned memory on CUDA); results unchanged
+    # training visibility (docs/training.md "Trackers and validation images"); none of these changes a result
+    report_to: str = "none"  # none | tensorboard | wandb: accelerate's trackers get every logged number
+    validation_every: int = 0  # every N optimizer steps, images of the validation prompts (0: never)
+    validation_prompts: list[str] | None = None  # None: the first 4 complete captions of the training set
+    validation_steps: int = 25  # sampler steps of the validation images
+    validation_guidance: float = 7.0  # their classifier-free guidance
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,6 +93,15 @@ class TrainConfig:
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise SpfbenchError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dataloader_num_workers < 0:
+            raise SpfbenchError(f"dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}")
+        if self.report_to not in REPORT_TO:
+            raise SpfbenchError(f"report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        if self.validation_every < 0 or self.validation_steps < 1:
+            raise SpfbenchError("validation_every must be 0 (off) or more and validation_steps at least 1")
+        if self.validation_prompts is not None and (not isinstance(self.validation_prompts, list) or not self.validation_prompts
+                                                    or not all(isinstance(p, str) and p.strip() for p in self.validation_prompts)):
+            raise SpfbenchError("validation_prompts must be a non-empty list of non-empty strings (or null: the data's first captions)")
         if self.learning_rate <= 0:
             raise SpfbenchError(f"learning_rate must be positive, got {self.learning_rate}")
 

@@ -35,6 +35,9 @@ from .base import ARTIFACT_META, Method, Models
 FORMAT_VERSION = 1
 # config fields that may change between a run and its resumption (how long, how often, how logged)
 RESUMABLE_CHANGES = {"max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every"}
+# fields that change how fast, never what is computed: a run resumes and a finished one is reused across them
+SPEED_ONLY = {"dataloader_num_workers", "report_to", "validation_every", "validation_prompts", "validation_steps",
+              "validation_guidance"}
 
 
 class TrainingDiverged(SpfbenchError):
@@ -108,7 +111,7 @@ class Trainer:
 
     # -- identity of a run: a rerun resumes only if these match ------------------------------------
     def identity(self, model_info: dict, fingerprint: str) -> dict:
-        resumable = set(RESUMABLE_CHANGES) - set(self.method.schedule_fields)
+        resumable = (set(RESUMABLE_CHANGES) | SPEED_ONLY) - set(self.method.schedule_fields)
         if self.cfg.lr_scheduler not in ("constant", "constant_with_warmup"):
             resumable.discard("max_train_steps")  # the learning-rate schedule is laid out over it
         cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in resumable}
@@ -129,7 +132,8 @@ class Trainer:
     def request(self, fingerprint: str) -> dict:
         """What was asked of a run, known before any model loads: a finished run with the same request
         is reused as it is (``spfbench run`` reuses artifacts whose config and data match)."""
-        return {"format_version": FORMAT_VERSION, "method": self.method.name, "config": self.cfg.to_dict(),
+        config = {k: v for k, v in self.cfg.to_dict().items() if k not in SPEED_ONLY}
+        return {"format_version": FORMAT_VERSION, "method": self.method.name, "config": config,
                 "model": self.model_kwargs, "data_fingerprint": fingerprint}
 
     def finished(self, fingerprint: str) -> TrainResult | None:
@@ -148,6 +152,37 @@ class Trainer:
             if (p / "state.json").is_file() and p.name.split("-")[-1].isdigit():
                 found.append((int(p.name.split("-")[-1]), p))
         return sorted(found)
+
+    def _validate(self, pipe, accelerator, prompts: list[str], step: int) -> None:
+        """Images of the validation prompts with the model as trained so far (fixed seeds ``seed + i``), to
+        ``OUT/validation/step-N/I.png`` and to the trackers. Nothing it does reaches the training: the images
+        are drawn from their own seeded generators, the UNet goes back to train mode."""
+        import numpy as np
+
+        from spfbench.generation import GenerationSettings, generate
+        from spfbench.io import atomic_write_bytes, encode_png
+
+        cfg = self.cfg
+        unet = pipe.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            with accelerator.autocast():
+                images = generate(pipe, list(prompts), [cfg.seed + i for i in range(len(prompts))],
+                                  GenerationSettings(steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance))
+        finally:
+            unet.train(was_training)
+        folder = self.out / "validation" / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            atomic_write_bytes(folder / f"{i}.png", encode_png(img))
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> TrainResult:
@@ -169,10 +204,12 @@ class Trainer:
 
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
+        log_with = None if cfg.report_to == "none" else cfg.report_to
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             cpu=self.device == "cpu",
+            **({"log_with": log_with, "project_dir": str(self.out / "trackers")} if log_with else {}),
         )
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
 
@@ -197,15 +234,19 @@ class Trainer:
             raise SpfbenchError(f"method {self.method.name} left nothing to train")
         if cfg.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
+        if cfg.channels_last:
+            models.unet.to(memory_format=torch.channels_last)
         datasets = [dataset]  # the one the method holds (bind_dataset) and, when cached, the one the loader reads
         if cfg.cache_encodings:
             dataset = self._cached(dataset, models, info, accelerator, progress)
             datasets.append(dataset)
 
         sampler = EpochSampler(len(dataset), cfg.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate, drop_last=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate, drop_last=False,
+                                             num_workers=cfg.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+                                      **({"fused": True} if cfg.fused_adamw else {}))
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                      num_training_steps=cfg.max_train_steps * accelerator.num_processes)
         ema = None
@@ -215,6 +256,8 @@ class Trainer:
             ema = EMAModel(params, decay=cfg.ema_decay)
         unet, optimizer, loader, lr_scheduler = accelerator.prepare(models.unet, optimizer, loader, lr_scheduler)
         models.unet = unet
+        if cfg.compile_unet:  # in place: parameter names and state dicts stay the plain UNet's
+            accelerator.unwrap_model(models.unet).compile()
         if ema is not None:
             ema.to(accelerator.device)
 
@@ -227,6 +270,10 @@ class Trainer:
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.out / "run.json", {"identity": identity, "config": cfg.to_dict(), "status": "running"})
+        if log_with:
+            accelerator.init_trackers(self.method.name, config=_tracker_config(cfg),
+                                      init_kwargs={"wandb": {"dir": str(self.out / "trackers")}})
+        validation_prompts = cfg.validation_prompts or [r.caption for r in dataset.records[:4]]
 
         batches_per_epoch = len(loader)
         micro = cfg.gradient_accumulation_steps
@@ -236,6 +283,9 @@ class Trainer:
         epoch, skip = divmod(done_micro, batches_per_epoch)
         log = open(self.out / "log.jsonl", "a") if accelerator.is_main_process else None
         t_last = time.perf_counter()
+        tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        if cfg.allow_tf32 and accelerator.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         try:
             while step < cfg.max_train_steps:
                 epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
@@ -278,16 +328,24 @@ class Trainer:
                     bar.update(1)
                     if log is not None and step % cfg.log_every == 0:
                         now = time.perf_counter()
-                        log.write(json.dumps({"step": step, "loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0],
-                                              "seconds": round(now - t_last, 4), **numbers}) + "\n")
+                        entry = {"step": step, "loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0],
+                                 "seconds": round(now - t_last, 4), **numbers}
+                        log.write(json.dumps(entry) + "\n")
                         log.flush()
                         t_last = now
+                        if log_with:
+                            accelerator.log({k: v for k, v in entry.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+                    if cfg.validation_every and step % cfg.validation_every == 0 and accelerator.is_main_process:
+                        self._validate(pipe, accelerator, validation_prompts, step)
                     if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
                         self._save_checkpoint(step, models, optimizer, lr_scheduler, ema, identity, accelerator)
                     if step >= cfg.max_train_steps:
                         break
                 epoch += 1
         finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
+            if log_with:
+                accelerator.end_training()
             bar.close()
             if log is not None:
                 log.close()
@@ -403,6 +461,11 @@ def build_encoding_cache(dataset, models: Models, method: Method, cache_dir: Pat
 def _unwrap(models: Models) -> Models:
     unet = getattr(models.unet, "module", models.unet)
     return Models(unet, models.vae, models.text_encoder, models.tokenizer, models.noise_scheduler, models.weight_dtype, models.extra, models.preset)
+
+
+def _tracker_config(cfg) -> dict:
+    """The config as trackers take it (scalars only; lists as text)."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in cfg.to_dict().items()}
 
 
 def _training_scheduler(pipe):

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingWeightsError
+from ..errors import MissingWeightsError, SpfbenchError
 from .base import Backbones, Batch, PairwiseMetric
 
 PACK = "buffalo_l"
@@ -133,8 +133,30 @@ class FaceModels:
         return np.concatenate(out).reshape(len(crops), -1) if out else np.zeros((0, 0), np.float32)
 
 
+def check_onnxruntime() -> None:
+    """One clear line when ONNX Runtime is missing (it is an extra: one of two builds), and a warning when
+    both builds are installed (they share the ``onnxruntime`` module; the last one installed wins)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise SpfbenchError("the ID metric needs ONNX Runtime: pip install 'spfbench[cpu]' (or 'spfbench[gpu]' on a"
+                            " CUDA machine; `make ... GPU=1`)")
+    installed = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            md.version(dist)
+            installed.append(dist)
+        except md.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        warnings.warn("both onnxruntime and onnxruntime-gpu are installed and share one module; uninstall the one"
+                      " you do not want (pip uninstall onnxruntime on a CUDA machine)", stacklevel=2)
+
+
 @Backbones.register("arcface-buffalo-l")
 def _load_face_models(bb: Backbones) -> FaceModels:
+    check_onnxruntime()
     from insightface.model_zoo import model_zoo
 
     providers, ctx_id = _providers(bb)

@@ -7,9 +7,12 @@
 # (same commands and seeds: the same 150 triples). CPU (2 threads): ~4 min per SPF row. Resumable: rerun
 # after a kill. Run from the repository root:  sh results/world/spf-readings/run.sh [READING ...]
 # (READING: a readings/*.json name, or gentle-NAME for that reading on the gentle stage 1; none: PLAN).
+# REPLICATE=rK writes beside the committed folders (stage1-rK, NAME-rK): the same commands on another
+# machine, whose CPU rounds differently (run.json records the CPU), as a replicate.
 set -eu
 OUT=${OUT:-runs/spf-readings}
 HERE=results/world/spf-readings
+R=${REPLICATE:+-$REPLICATE}
 S="env HF_HUB_OFFLINE=1 .venv/bin/spfbench"
 PY=.venv/bin/python
 $S world data --split finetune --n 4000 --out $OUT/data
@@ -27,19 +30,19 @@ keep() {  # keep RUN NAME: Table 1, per-triple scores and stage-2 diagnostics, c
   for m in $1/methods/*/score/samples.jsonl; do cp $m $HERE/$2/samples/$(basename $(dirname $(dirname $m))).jsonl; done
   $PY $HERE/diagnostics.py $1 > $HERE/$2/diagnostics.json
 }
-keep $OUT/stage1 stage1
+keep $OUT/stage1 stage1$R
 
 reading() {  # reading NAME STAGE1_RUN OUT_NAME
   art=$(cd $2/methods/naive/train/artifact && pwd)
   $PY $HERE/compose.py $HERE/readings/$1.json "$art" > $OUT/$3.json
   $RUN --out $OUT/$3 --config $OUT/$3.json $SPF || true
-  keep $OUT/$3 $3
+  keep $OUT/$3 $3$R
 }
 # in order of what the question needs first; gentle-NAME: reading NAME on the gentle stage 1
 PLAN=${*:-"l2sq-sum l2sq-sum-raw-sfcm default gentle-l2sq-sum-raw-sfcm hidden-l2sq-sum l2-sum gentle-default default-raw-sfcm"}
 case " $PLAN" in *" gentle-"*)  # the gentle stage 1, only when a reading needs it
   $RUN --out $OUT/stage1-gentle --config results/world/gentle.json --method naive
-  keep $OUT/stage1-gentle stage1-gentle ;;
+  keep $OUT/stage1-gentle stage1-gentle$R ;;
 esac
 for r in $PLAN; do
   case $r in

@@ -6,6 +6,7 @@
 # results/world/run.sh. Each point is an ordinary run folder (resumable: rerun after a kill). Run from
 # the repository root:
 #   sh results/world/tradeoff/run.sh [PART ...]      PART: naive lora adalora spf (default: all)
+# LORA_RANKS="2 4 16 32" adds ranks to the LoRA line (default 2, 32; rank 8 is always run: the experiment's)
 # POINTS=FILE adds the points of an earlier tradeoff.json (e.g. this folder's, for the lines not rerun);
 # OUT=runs/spf-readings shares the reading study's data and test set (the same commands and seeds).
 set -eu
@@ -36,7 +37,7 @@ if has naive; then
 $RUN --out $OUT/naive --config results/world/config.json --method original --method naive --curve 200 --curve-limit 150
 fi
 if has lora; then
-for r in 2 4 16 32; do
+for r in ${LORA_RANKS:-2 32}; do
   cfg $OUT/configs/lora-r$r.json "{\"lora\": {\"rank\": $r}}"
   $RUN --out $OUT/lora-r$r --config $OUT/configs/lora-r$r.json --method lora
 done
