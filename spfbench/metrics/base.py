@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from typing import Callable, ClassVar
@@ -48,14 +49,34 @@ class Batch:
         return len(self.ids)
 
 
-PRESETS = ("real", "tiny", "world")
+# name -> (published architecture and size?, published weights?); loaders read the two properties
+# below, never the name (Portrait World's CLIP aside: spfbench/metrics/clip.py).
+PRESETS = {
+    "real": (True, True),  # the published weights (local path or offline hub cache)
+    "tiny": (False, False),  # small random-weight models of the same classes (tests, CPU smoke runs)
+    "world": (False, False),  # Portrait World's own CLIP; tiny random models for the rest
+    "full-random": (True, False),  # every backbone at its published architecture, seeded random weights
+}
+
+
+@contextmanager
+def seeded(seed: int):
+    """Torch's CPU generator set to ``seed`` inside, restored after (random weights that never move
+    the caller's random stream and are the same on every build)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class Backbones:
     """Models shared by metrics, loaded on first use, once per (name) for this device and dtype.
 
     ``preset="real"`` loads the published weights (local path or offline hub cache); ``"tiny"`` builds
-    small random-weight models of the same kind so every path runs on CPU in tests.
+    small random-weight models of the same kind so every path runs on CPU in tests; ``"full-random"``
+    builds every backbone at its published architecture and tensor shapes with seeded random weights
+    (throughput at real size without the weights; its scores mean nothing). ``"world"``: Portrait
+    World's CLIP, tiny models for the rest. Loaders branch on :attr:`full_size` and
+    :attr:`random_weights`.
     """
 
     loaders: ClassVar[dict[str, Callable[["Backbones"], object]]] = {}
@@ -68,9 +89,13 @@ class Backbones:
         weights: dict[str, str] | None = None,
     ):
         if preset not in PRESETS:
-            raise SpfbenchError(f"unknown metric preset {preset!r}; use 'real' (published weights), 'tiny' (random, for tests)"
-                                " or 'world' (Portrait World: its own CLIP, tiny random models for the rest)")
+            raise SpfbenchError(f"unknown metric preset {preset!r}; use 'real' (published weights), 'tiny' (random, for tests),"
+                                " 'world' (Portrait World: its own CLIP, tiny random models for the rest) or 'full-random'"
+                                " (published architectures, seeded random weights: throughput only)")
         self.preset = preset
+        if weights and self.full_size and self.random_weights:
+            raise SpfbenchError(f"metric preset {preset!r} builds every backbone with seeded random weights: --weights"
+                                f" ({', '.join(sorted(weights))}) does not apply; use preset 'real' to load weight files")
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
         self.weights = dict(weights or {})  # weight-file name (as in `spfbench weights`) -> local path
@@ -78,10 +103,23 @@ class Backbones:
         self._fingerprints: dict[str, str] = {}
 
     @property
+    def full_size(self) -> bool:
+        """Backbones have their published architecture and tensor shapes (real, full-random); otherwise
+        they are small models of the same classes (tiny, and world's LPIPS/FID/ID/Seg-Cons/HPSv2/MPS)."""
+        return PRESETS[self.preset][0]
+
+    @property
     def random_weights(self) -> bool:
-        """Backbones without a version of this preset are small random-weight models (tiny, and world's
-        LPIPS/FID/ID/Seg-Cons/HPSv2/MPS: no real weights can be loaded where the world runs)."""
-        return self.preset in ("tiny", "world")
+        """Backbones carry seeded random weights, not the published ones (every preset but real; world's
+        own CLIP aside, a trained file of its own)."""
+        return not PRESETS[self.preset][1]
+
+    @property
+    def init_device(self) -> torch.device:
+        """Where full-size random weights are made: the CPU (torch's seeded CPU generator, so the same numbers
+        whatever device they move to), or ``meta`` when the backbones live there (shapes only, no memory:
+        how the tests check the full-random architectures)."""
+        return self.device if self.device.type == "meta" else torch.device("cpu")
 
     def weight_path(self, name: str) -> str | None:
         """The local path the user gave for weight file ``name`` (``--weights NAME=PATH``), if any."""

@@ -8,19 +8,23 @@ Both use one shared CLIP: open_clip ``ViT-L-14`` with OpenAI's weights (QuickGEL
 trained with it, and open_clip 3.3 only warns when the config disagrees), OpenAI preprocessing
 (resize shortest side to 224 bicubic, centre crop, OpenAI mean/std) on the PIL image, features
 L2-normalised. ``ViT-B-32`` is selectable. No 100x or 2.5x rescaling, no clamping at 0.
+
+Preset ``full-random``: the same open_clip model (QuickGELU) and preprocessing, ``pretrained=None``, its
+own initialisation under a fixed seed (:func:`full_random_clip`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import Backbones, Batch, PairwiseMetric, PerSampleMetric, module_sha256
+from .base import Backbones, Batch, PairwiseMetric, PerSampleMetric, module_sha256, seeded
 
 # backbone key -> (open_clip model name, hub repo holding OpenAI's weights in open_clip format)
 CLIP_MODELS = {
     "vit-l-14": ("ViT-L-14", "timm/vit_large_patch14_clip_224.openai"),
     "vit-b-32": ("ViT-B-32", "timm/vit_base_patch32_clip_224.openai"),
 }
+FULL_RANDOM_SEED = 0
 
 
 class ClipBackbone:
@@ -60,16 +64,31 @@ def _load_clip(bb: Backbones, key: str) -> ClipBackbone:
         from ..world.clip import load_world_clip
 
         return ClipBackbone(*load_world_clip(given), bb.device, bb.dtype)
-    if bb.preset == "tiny":  # a given file: a tiny CLIP's state dict (safetensors), e.g. another seed's
+    if not bb.full_size:  # tiny; a given file: a tiny CLIP's state dict (safetensors), e.g. another seed's
         model, preprocess, tokenizer = tiny_clip(seed=0)
         if given:
             from safetensors.torch import load_file
 
             model.load_state_dict(load_file(given), strict=True)
         return ClipBackbone(model, preprocess, tokenizer, bb.device, bb.dtype)
+    if bb.random_weights:
+        return ClipBackbone(*full_random_clip(key, device=bb.init_device), bb.device, bb.dtype)
     # a local checkpoint (--weights clip-KEY=PATH) in open_clip's format, else OpenAI's from the hub cache
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=given or "openai", force_quick_gelu=True)
     return ClipBackbone(model, preprocess, open_clip.get_tokenizer(name), bb.device, bb.dtype)
+
+
+def full_random_clip(key: str, seed: int = FULL_RANDOM_SEED, device: str | torch.device = "cpu"):
+    """(model, preprocess, tokenizer) of the published CLIP ``key`` (open_clip, QuickGELU) with open_clip's
+    own random initialisation under ``seed``. The preprocessing is the one open_clip builds for OpenAI's
+    weights (same configuration: 224 px, bicubic, shortest side, centre crop, OpenAI mean/std).
+    ``device="meta"``: shapes only, no memory."""
+    import open_clip
+
+    name, _ = CLIP_MODELS[key]
+    with seeded(seed):
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, force_quick_gelu=True, device=device)
+    return model, preprocess, open_clip.get_tokenizer(name)
 
 
 def tiny_clip(seed: int = 0, quick_gelu: bool = True, resize_mode: str = "shortest"):

@@ -7,17 +7,25 @@ images (resized to 299 inside, bilinear, no antialias, as the torch-fidelity ref
 side n, sum of features and sum of outer products in float64, so shards and resumed runs add up.
 Value: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` with unbiased covariances, clamped at 0.
 Below ~2048 images per side the 2048-d estimate is biased upward: always read it with its N.
+
+Preset ``full-random``: the same ``NoTrainInceptionV3`` (torch-fidelity's architecture, 2048-d pool
+features, resize inside), loaded the same way from a file, but the file holds seeded random tensors of
+the published shapes (:func:`random_inception_path`: written once under the temp dir, no download).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import MissingWeightsError, SpfbenchError
-from .base import Backbones, Batch, Metric
+from .base import Backbones, Batch, Metric, seeded
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -43,21 +51,80 @@ class TinyFeatures(torch.nn.Module):
 
 @Backbones.register("inception-fid")
 def _load_inception(bb: Backbones):
-    if bb.random_weights:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+    if not bb.full_size:
+        with seeded(0):
             return TinyFeatures().to(bb.device).eval()
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
+    if bb.random_weights:
+        return inception_net(random_inception_path()).to(bb.device).eval()
     if not inception_path().is_file():
         raise MissingWeightsError(
             f"missing weights: FID Inception {inception_path()} (torch-fidelity, 91 MB); download {INCEPTION_URL}"
             f" into {inception_path().parent} (or set TORCH_HOME)"
         )
-    net = NoTrainInceptionV3(
-        name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(inception_path()), antialias=False
-    )
-    return net.to(bb.device).eval()
+    return inception_net(inception_path()).to(bb.device).eval()
+
+
+def inception_net(path: str | Path):
+    """torchmetrics' ``NoTrainInceptionV3`` (torch-fidelity's FID Inception), weights from ``path``."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path),
+                              antialias=False)
+
+
+def inception_template() -> dict[str, torch.Tensor]:
+    """The state dict ``NoTrainInceptionV3`` loads, as the module initialises it (names, shapes, dtypes, the
+    BatchNorm defaults). Its constructor always reads a weights file: handed an empty one, with loading
+    skipped, it builds the layers only (no download, no published tensor)."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    class LayersOnly(NoTrainInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # the constructor's load: skipped
+            return None
+
+    with tempfile.TemporaryDirectory(prefix="spfbench-inception-") as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)
+        net = LayersOnly(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(empty))
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded random tensors of the FID Inception's exact names and shapes: convolutions He-normal
+    (``std = sqrt(2 / fan_in)``, so activations stay of order one through the ~50 ReLU layers instead of
+    vanishing or turning denormal, which would change CPU cost), BatchNorm at its defaults (scale 1, shift 0,
+    running mean 0, variance 1), the 2048 -> 1008 logits layer ``N(0, 1 / fan_in)`` (unused by the 2048-d
+    features)."""
+    state = inception_template()
+    gen = torch.Generator().manual_seed(seed)
+    for name in sorted(state):
+        t = state[name]
+        if name.endswith("conv.weight"):
+            fan_in = t[0].numel()
+            state[name] = torch.randn(t.shape, generator=gen) * (2.0 / fan_in) ** 0.5
+        elif name == "fc.weight":
+            state[name] = torch.randn(t.shape, generator=gen) * (1.0 / t.shape[1]) ** 0.5
+        elif name == "fc.bias":
+            state[name] = torch.zeros_like(t)
+    return state
+
+
+def random_inception_path(seed: int = 0) -> Path:
+    """:func:`random_inception_state` saved once as ``$TMPDIR/spfbench-full-random/inception-seed<seed>-<sha12>.pth``
+    (named by the content's sha256, written atomically, reused when present): a torch-fidelity-format
+    weights file for ``NoTrainInceptionV3`` and for torchmetrics' ``FrechetInceptionDistance``."""
+    buf = io.BytesIO()
+    torch.save(random_inception_state(seed), buf)
+    data = buf.getvalue()
+    folder = Path(tempfile.gettempdir()) / "spfbench-full-random"
+    path = folder / f"inception-seed{seed}-{hashlib.sha256(data).hexdigest()[:12]}.pth"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return path
 
 
 def to_uint8(image) -> torch.Tensor:

@@ -8,6 +8,9 @@ strictly into the stock model and the broken ``hpsv2`` wheel is not needed). Pre
 one: resize the longest side to 224 (bicubic), pad to 224 x 224 with black, OpenAI mean/std. GELU (not
 QuickGELU: the base is a LAION ViT-H). Raw cosine, typically 0.2-0.35; no logit scale. Scores of v2.0
 and v2.1 are not comparable, hence the id ``hpsv2@v2.1``.
+
+Preset ``full-random``: the stock ``ViT-H-14`` the real loader builds (``pretrained=None``), left with
+open_clip's own initialisation under a fixed seed instead of the checkpoint (:func:`full_random_hps`).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingWeightsError, SpfbenchError
-from .base import Backbones, Batch, PerSampleMetric
+from .base import Backbones, Batch, PerSampleMetric, seeded
 from .clip import ClipBackbone, tiny_clip
 
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 HPS_ARCH = "ViT-H-14"
+FULL_RANDOM_SEED = 1
 
 
 def hps_checkpoint(bb: Backbones | None = None) -> str | None:
@@ -69,9 +73,12 @@ def hps_preprocess(model):
 def _load_hps(bb: Backbones) -> ClipBackbone:
     import open_clip
 
-    if bb.random_weights:
+    if not bb.full_size:
         model, _, tokenizer = tiny_clip(seed=1, quick_gelu=False)
         return ClipBackbone(model, hps_preprocess(model), tokenizer, bb.device, bb.dtype)
+    if bb.random_weights:
+        model = full_random_hps(device=bb.init_device)
+        return ClipBackbone(model, hps_preprocess(model), open_clip.get_tokenizer(HPS_ARCH), bb.device, bb.dtype)
     path = hps_checkpoint(bb)
     if path is None or not Path(path).is_file():
         raise MissingWeightsError(
@@ -81,6 +88,15 @@ def _load_hps(bb: Backbones) -> ClipBackbone:
     model = open_clip.create_model(HPS_ARCH, pretrained=None)
     load_hps_state(model, path)
     return ClipBackbone(model, hps_preprocess(model), open_clip.get_tokenizer(HPS_ARCH), bb.device, bb.dtype)
+
+
+def full_random_hps(seed: int = FULL_RANDOM_SEED, device: str | torch.device = "cpu"):
+    """Stock open_clip ``ViT-H-14`` (GELU), as :func:`_load_hps` builds it before loading the checkpoint, with
+    open_clip's random initialisation under ``seed``. ``device="meta"``: shapes only."""
+    import open_clip
+
+    with seeded(seed):
+        return open_clip.create_model(HPS_ARCH, pretrained=None, device=device)
 
 
 class HpsV2(PerSampleMetric):

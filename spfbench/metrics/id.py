@@ -32,6 +32,13 @@ it as its real ``ArcFaceONNX`` (same preprocessing, alignment and ``get_feat``).
 stand-in, :class:`StandInDetector`: an image whose pixels all have one colour has no face; any other
 image has two "faces", a small one in the top-left corner (reported first, with the higher score) and
 the main one, a centred square, each with the ArcFace template landmarks scaled into its box.
+
+Full-random preset (throughput at real size): the recognizer is an IResNet-50 at ``w600k_r50``'s shape
+(insightface's ``iresnet50``: layers 3-4-14-3, PReLU, 112x112 input, 512-d output, 43.6 M parameters)
+with seeded random weights, written with ``onnx.helper`` (:func:`iresnet_recognizer_model`, cached under
+the temp dir) and loaded by insightface's model router as its ``ArcFaceONNX``. The detector stays the
+:class:`StandInDetector`: SCRFD ``det_10g``'s cost (a 640x640 forward per image and its decoding) is
+**not** measured at real size under this preset.
 """
 
 from __future__ import annotations
@@ -153,8 +160,9 @@ def _load_face_models(bb: Backbones) -> FaceModels:
     from insightface.model_zoo import model_zoo
 
     providers, ctx_id = _providers(bb)
-    if bb.random_weights:
-        rec = model_zoo.get_model(str(tiny_recognizer_path()), providers=providers)
+    if bb.random_weights:  # tiny or full-size random recognizer; a stand-in detector either way
+        path = iresnet_recognizer_path() if bb.full_size else tiny_recognizer_path()
+        rec = model_zoo.get_model(str(path), providers=providers)
         det = StandInDetector()
     else:
         folder = pack_dir()
@@ -351,6 +359,88 @@ def _write_once(model, folder: Path, stem: str) -> Path:
 def tiny_recognizer_path(seed: int = 0) -> Path:
     """The tiny recognizer as a file (insightface loads models from files), under the temp dir."""
     return _write_once(tiny_recognizer_model(seed), Path(tempfile.gettempdir()) / "spfbench-tiny", f"arcface-seed{seed}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Full-random preset: w600k_r50's architecture (IResNet-50) with seeded random weights.
+
+IRESNET50_LAYERS = (3, 4, 14, 3)  # insightface arcface_torch ``iresnet50``
+FULL_RANDOM_SEED = 0
+
+
+def iresnet_recognizer_model(seed: int = FULL_RANDOM_SEED, layers: tuple[int, ...] = IRESNET50_LAYERS, dim: int = 512):
+    """A random-weight IResNet as an ONNX model: N x 3 x 112 x 112 -> N x ``dim`` (defaults: IResNet-50, the
+    recognizer of ``w600k_r50.onnx``). Our own writing of the published architecture (insightface
+    ``arcface_torch/backbones/iresnet.py``):
+
+    * stem: conv 3x3 (3 -> 64, stride 1, no bias), BatchNorm, PReLU;
+    * four stages of ``IBasicBlock`` (64, 128, 256, 512 channels; ``layers`` blocks each; the first block of
+      each stage has stride 2 and a 1x1 conv + BatchNorm shortcut): BN, conv 3x3, BN, PReLU, conv 3x3
+      (stride), BN, plus the shortcut (112 -> 56 -> 28 -> 14 -> 7);
+    * head: BatchNorm, flatten (512 x 7 x 7), fully connected 25088 -> ``dim`` (with bias), BatchNorm1d.
+
+    Weights from ``numpy.random.default_rng(seed)``: convolutions He-normal, the fully connected layer
+    ``N(0, 1 / fan_in)``, PReLU slopes 0.25, BatchNorms at identity (scale 1, shift 0, mean 0, variance 1)
+    except each block's last one (scale 0.2, so the residual stream grows slowly and stays finite).
+    BatchNorms stay separate nodes (ONNX Runtime fuses those that follow a convolution, as in a real
+    export). No node is named Sub*/Mul*, so ``ArcFaceONNX`` normalises with mean = std = 127.5, as for
+    ``w600k_r50``.
+    """
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def conv(x: str, cin: int, cout: int, k: int, stride: int, name: str) -> str:
+        w = rng.standard_normal((cout, cin, k, k), dtype=np.float32) * np.float32(np.sqrt(2.0 / (cin * k * k)))
+        inits.append(_tensor(f"{name}.weight", w))
+        nodes.append(helper.make_node("Conv", [x, f"{name}.weight"], [name], name=name, kernel_shape=[k, k],
+                                      strides=[stride, stride], pads=[k // 2] * 4))
+        return name
+
+    def bn(x: str, c: int, name: str, scale: float = 1.0) -> str:
+        parts = {"weight": np.full(c, scale), "bias": np.zeros(c), "running_mean": np.zeros(c), "running_var": np.ones(c)}
+        inits.extend(_tensor(f"{name}.{k}", v) for k, v in parts.items())
+        nodes.append(helper.make_node("BatchNormalization", [x] + [f"{name}.{k}" for k in parts], [name], name=name, epsilon=1e-5))
+        return name
+
+    def prelu(x: str, c: int, name: str) -> str:
+        inits.append(_tensor(f"{name}.weight", np.full((c, 1, 1), 0.25)))
+        nodes.append(helper.make_node("PRelu", [x, f"{name}.weight"], [name], name=name))
+        return name
+
+    x = prelu(bn(conv("input.1", 3, 64, 3, 1, "conv1"), 64, "bn1"), 64, "prelu")
+    cin = 64
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+        for b in range(blocks):
+            p, stride = f"layer{stage}.{b}", (2 if b == 0 else 1)
+            out = bn(x, cin, f"{p}.bn1")
+            out = prelu(bn(conv(out, cin, planes, 3, 1, f"{p}.conv1"), planes, f"{p}.bn2"), planes, f"{p}.prelu")
+            out = bn(conv(out, planes, planes, 3, stride, f"{p}.conv2"), planes, f"{p}.bn3", scale=0.2)
+            short = bn(conv(x, cin, planes, 1, stride, f"{p}.downsample.0"), planes, f"{p}.downsample.1") if b == 0 else x
+            nodes.append(helper.make_node("Add", [out, short], [f"{p}.out"], name=f"{p}.add"))
+            x, cin = f"{p}.out", planes
+    x = bn(x, 512, "bn2")
+    nodes.append(helper.make_node("Flatten", [x], ["flat"], name="flatten", axis=1))
+    inits += [_tensor("fc.weight", rng.standard_normal((dim, 512 * 7 * 7), dtype=np.float32) * np.float32(np.sqrt(1.0 / (512 * 7 * 7)))),
+              _tensor("fc.bias", np.zeros(dim))]
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["fc"], name="fc", transB=1))
+    bn("fc", dim, "features")
+    graph = helper.make_graph(
+        nodes, "iresnet50_random",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", dim])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="spfbench-full-random")
+    model.ir_version = 8
+    return model
+
+
+def iresnet_recognizer_path(seed: int = FULL_RANDOM_SEED) -> Path:
+    """The random IResNet-50 recognizer as a file (174 MB), written once under the temp dir (content-hashed name)."""
+    return _write_once(iresnet_recognizer_model(seed), Path(tempfile.gettempdir()) / "spfbench-full-random",
+                       f"arcface-iresnet50-seed{seed}")
 
 
 def tiny_scrfd_model(seed: int = 0):

@@ -29,6 +29,9 @@ neither the authors' ``trainer`` package nor their transformers version is neede
 torch's own callables: hence the opt-in); ``convert_mps`` turns it into safetensors once
 (``spfbench weights convert-mps IN OUT``), which then loads with no pickle. Either way the tensors load
 strictly into :class:`~spfbench.metrics.mps_model.MpsModel`.
+
+Preset ``full-random``: the full-size :class:`~spfbench.metrics.mps_model.MpsModel` (``build_model(full=True)``,
+1.10 B parameters) with its own random initialisation under a fixed seed (:func:`full_random_mps`).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingWeightsError, SpfbenchError
-from .base import Backbones, Batch, PerSampleMetric
+from .base import Backbones, Batch, PerSampleMetric, seeded
 from .mps_model import CROSS_FULL, CROSS_TINY, MpsModel, clip_config
 
 CONDITION = (
@@ -51,6 +54,7 @@ CONDITION = (
     " instance, texture, quantity, attributes, position, number, location, word, things."
 )
 THRESHOLD = 0.3
+FULL_RANDOM_SEED = 0
 MPS_FILE = "MPS_overall_checkpoint.pth"
 MPS_SAFETENSORS = "MPS_overall_checkpoint.safetensors"
 MPS_URL = "https://drive.google.com/file/d/17qrK_aJkVNM75ZEvMEePpLj6L867MLkN/view"  # Kwai-Kolors/MPS README
@@ -311,8 +315,10 @@ class MpsScorer:
 
 @Backbones.register("mps-overall")
 def _load_mps(bb: Backbones) -> MpsScorer:
-    if bb.random_weights:
+    if not bb.full_size:
         return MpsScorer(tiny_mps(seed=0), bb.device, bb.dtype)
+    if bb.random_weights:
+        return MpsScorer(full_random_mps(device=bb.init_device), bb.device, bb.dtype)
     path = find_checkpoint(bb)
     if path is None or not path.is_file():
         raise MissingWeightsError(_missing_message(path))
@@ -321,9 +327,15 @@ def _load_mps(bb: Backbones) -> MpsScorer:
 
 def tiny_mps(seed: int = 0) -> MpsModel:
     """The same classes with a tiny CLIP (2+2 layers, widths 32/48, 32 px) and a tiny cross model, seeded."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return build_model(full=False)
+
+
+def full_random_mps(seed: int = FULL_RANDOM_SEED, device: str | torch.device = "cpu") -> MpsModel:
+    """The published-size model (LAION ViT-H-14 CLIP + the 4-layer cross model), randomly initialised
+    under ``seed`` (transformers' and torch's own initialisers). ``device="meta"``: shapes only."""
+    with seeded(seed):
+        return build_model(full=True, device=device)
 
 
 class Mps(PerSampleMetric):

@@ -30,6 +30,12 @@ through the decoder in batches of ``points_per_batch``.
 Tiny preset (tests): a small random SAM built from segment-anything's own modules (64 px input, 8 px
 patches) and generator thresholds switched off (random weights predict no mask that passes SAM's
 quality filters): :data:`TINY_GENERATOR_PARAMS`.
+
+Preset ``full-random`` (throughput at real size): ``sam_model_registry[kind](checkpoint=None)`` (ViT-H:
+641 M parameters, 1024 px encoder) with segment-anything's own initialisation under a fixed seed, and the
+real :data:`GENERATOR_PARAMS` (32 x 32 points through the decoder per image). Random weights pass
+SAM's quality filters rarely, so the per-mask work after filtering (RLE encoding, NMS, matching) is
+smaller than on real portraits.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import numpy as np
 import torch
 
 from ..errors import MissingWeightsError, SpfbenchError
-from .base import Backbones, Batch, PairwiseMetric
+from .base import Backbones, Batch, PairwiseMetric, seeded
 
 # kind -> (checkpoint file, URL, approximate size); the files are plain state dicts of tensors.
 SAM_WEIGHTS = {
@@ -133,8 +139,7 @@ def tiny_sam(seed: int = 0, img_size: int = 64, patch_size: int = 8, dim: int = 
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     grid = img_size // patch_size
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         sam = Sam(
             image_encoder=ImageEncoderViT(
                 img_size=img_size, patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=2, mlp_ratio=2,
@@ -152,9 +157,25 @@ def tiny_sam(seed: int = 0, img_size: int = 64, patch_size: int = 8, dim: int = 
     return sam.eval()
 
 
+FULL_RANDOM_SEED = 0
+
+
+def full_random_sam(kind: str, seed: int = FULL_RANDOM_SEED, device: str | torch.device = "cpu"):
+    """SAM ``kind`` as ``sam_model_registry[kind](checkpoint=None)`` builds it (published architecture,
+    ``build_sam``'s pixel mean/std), segment-anything's random initialisation under ``seed``.
+    ``device="meta"``: shapes only."""
+    import segment_anything
+
+    with seeded(seed), torch.device(device):
+        sam = segment_anything.sam_model_registry[kind](checkpoint=None)
+    return sam.eval()
+
+
 def _load(bb: Backbones, kind: str):
-    if bb.random_weights:
+    if not bb.full_size:
         return tiny_sam(seed=0).to(bb.device)
+    if bb.random_weights:
+        return full_random_sam(kind, device=bb.init_device).to(bb.device)
     return load_sam(kind, sam_checkpoint_path(kind, bb), bb.device)
 
 
@@ -295,7 +316,7 @@ class SegCons(PairwiseMetric):
     encoder_batch = 8  # images per image-encoder call (ViT-H at 1024^2: about 1 GB of attention per image)
 
     def __init__(self, backbones: Backbones, generator_params: dict | None = None):
-        preset_params = TINY_GENERATOR_PARAMS if backbones.random_weights else GENERATOR_PARAMS
+        preset_params = GENERATOR_PARAMS if backbones.full_size else TINY_GENERATOR_PARAMS
         self.generator_params = {**preset_params, **(generator_params or {})}
         self._masks: SamMasks | None = None
         super().__init__(backbones)
