@@ -34,6 +34,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             tmp.unlink()
 
 
+def write_once(data: bytes, folder: str | os.PathLike, stem: str, suffix: str) -> Path:
+    """``data`` as ``FOLDER/STEM-<sha256[:12]>SUFFIX``: written atomically the first time, reused after (the
+    name changes with the content, so a stale file is never read)."""
+    import hashlib
+
+    path = Path(folder) / f"{stem}-{hashlib.sha256(data).hexdigest()[:12]}{suffix}"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

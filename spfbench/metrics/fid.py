@@ -15,9 +15,7 @@ the published shapes (:func:`random_inception_path`: written once under the temp
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import tempfile
 from pathlib import Path
 
@@ -115,16 +113,9 @@ def random_inception_path(seed: int = 0) -> Path:
     weights file for ``NoTrainInceptionV3`` and for torchmetrics' ``FrechetInceptionDistance``."""
     buf = io.BytesIO()
     torch.save(random_inception_state(seed), buf)
-    data = buf.getvalue()
-    folder = Path(tempfile.gettempdir()) / "spfbench-full-random"
-    path = folder / f"inception-seed{seed}-{hashlib.sha256(data).hexdigest()[:12]}.pth"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    return path
+    from ..io import write_once
+
+    return write_once(buf.getvalue(), Path(tempfile.gettempdir()) / "spfbench-full-random", f"inception-seed{seed}", ".pth")
 
 
 def to_uint8(image) -> torch.Tensor:

@@ -345,15 +345,9 @@ def tiny_recognizer_model(seed: int = 0, dim: int = 64):
 
 def _write_once(model, folder: Path, stem: str) -> Path:
     """Serialise ``model`` into ``folder`` under a content-hashed name (atomic; reused when present)."""
-    data = model.SerializeToString()
-    path = folder / f"{stem}-{hashlib.sha256(data).hexdigest()[:12]}.onnx"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    return path
+    from ..io import write_once
+
+    return write_once(model.SerializeToString(), folder, stem, ".onnx")
 
 
 def tiny_recognizer_path(seed: int = 0) -> Path:
