@@ -130,8 +130,14 @@ def test_corrupt_or_foreign_entries_are_recomputed_not_fatal(testset, tmp_path, 
     assert counting["clip-i@vit-l-14"] - before["clip-i@vit-l-14"] == 3
     assert counting["lpips@alex-v0.1"] - before["lpips@alex-v0.1"] == 1
     assert sum(counting.values()) - sum(before.values()) == 4
-    assert (tmp_path / "second" / "samples.jsonl").read_text() == (tmp_path / "first" / "samples.jsonl").read_text()
-    assert second["metrics"] == first["metrics"]
+    # the recomputed originals came in a batch of their own: equal within float rounding (on CPUs whose GEMM
+    # kernels depend on the batch, e.g. AVX-512, the last digits move), as for another batching above
+    for r2, r1 in zip(rows(tmp_path / "second"), rows(tmp_path / "first"), strict=True):
+        assert r2.keys() == r1.keys() and r2["id"] == r1["id"]
+        for k, v in r1.items():
+            assert r2[k] == (pytest.approx(v, rel=1e-6, abs=1e-9) if isinstance(v, float) else v), (r1["id"], k)
+    for mid, m in first["metrics"].items():
+        assert second["metrics"][mid]["value"] == pytest.approx(m["value"], rel=1e-6, abs=1e-9), mid
     score(testset, a, tmp_path / "third")  # the recomputed entries were written back whole
     assert sum(counting.values()) - sum(before.values()) == 4
 
