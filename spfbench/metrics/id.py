@@ -310,7 +310,7 @@ def _tensor(name: str, array: np.ndarray):
 
 def tiny_recognizer_model(seed: int = 0, dim: int = 64):
     """A random ArcFace-shaped ONNX model: N x 3 x 112 x 112 -> N x dim (He-initialised convs + linear)."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     rng = np.random.default_rng(seed)
 
@@ -332,13 +332,20 @@ def tiny_recognizer_model(seed: int = 0, dim: int = 64):
         helper.make_node("Flatten", ["p"], ["f"], name="flatten", axis=1),
         helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["embedding"], name="fc", transB=1),
     ]
+    return _recognizer_model(nodes, inits, "tiny_arcface", "embedding", dim, "spfbench-tiny")
+
+
+def _recognizer_model(nodes, inits, name: str, output: str, dim: int, producer: str):
+    """An ONNX recognizer graph as insightface expects one: input ``input.1`` N x 3 x 112 x 112, output N x ``dim``."""
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
-        nodes, "tiny_arcface",
+        nodes, name,
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", dim])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="spfbench-tiny")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name=producer)
     model.ir_version = 8
     return model
 
@@ -380,7 +387,7 @@ def iresnet_recognizer_model(seed: int = FULL_RANDOM_SEED, layers: tuple[int, ..
     export). No node is named Sub*/Mul*, so ``ArcFaceONNX`` normalises with mean = std = 127.5, as for
     ``w600k_r50``.
     """
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
@@ -420,15 +427,7 @@ def iresnet_recognizer_model(seed: int = FULL_RANDOM_SEED, layers: tuple[int, ..
               _tensor("fc.bias", np.zeros(dim))]
     nodes.append(helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["fc"], name="fc", transB=1))
     bn("fc", dim, "features")
-    graph = helper.make_graph(
-        nodes, "iresnet50_random",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", dim])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="spfbench-full-random")
-    model.ir_version = 8
-    return model
+    return _recognizer_model(nodes, inits, "iresnet50_random", "features", dim, "spfbench-full-random")
 
 
 def iresnet_recognizer_path(seed: int = FULL_RANDOM_SEED) -> Path:
