@@ -250,6 +250,23 @@ def test_adalora_prunes_on_schedule_trains_only_its_adapter_and_round_trips(tmp_
     assert abs(images(loaded) - trained).max() < 1e-5
     assert abs(base_images - trained).max() > 1e-4
 
+    # the same update as a plain LoRA that diffusers' load_lora_weights reads, with each module's kept rank
+    plain, _ = load_pipeline("tiny", device="cpu")
+    plain.load_lora_weights(tmp_path / "art", weight_name="pytorch_lora_weights.safetensors", adapter_name="ada")
+    ranks = {n: m.r["ada"] for n, m in plain.unet.named_modules() if hasattr(m, "lora_A") and "ada" in m.r}
+    assert ranks == {k[: -len(".lora_E")]: sum(v) for k, v in pattern.items() if any(v)}  # fully pruned modules absent
+    assert all(m.scaling["ada"] == 1.0 for m in plain.unet.modules() if hasattr(m, "scaling") and "ada" in m.scaling)
+    assert abs(images(plain) - trained).max() < 1e-4
+    # its weights: dW of every module equals the merged model's, independently of the images
+    merged = dict(loaded.unet.named_parameters())
+    base_w = dict(load_pipeline("tiny", device="cpu")[0].unet.named_parameters())
+    plain.fuse_lora(adapter_names=["ada"])
+    plain.unload_lora_weights()
+    for n, p in plain.unet.named_parameters():
+        assert torch.allclose(p, merged[n], atol=1e-6), n
+    moved = [n for n in merged if not torch.equal(merged[n], base_w[n])]
+    assert moved and all(any(n.startswith(k[: -len(".lora_E")]) for k, v in pattern.items() if any(v)) for n in moved)
+
 
 def test_adalora_allocation_matches_peft_documented_order():
     """Our hooks (after_backward before optimizer.step, allocation deferred) give bit-identical weights and rank

@@ -31,7 +31,10 @@ Artifact: ``adapter/`` written by ``PeftModel.save_pretrained`` (``adapter_confi
 ``rank_pattern``, ``adapter_model.safetensors`` with the pruned triplets dropped). ``apply_artifact``
 builds ``PeftModel.from_pretrained`` around the fresh ``pipe.unet`` (peft resizes every module to its
 kept rank from the saved ``rank_pattern``) and merges it (``merge_and_unload``): ``pipe.unet`` is again
-a plain ``UNet2DConditionModel`` holding ``W + dW``. Never load it with ``load_lora_weights``.
+a plain ``UNet2DConditionModel`` holding ``W + dW``. The adapter folder is peft's AdaLoRA format, which
+``load_lora_weights`` does not read; beside it, :func:`export_plain_lora` writes the same update as a plain
+LoRA (``pytorch_lora_weights.safetensors``, diffusers format, per-module ranks in its metadata) that
+``pipe.load_lora_weights(folder)`` loads: the field's way to use the artifact elsewhere.
 """
 
 from __future__ import annotations
@@ -304,11 +307,62 @@ class AdaLora(Method):
             warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
             self.peft_model.save_pretrained(out, safe_serialization=True)
         (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+        export_plain_lora(models.unet, folder)
 
     @classmethod
     def apply_artifact(cls, pipe, folder: Path, config: TrainConfig) -> None:
         peft_model = load_adapter(pipe.unet, folder)
         pipe.unet = peft_model.merge_and_unload().eval()
+
+
+def plain_lora_layers(unet: torch.nn.Module, adapter: str = ADAPTER) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """AdaLoRA's update as plain LoRA matrices: per module ``dW = B diag(E) A * alpha / (ranknum + 1e-5)`` (peft's
+    ``SVDLinear.get_delta_weight``) is ``B' A'`` with ``A' = A[kept]`` and ``B' = B[:, kept] * E[kept] * alpha /
+    (ranknum + 1e-5)``, kept = the triplets whose singular value is not zero (a pruned one is exactly zero and a
+    zero one adds nothing either way). Returns the peft-format state dict (``<module>.lora_A.weight``,
+    ``<module>.lora_B.weight``) and each module's kept rank; modules with no triplet left are absent."""
+    layers, ranks = {}, {}
+    for name, module in unet.named_modules():
+        if not (hasattr(module, "lora_E") and adapter in module.lora_E):
+            continue
+        e = module.lora_E[adapter].detach().float().reshape(-1)
+        kept = torch.nonzero(e).reshape(-1)
+        if kept.numel() == 0:
+            continue
+        a = module.lora_A[adapter].detach().float()[kept]
+        scale = float(module.scaling[adapter]) / (float(module.ranknum[adapter]) + 1e-5)
+        b = module.lora_B[adapter].detach().float()[:, kept] * e[kept].reshape(1, -1) * scale
+        layers[f"{name}.lora_A.weight"] = a.contiguous().cpu()
+        layers[f"{name}.lora_B.weight"] = b.contiguous().cpu()
+        ranks[name] = int(kept.numel())
+    return layers, ranks
+
+
+def export_plain_lora(unet: torch.nn.Module, folder: Path, adapter: str = ADAPTER) -> None:
+    """``folder/pytorch_lora_weights.safetensors``: the trained update as a plain LoRA in the diffusers format that
+    ``pipe.load_lora_weights(folder)`` loads (docs/methods.md "AdaLoRA's artifact"). Ranks differ per module, so the
+    adapter's peft ``LoraConfig`` travels as metadata: r and lora_alpha the most common kept rank, ``rank_pattern``
+    and ``alpha_pattern`` the others (alpha = rank everywhere: the scale is folded into B), target_modules the
+    modules that kept a triplet."""
+    from collections import Counter
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig as PeftLoraConfig
+
+    from .lora import WEIGHT_NAME
+
+    layers, ranks = plain_lora_layers(unet, adapter)
+    if not ranks:  # every triplet pruned: the model is the base model; no LoRA to write
+        return
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    others = {n: k for n, k in ranks.items() if k != r}
+    config = PeftLoraConfig(r=r, lora_alpha=r, rank_pattern=others, alpha_pattern=dict(others), target_modules=sorted(ranks),
+                            init_lora_weights=True)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=convert_state_dict_to_diffusers(layers), weight_name=WEIGHT_NAME, safe_serialization=True,
+        unet_lora_adapter_metadata=config.to_dict(),
+    )
 
 
 def load_adapter(unet, folder: Path):
