@@ -67,6 +67,45 @@ def test_naive_trains_only_the_unet_and_its_artifact_generates_like_the_trained_
     assert abs(a - b).max() < 1e-5
 
 
+def test_naive_artifact_is_fp16_unless_asked_and_loads_exactly_what_it_saved(tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from trainers.naive import NaiveConfig
+
+    pipe, _ = load_pipeline("tiny", device="cpu")
+    with torch.no_grad():  # weights off the fp16 grid, as trained ones are
+        for p in pipe.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 1e-3)
+    live = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    sizes = {}
+    for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        folder = tmp_path / precision
+        Naive(NaiveConfig(save_precision=precision)).save_artifact(SimpleNamespace(unet=pipe.unet), folder)
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        sizes[precision] = weights.stat().st_size
+        assert {v.dtype for v in load_file(weights).values()} == {dtype}
+        assert all(torch.equal(v, live[k]) for k, v in pipe.unet.state_dict().items())  # the live model is not rounded
+        fresh, _ = load_pipeline("tiny", device="cpu")
+        Naive.apply_artifact(fresh, folder, NaiveConfig())
+        loaded = fresh.unet.state_dict()
+        assert fresh.unet.dtype == torch.float32
+        assert all(torch.equal(loaded[k], v.to(dtype).float()) for k, v in live.items())
+        if precision != "fp32":
+            assert any(not torch.equal(loaded[k], v) for k, v in live.items())
+    assert Naive.Config().save_precision == "fp16"
+    assert 0.49 < sizes["fp16"] / sizes["fp32"] < 0.51 and abs(sizes["bf16"] - sizes["fp16"]) < 4096  # (header strings differ)
+
+    with torch.no_grad():
+        next(pipe.unet.parameters()).view(-1)[0] = 1e6  # beyond fp16's 65504
+    with pytest.raises(SpfbenchError, match="overflows fp16.*bf16"):
+        Naive(NaiveConfig()).save_artifact(SimpleNamespace(unet=pipe.unet), tmp_path / "big")
+    Naive(NaiveConfig(save_precision="bf16")).save_artifact(SimpleNamespace(unet=pipe.unet), tmp_path / "big")
+    with pytest.raises(SpfbenchError, match="save_precision must be one of"):
+        NaiveConfig(save_precision="fp8").validate()
+
+
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(toy, tmp_path, monkeypatch):
     run(naive(), toy, tmp_path / "whole")
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from spfbench.errors import SpfbenchError
 
 from .attention import AttentionStore, install_capture
-from .base import Models, TrainConfig, diffusion_loss, encode_batch
-from .naive import Naive
+from .base import Models, diffusion_loss, encode_batch
+from .naive import Naive, NaiveConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ _BLOCK_PREFIX = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."
 
 
 @dataclass
-class TokenComposeConfig(TrainConfig):
+class TokenComposeConfig(NaiveConfig):
     # official recipe (train/scripts/train.sh): lr 5e-6 constant, batch 1 x accumulation 4, fp32
     learning_rate: float = 5e-6
     train_batch_size: int = 1
