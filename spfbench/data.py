@@ -10,6 +10,9 @@ Three on-disk formats, told apart by what the path holds (definitions: docs/data
   members sharing a key (``KEY.png|jpg|jpeg|webp`` + ``KEY.json`` holding the captions and extras).
   Shards are indexed once (member offsets from the tar headers) and read at random.
 
+and one name form: ``hf:NAME[#SPLIT]`` loads ``datasets.load_dataset(NAME, split=SPLIT)`` (a Hub id when
+online or cached, a local folder of data files offline), validated as the HF datasets folder.
+
 Every item is the same whatever the format: ``pixel_values`` (3, R, R) in [-1, 1], the complete caption
 ``join_caption(base_caption, target_text)``, the two parts, ``index`` and ``extras``. All validation
 happens when a dataset is opened, before any training starts; every problem is a one-line
@@ -39,6 +42,7 @@ from .errors import SpfbenchError
 from .io import atomic_write_bytes, atomic_write_json, remove_stale_tmp
 
 METADATA = "metadata.jsonl"
+HUB_PREFIX = "hf:"  # hf:NAME[#SPLIT]: datasets.load_dataset(NAME, split=SPLIT)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 VALIDATE_IMAGES_MAX = 50_000  # validate_images=None decodes every image of sets up to this size
 FINGERPRINT_VERSION = "spfbench-data-v1"
@@ -224,11 +228,18 @@ class _HFDisk(_Source):
     format = "hf"
 
     def __init__(self, root: Path):
+        self.root = root
+        self.label = f"HF dataset {root}"
+        ds, split_dir = _hf_dataset(root)
+        self.signature_files = sorted(p for p in split_dir.iterdir() if p.is_file())
+        self._read_dataset(ds)
+
+    def _read_dataset(self, ds) -> None:
+        """Validate a ``datasets.Dataset`` (columns, captions, extras, images) into records and image bytes."""
         import datasets
         import pyarrow.compute as pc
 
-        self.root = root
-        ds, self.split_dir = _hf_dataset(root)
+        root = self.label[len("HF dataset "):] if self.label.startswith("HF dataset ") else self.label
         cols = list(ds.column_names)
         for c in (_HF_IMAGE, *REQUIRED_COLUMNS):
             if c not in cols:
@@ -275,11 +286,56 @@ class _HFDisk(_Source):
         return self.images[i][_HF_IMAGE]["bytes"]
 
     def image_name(self, i: int) -> str:
-        return f"HF dataset {self.root} item {i}"
+        return f"{self.label} item {i}"
 
     def files_signature(self) -> tuple:
-        files = sorted(p for p in self.split_dir.iterdir() if p.is_file())
-        return (tuple(_stat(p) for p in files), tuple(_stat(p) for p in self.external.values()))
+        return (tuple(_stat(p) for p in self.signature_files), tuple(_stat(p) for p in self.external.values()))
+
+
+def hub_name(path: str | os.PathLike) -> tuple[str, str] | None:
+    """``(name, split)`` of a ``hf:NAME[#SPLIT]`` data argument (docs/data.md "Hub names"), None for a path."""
+    text = os.fspath(path)
+    if not text.startswith(HUB_PREFIX):
+        return None
+    name, _, split = text[len(HUB_PREFIX):].partition("#")
+    if not name.strip():
+        raise SpfbenchError(f"{text}: give a dataset after {HUB_PREFIX}, e.g. {HUB_PREFIX}owner/name, {HUB_PREFIX}owner/name#train"
+                            f" or {HUB_PREFIX}/path/to/folder")
+    return name.strip(), split.strip() or "train"
+
+
+def location(path: str | os.PathLike) -> str:
+    """How a data argument is recorded (run.json, plans): a ``hf:`` name as given, a path made absolute."""
+    return os.fspath(path) if hub_name(path) is not None else str(Path(path).resolve())
+
+
+class _HFHub(_HFDisk):
+    """``hf:NAME[#SPLIT]``: ``datasets.load_dataset(NAME, split=SPLIT)`` (default ``train``). NAME is a Hub dataset id
+    (downloaded when online; offline, with ``HF_HUB_OFFLINE=1``, only from the cache) or a local folder of data files
+    that ``load_dataset`` reads (parquet, arrow, csv/json with an image column, an imagefolder), offline. The rows are
+    then validated exactly as a ``save_to_disk`` folder's. Masks of ``attn_list`` resolve against the local folder
+    (a Hub id: against the current folder; give absolute paths)."""
+
+    format = "hub"
+
+    def __init__(self, text: str):
+        import datasets
+
+        name, split = hub_name(text)
+        local = Path(name).expanduser()
+        self.root = local if local.is_dir() else Path.cwd()
+        self.label = f"HF dataset {text}"
+        try:
+            ds = datasets.load_dataset(str(local) if local.is_dir() else name, split=split)
+        except Exception as e:  # noqa: BLE001 - any failure of the library is a bad name, split or connection
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            offline = " (offline: a Hub id loads only from the local cache; run once online, or give a local folder)" \
+                if not local.is_dir() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") else ""
+            raise SpfbenchError(f"{text}: datasets.load_dataset({name!r}, split={split!r}) failed: {first}{offline}") from None
+        if not isinstance(ds, datasets.Dataset):
+            raise SpfbenchError(f"{text}: load_dataset returned a {type(ds).__name__}, not one split; name it: {HUB_PREFIX}{name}#train")
+        self.signature_files = sorted(Path(f["filename"]) for f in ds.cache_files)
+        self._read_dataset(ds)
 
 
 _WDS_SPLIT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split (first dot of the base name)
@@ -418,8 +474,11 @@ class _WebDataset(_Source):
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``imagefolder``, ``hf`` or ``webdataset``, from what the path holds (raises SpfbenchError otherwise)."""
+    """``imagefolder``, ``hf``, ``webdataset`` or ``hub`` (a ``hf:`` name), from the argument and what the path
+    holds (raises SpfbenchError otherwise)."""
     text = os.fspath(path)
+    if hub_name(text) is not None:
+        return "hub"
     p = Path(text)
     if not p.exists() and any(ch in text for ch in "*?[{"):
         return "webdataset"
@@ -449,6 +508,8 @@ def _open_source(path: str | os.PathLike) -> _Source:
         src: _Source = _ImageFolder(Path(path))
     elif fmt == "hf":
         src = _HFDisk(Path(path))
+    elif fmt == "hub":
+        src = _HFHub(os.fspath(path))
     else:
         src = _WebDataset(os.fspath(path))
     if not src.records:
@@ -487,7 +548,7 @@ def _decode(data: bytes, name: str):
 
 
 def _scan(path: str | os.PathLike, *, decode: bool, hashes: bool, progress: bool = False) -> _Scan:
-    key = os.path.abspath(os.fspath(path))
+    key = location(path)
     prev = _MEMO.get(key)
     if prev is not None and prev.source.signature() == prev.signature:
         scan = prev

@@ -259,8 +259,10 @@ def make_plan(testset: Path, data: Path, methods: list[str], out: Path, config: 
     import torch
     from accelerate import PartialState
 
+    from .data import location as data_location
+
     env = environment(PartialState(cpu=device == "cpu" or not torch.cuda.is_available()))
-    plan = {"format": FORMAT, "testset": str(Path(testset).resolve()), "data": str(Path(data).resolve()),
+    plan = {"format": FORMAT, "testset": str(Path(testset).resolve()), "data": data_location(data),
             "table": list(methods), "order": real.order(), "config": config, "metrics": real.metric_ids, "triples": n_triples,
             "testset_triples": len(real.triples), "device": env.get("device"), "environment": env,
             "memory": "see timing.py: " + ("CUDA allocator peak" if str(env.get("device")).startswith("cuda") else "process peak RSS (CPU, cumulative)"),

@@ -149,14 +149,14 @@ class Runner:
         return {**self.config.get(ALL_METHODS_KEY, {}), **self.config.get(name, {})}
 
     def spec(self) -> dict:
-        from .data import dataset_fingerprint
+        from .data import dataset_fingerprint, location as data_location
         from .scoring import _bytes_sha
 
         return {
             "format_version": FORMAT_VERSION,
             "testset": str(self.testset.resolve()),
             "testset_content_sha256": self.meta["content_sha256"],
-            "data": str(self.data.resolve()),
+            "data": data_location(self.data),
             "data_fingerprint": dataset_fingerprint(self.data),
             "metrics": list(self.metric_ids),
             "preset": self.preset,

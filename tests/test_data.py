@@ -226,6 +226,41 @@ def test_every_format_gives_the_same_items_and_fingerprint(toy, tmp_path):
     assert len(single) == 3 and item_equal(single[0], {**ref_items[3], "index": 0})
 
 
+def test_hub_names_load_through_load_dataset_like_the_folders(toy, tmp_path, monkeypatch):
+    """hf:NAME[#SPLIT] goes through datasets.load_dataset: here a local folder of parquet files (offline, as a
+    Hub repository's data files are laid out); a Hub id that is not cached fails in one line naming the cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    ds = datasets.load_from_disk(str(make_hf(toy, tmp_path / "disk")))
+    repo = tmp_path / "repo"
+    ds.to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
+    ds.select(range(2)).to_parquet(str(repo / "data" / "validation-00000-of-00001.parquet"))
+    ref = PortraitDataset(toy, R)
+    hub = PortraitDataset(f"hf:{repo}", R)
+    assert hub.format == "hub" and len(hub) == N
+    assert all(item_equal(hub[i], ref[i]) for i in range(N))
+    assert dataset_fingerprint(f"hf:{repo}") == dataset_fingerprint(toy)
+    assert len(PortraitDataset(f"hf:{repo}#validation", R)) == 2
+    from spfbench.data import location
+
+    assert location(f"hf:{repo}#validation") == f"hf:{repo}#validation" and location(toy) == str(toy.resolve())
+
+    with pytest.raises(SpfbenchError, match=r"hf:nobody/no-such-portraits: datasets.load_dataset\('nobody/no-such-portraits'.*offline"):
+        PortraitDataset("hf:nobody/no-such-portraits", R)
+    with pytest.raises(SpfbenchError, match=r"split='test'"):
+        PortraitDataset(f"hf:{repo}#test", R)
+    with pytest.raises(SpfbenchError, match="give a dataset after hf:"):
+        PortraitDataset("hf:", R)
+    text = tmp_path / "text"
+    datasets.Dataset.from_dict({"image": ["x.png"], "base_caption": ["A man"], "target_text": ["a hat"]}).to_parquet(
+        str(text / "data" / "train-00000-of-00001.parquet"))
+    with pytest.raises(SpfbenchError, match=r"HF dataset hf:.*text: column image is .*not an Image feature"):
+        PortraitDataset(f"hf:{text}", R)
+
+
 def test_preprocess_matches_torchvision_resize_and_centre_crop():
     from PIL import Image
     from torchvision import transforms

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from spfbench.data import location as data_location
 from spfbench.errors import SpfbenchError
 from spfbench.io import atomic_write_bytes, atomic_write_json
 
@@ -362,7 +363,7 @@ class Trainer:
             tmp.mkdir(parents=True)
             self.method.save_artifact(unwrapped, tmp)
             atomic_write_json(tmp / ARTIFACT_META, {"method": self.method.name, "config": cfg.to_dict(), "steps": step,
-                                                     "model": info.to_dict(), "data": str(self.data.resolve()),
+                                                     "model": info.to_dict(), "data": data_location(self.data),
                                                      "data_fingerprint": fingerprint, "notes": self.method.training_notes()})
             shutil.rmtree(artifact, ignore_errors=True)
             tmp.rename(artifact)

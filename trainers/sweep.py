@@ -141,7 +141,7 @@ def lora_rank_sweep(
     null keeps alpha = rank). ``val_data`` is the held-out set (any format :mod:`spfbench.data` reads);
     it is required unless ``score_fn`` gives the criterion.
     """
-    from spfbench.data import dataset_fingerprint
+    from spfbench.data import dataset_fingerprint, location as data_location
     from spfbench.models import load_pipeline
 
     from .loop import Trainer
@@ -181,7 +181,7 @@ def lora_rank_sweep(
             scores[r] = heldout(pipe.unet)
             pipe.unload_lora_weights()
         criterion = CRITERION
-        details = {"val_data": str(Path(val_data).resolve()), "val_fingerprint": dataset_fingerprint(val_data),
+        details = {"val_data": data_location(val_data), "val_fingerprint": dataset_fingerprint(val_data),
                    "val_items": len(heldout.items) // len(heldout.timesteps), "timesteps": heldout.timesteps,
                    "noise": "per (item, timestep) from seed (config seed, 'heldout', item, t)", "latents": "VAE mean",
                    "base_model_loss": base_score}
@@ -192,7 +192,7 @@ def lora_rank_sweep(
         "lower_is_better": True,
         "tie_break": "smaller rank",
         **details,
-        "data": str(Path(data).resolve()),
+        "data": data_location(data),
         "ranks": [
             {"rank": r, "alpha": configs[r].lora_alpha, "score": scores[r], "steps": runs[r].steps,
              "artifact": str(runs[r].artifact.relative_to(out))}
