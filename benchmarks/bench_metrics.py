@@ -140,9 +140,9 @@ class Naive:
         if self._face_app is None:
             from insightface.app import FaceAnalysis
 
-            from spfbench.metrics.id import PACK, _providers, insightface_root
+            from spfbench.metrics.id import PACK, execution_providers, insightface_root
 
-            providers, ctx = _providers(self.bb_id)
+            providers, ctx = execution_providers(self.bb_id)
             app = FaceAnalysis(name=PACK, root=str(insightface_root()), providers=providers)
             app.prepare(ctx_id=ctx, det_size=(640, 640))
             self._face_app = app
@@ -234,7 +234,7 @@ def drop_backbones(*bbs: Backbones) -> None:
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # scikit-image chatter inside insightface
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "full-random", "real"])
+    p.add_argument("--preset", default="tiny", help="the metrics' environment (spfbench environments): tiny, full-random, real")
     p.add_argument("--n", type=int, default=24, help="pairs")
     p.add_argument("--n-for", action="append", metavar="METRIC=N", help="pairs for one metric (repeatable)")
     p.add_argument("--size", type=int, default=None, help="image side (default 64 tiny, 512 otherwise)")
@@ -253,8 +253,8 @@ def main() -> None:
     metrics = args.metric or DEFAULT_METRICS
     n_for, repeats_for = per_metric(args.n_for, "--n-for"), per_metric(args.repeats_for, "--repeats-for")
     warm_for = per_metric(args.warm_for, "--warm-for", minimum=0)
-    size = args.size or (64 if args.preset == "tiny" else 512)
     bb = Backbones(args.preset, args.device)
+    size = args.size or (512 if bb.full_size else 64)
     global CLOCK
     CLOCK = args.clock if args.clock != "auto" else ("process" if bb.device.type == "cpu" else "wall")
     if bb.random_weights:

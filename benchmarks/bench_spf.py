@@ -60,10 +60,10 @@ from common import sync, write_result  # noqa: E402
 
 import trainers  # noqa: E402
 from spfbench.data import PortraitDataset, collate  # noqa: E402
-from spfbench.models import load_pipeline  # noqa: E402
+from spfbench.models import get_preset, load_pipeline  # noqa: E402
 from spfbench.toydata import make_toy_data  # noqa: E402
 from trainers.base import Models  # noqa: E402
-from trainers.loop import Trainer, _training_scheduler  # noqa: E402
+from trainers.loop import Trainer, training_scheduler  # noqa: E402
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPF_REFERENCE_TFLOP_PER_SAMPLE = 7.95  # REFERENCE.md section 5: SD1.5, 512 px
@@ -71,30 +71,25 @@ NAIVE_REFERENCE_TFLOP_PER_SAMPLE = 2.41  # UNet fwd+bwd, all trainable (the naiv
 
 
 
-def random_clip(device):
-    """A random-weight, full-size open_clip ViT-L/14 (same FLOPs as the published one; no download)."""
-    import open_clip
+def clip_config(name: str, args) -> dict:
+    """SPF's CLIP: ``--clip random`` is the full-random environment's (open_clip ViT-L/14 at its published shapes,
+    seeded random weights: the same FLOPs as the published one, no download); ``method`` the method's own
+    choice (its base model's environment); ``auto``: ``method`` where the backbones are small, else ``random``."""
+    from spfbench.environments import of_preset
 
-    from spfbench.metrics.clip import ClipBackbone
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model, _, preprocess = open_clip.create_model_and_transforms("ViT-L-14", pretrained=None, force_quick_gelu=True)
-    return ClipBackbone(model, preprocess, open_clip.get_tokenizer("ViT-L-14"), device, torch.float32)
+    clip = args.clip if args.clip != "auto" else ("method" if not of_preset(args.preset)[0].full_size_backbones else "random")
+    return {"clip_preset": "full-random"} if name != "naive" and clip == "random" else {}
 
 
 def build(name: str, args, device):
     """A fresh pipeline, the method's own setup, AdamW over its parameters."""
     pipe, _ = load_pipeline(args.preset, device=device, dtype=torch.float32)
     wd = DTYPES[args.precision]
-    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe), wd)
+    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe), wd)
     for m in (pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
         torch.nn.Module.to(m, dtype=wd)
-    method = trainers.create(name, {"mixed_precision": args.precision, "train_batch_size": args.batch_size})
-    clip = args.clip if args.clip != "auto" else ("method" if args.preset == "tiny" else "random")
-    if name != "naive" and clip == "random":
-        method._clip = random_clip(device)  # Spf.clip() returns the cached backbone
+    method = trainers.create(name, {"mixed_precision": args.precision, "train_batch_size": args.batch_size, **clip_config(name, args)})
     params = method.setup(models)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
@@ -162,10 +157,7 @@ def loop_run(name: str, cached: bool, args, data: Path, out: Path, device) -> di
     steps = args.warmup + args.steps
     method = trainers.create(name, {"max_train_steps": steps, "checkpointing_steps": 10**9, "checkpoints_total_limit": 1,
                                     "mixed_precision": args.precision, "train_batch_size": args.batch_size,
-                                    "random_flip": args.random_flip, "cache_encodings": cached})
-    clip = args.clip if args.clip != "auto" else ("method" if args.preset == "tiny" else "random")
-    if name != "naive" and clip == "random":
-        method._clip = random_clip(device)  # Spf.clip() returns the cached backbone
+                                    "random_flip": args.random_flip, "cache_encodings": cached, **clip_config(name, args)})
     t = time.perf_counter()
     Trainer(method, data, out, preset=args.preset, device=None if device.type == "cuda" else "cpu").run(progress=False)
     wall = time.perf_counter() - t
@@ -231,7 +223,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="spfbench-bench-spf-"))
-    make_toy_data(tmp / "data", args.n, size=64 if args.preset == "tiny" else 512)
+    make_toy_data(tmp / "data", args.n, size=get_preset(args.preset).native_size)
     if args.measure == "cache":
         return measure_cache(args, tmp / "data", tmp, device)
 

@@ -37,7 +37,7 @@ from spfbench.data import PortraitDataset, collate  # noqa: E402
 from spfbench.models import load_pipeline  # noqa: E402
 from spfbench.toydata import make_toy_data  # noqa: E402
 from trainers.base import Models  # noqa: E402
-from trainers.loop import Trainer, _training_scheduler  # noqa: E402
+from trainers.loop import Trainer, training_scheduler  # noqa: E402
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -49,7 +49,7 @@ def plain_steps(method_name, cfg, args, data, device) -> tuple[list[float], floa
     left = fresh_peak(device)
     pipe, _ = load_pipeline(args.preset, device=device, dtype=torch.float32)
     wd = DTYPES[args.precision]
-    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe), wd)
+    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe), wd)
     for m in (pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
         torch.nn.Module.to(m, dtype=wd)
@@ -113,7 +113,9 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="spfbench-bench-train-"))
-    size = 64 if args.preset == "tiny" else 512
+    from spfbench.models import get_preset
+
+    size = get_preset(args.preset).native_size
     make_toy_data(tmp / "data", args.n, size=size)
     rows = {}
     for name in args.method or ["naive", "lora", "adalora"]:

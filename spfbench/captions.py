@@ -39,8 +39,34 @@ def join_caption(base_caption: str, target_text: str) -> str:
 
     The single definition used by the test set, the training data and every method's generation.
     """
-    base = base_caption.strip().rstrip(".").rstrip()
-    return f"{base}, {target_text.strip()}"
+    return f"{base_text(base_caption)}, {target_text.strip()}"
+
+
+def base_text(base_caption: str) -> str:
+    """The base caption as the complete caption holds it: trimmed, a final "." removed (as :func:`join_caption`)."""
+    return base_caption.strip().rstrip(".").rstrip()
+
+
+def phrase_spans(base_caption: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the comma-separated phrases in ``base_text(base_caption)``, each trimmed,
+    empty parts dropped."""
+    text = base_text(base_caption)
+    spans, start = [], 0
+    for part in text.split(","):
+        end = start + len(part)
+        lead = len(part) - len(part.lstrip())
+        trail = len(part) - len(part.rstrip())
+        if part.strip():
+            spans.append((start + lead, end - trail))
+        start = end + 1
+    return spans
+
+
+def split_base_phrases(base_caption: str) -> list[str]:
+    """The phrases E_base[i] of a base caption: split on commas, trimmed, empty parts dropped, a final
+    "." removed ("A woman, playing a guitar, with a red background, in a white T-shirt" -> 4 phrases)."""
+    text = base_text(base_caption)
+    return [text[s:e] for s, e in phrase_spans(base_caption)]
 
 
 def _hash_int(*parts) -> int:

@@ -67,6 +67,18 @@ def weights(ctx: typer.Context) -> None:
         typer.echo(f"  {p['name']:<20} {p['weights']:<45} {p['description']}")
 
 
+@app.command()
+def environments() -> None:
+    """The environments (spfbench.environments: built-in and plugins): their base-model presets and default metrics."""
+    from . import environments as E
+
+    for name in E.names():
+        env = E.get(name)
+        typer.echo(f"{name}: {env.description}")
+        typer.echo(f"  presets: {', '.join(p.name for p in env.presets) or '-'}")
+        typer.echo(f"  default metrics: {', '.join(env.default_metrics())}")
+
+
 @weights_app.command("convert-mps")
 def convert_mps(
     src: Path = typer.Argument(..., help="The official MPS_overall_checkpoint.pth (a pickle: it is unpickled once, here)."),
@@ -91,7 +103,7 @@ def _hf_cache() -> str:
 @app.command("build-testset")
 def build_testset(
     out: Path = typer.Option(..., "--out", help="Folder of the test set (created; rerun the same command to resume)."),
-    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random, world."),
+    preset: str = typer.Option("realistic-vision-v4", help="Base model preset (`spfbench environments`: realistic-vision-v4, sd15, tiny, sd15-random, world, a plugin's)."),
     n: Optional[int] = typer.Option(None, "--n", help="Number of triples (default: 5000, or every row of --captions)."),
     seed: int = typer.Option(0, help="Test set seed: triple i's caption choices and generation seed derive from (seed, i)."),
     captions: Optional[Path] = typer.Option(None, help="CSV/JSONL with base_caption, target_text (optional category, seed, id); replaces the composer."),
@@ -169,10 +181,10 @@ def build_testset(
 @app.command()
 def metrics() -> None:
     """List the metric ids (backbone and scale in the id), their Table 1 column and direction."""
-    from .metrics import REGISTRY, metric_class
+    from .metrics import ids, metric_class
     from .scoring import DEFAULT_METRICS
 
-    for mid in REGISTRY:
+    for mid in ids():
         cls = metric_class(mid)
         arrow = "higher is better" if cls.higher_is_better else "lower is better"
         kind = "per sample" if cls.per_sample else "set level"
@@ -196,7 +208,7 @@ def score(
     images: Path = typer.Option(..., "--images", help="Folder of customized images named by triple id (ID.png)."),
     out: Path = typer.Option(..., "--out", help="Output folder: samples.jsonl, summary.json (rerun to resume)."),
     metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric id (repeatable; default: the eight of Table 1, plus GT-Target and GT-Preserve under --preset world). See `spfbench metrics`."),
-    preset: str = typer.Option("real", help="real (published weights), tiny (small random models, for tests and CPU smoke runs), world (Portrait World: its CLIP; tiny models for the rest) or full-random (published architectures, seeded random weights: throughput at real size)."),
+    preset: str = typer.Option("real", help="The metrics' environment (`spfbench environments`): real (published weights), tiny (small random models, for tests and CPU smoke runs), full-random (published architectures, seeded random weights: throughput at real size), world (Portrait World: its CLIP and reader; tiny models for the rest) or a plugin's."),
     weights: Optional[list[str]] = typer.Option(None, "--weights", help="NAME=PATH: a local weight file for NAME (names as in `spfbench weights`)."),
     batch_size: int = typer.Option(16, help="Pairs per batch."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N triples (smoke runs)."),
@@ -249,7 +261,7 @@ def train(
     method: str = typer.Option(..., "--method", help="Method name (see `spfbench methods`)."),
     data: Path = typer.Option(..., "--data", help="Training set: imagefolder (metadata.jsonl), HF datasets folder or WebDataset shards."),
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, log.jsonl, artifact/); rerun to resume."),
-    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random, world."),
+    preset: str = typer.Option("realistic-vision-v4", help="Base model preset (`spfbench environments`: realistic-vision-v4, sd15, tiny, sd15-random, world, a plugin's)."),
     model: Optional[str] = typer.Option(None, help="Real presets: hub id, local diffusers folder, or single-file .safetensors."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides the config's max_train_steps)."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON file of the method's hyper-parameters (see its config dataclass)."),
@@ -302,7 +314,7 @@ def run(
     data: Path = typer.Option(..., "--data", help="Training set of every method (imagefolder, HF datasets folder or WebDataset shards)."),
     out: Path = typer.Option(..., "--out", help="Run folder; rerun the same command to resume (methods can be added later)."),
     method: list[str] = typer.Option(..., "--method", help="Method name (repeatable; `spfbench methods`). Required methods (SPF's stage 1) are fitted too."),
-    preset: Optional[str] = typer.Option(None, help="Metric backbones: real, tiny, world or full-random (default: tiny/world for a tiny/world test set, else real)."),
+    preset: Optional[str] = typer.Option(None, help="The metrics' environment: real, tiny, full-random, world or a plugin's (default: the test set's base-model environment)."),
     config: Optional[Path] = typer.Option(None, "--config", help='JSON: {"all": {...}, "naive": {...}, "spf": {...}}, each a method\'s hyper-parameters.'),
     limit: Optional[int] = typer.Option(None, help="Only the first N triples (smoke runs)."),
     metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric id (repeatable; default: the eight of Table 1)."),
@@ -490,7 +502,7 @@ def viz_attention(
     target: str = typer.Option(..., "--target", help="The target text: whole words that occur in --caption; its tokens' maps are shown."),
     model: Optional[list[str]] = typer.Option(None, "--model", help="A row: 'original' (the base model) or NAME=ARTIFACT (a trained RUN/artifact); repeatable, in order. Default: original."),
     out: Path = typer.Option(..., "--out", help="Output .png."),
-    preset: str = typer.Option("realistic-vision-v4", help="Base model preset: realistic-vision-v4, sd15, tiny, sd15-random, world."),
+    preset: str = typer.Option("realistic-vision-v4", help="Base model preset (`spfbench environments`: realistic-vision-v4, sd15, tiny, sd15-random, world, a plugin's)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="Real presets: hub id, local diffusers folder, or single-file .safetensors."),
     weights_seed: int = typer.Option(0, help="Random presets: seed of the random weights (must match the runs' --weights-seed)."),
     seed: int = typer.Option(0, help="Generation seed (same initial noise for every model)."),
@@ -564,7 +576,7 @@ def viz_sfcm(
 @app.command()
 def masks(
     data: Path = typer.Option(..., "--data", help="Imagefolder training set (DIR/metadata.jsonl); masks go to DIR/masks/."),
-    preset: str = typer.Option("real", help="Segmenter: real (CLIPSeg CIDAS/clipseg-rd64-refined, local weights), tiny (random, tests) or world (a Portrait World set's exact ground-truth regions, from its `attributes` column; no model; phrases without a region get null; docs/world.md)."),
+    preset: str = typer.Option("real", help="The environment whose masks to draw: real or full-random (CLIPSeg CIDAS/clipseg-rd64-refined, local weights), tiny (a small random CLIPSeg, tests) or world (a Portrait World set's exact ground-truth regions, from its `attributes` column; no model; phrases without a region get null; docs/world.md)."),
     model: Optional[str] = typer.Option(None, help="real: a local CLIPSeg folder (save_pretrained) or hub id in the HF cache."),
     threshold: float = typer.Option(0.5, help="Mask = bilinear-upsampled sigmoid(logits) > threshold (not used by world)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
@@ -587,11 +599,11 @@ def main() -> None:
     except (SpfbenchError, OSError) as e:
         if os.environ.get(DEBUG_ENV) == "1":
             raise
-        typer.echo(f"error: {_one_line(e)}", err=True)
+        typer.echo(f"error: {one_line(e)}", err=True)
         sys.exit(2)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     if isinstance(e, SpfbenchError):
         return str(e)
     # an OSError no check caught (a disk that filled, a folder made read-only meanwhile): what and where

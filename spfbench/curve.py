@@ -81,7 +81,7 @@ def artifact_from_checkpoint(method, checkpoint_dir, out_dir, *, load_kwargs: di
 
     from spfbench.models import load_pipeline
     from trainers.base import ARTIFACT_META, Models
-    from trainers.loop import Trainer, _training_scheduler
+    from trainers.loop import Trainer, training_scheduler
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     state_path, weights_path = checkpoint_dir / "state.json", checkpoint_dir / "trainable.safetensors"
@@ -105,7 +105,7 @@ def artifact_from_checkpoint(method, checkpoint_dir, out_dir, *, load_kwargs: di
                             f" (method {recorded.get('method')}); pass the run's own method, config and base model")
 
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe), weight_dtype)
+    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe), weight_dtype)
     models.vae.requires_grad_(False)
     models.text_encoder.requires_grad_(False)
     for frozen in (models.vae, models.text_encoder):  # as the loop: frozen parts in the compute dtype
@@ -208,7 +208,7 @@ def training_curve(
     with the plain base model. ``keep_artifacts=False`` deletes each step's artifact once its images exist.
     """
     import trainers
-    from spfbench.metrics import REGISTRY, Backbones, Batch, create
+    from spfbench.metrics import Backbones, Batch, create, ids, is_known
     from spfbench.models import load_pipeline
     from spfbench.scoring import read_image
     from spfbench.testset import load_testset
@@ -218,9 +218,9 @@ def training_curve(
 
     train_dir, testset_dir, out_dir = Path(train_dir), Path(testset_dir), Path(out_dir)
     metric_ids = list(metric_ids)
-    unknown = [m for m in metric_ids if m not in REGISTRY]
+    unknown = [m for m in metric_ids if not is_known(m)]
     if unknown or not metric_ids or len(set(metric_ids)) != len(metric_ids):
-        raise SpfbenchError(f"curve metrics must be distinct known metric ids, got {metric_ids}; known: {', '.join(REGISTRY)}")
+        raise SpfbenchError(f"curve metrics must be distinct known metric ids, got {metric_ids}; known: {', '.join(ids())}")
     if batch_size < 1:
         raise SpfbenchError("batch_size must be at least 1")
     if config is None:

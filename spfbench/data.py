@@ -147,7 +147,7 @@ def _stat(p: Path) -> tuple:
     return (str(p), s.st_size, s.st_mtime_ns)
 
 
-class _ImageFolder(_Source):
+class ImageFolder(_Source):
     format = "imagefolder"
 
     def __init__(self, root: Path):
@@ -505,7 +505,7 @@ def detect_format(path: str | os.PathLike) -> str:
 def _open_source(path: str | os.PathLike) -> _Source:
     fmt = detect_format(path)
     if fmt == "imagefolder":
-        src: _Source = _ImageFolder(Path(path))
+        src: _Source = ImageFolder(Path(path))
     elif fmt == "hf":
         src = _HFDisk(Path(path))
     elif fmt == "hub":

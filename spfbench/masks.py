@@ -21,12 +21,9 @@ data so that training reads them exactly like supplied masks:
 Only imagefolder sets (``DIR/metadata.jsonl``) are handled; an HF datasets folder or WebDataset shards
 is refused with a message saying to convert it to an imagefolder.
 
-Preset ``world`` (Portrait World sets only, rows with an ``attributes`` column): no segmenter; the same
-phrases get the exact ground-truth regions the renderer drew (:func:`world_phrase_parts` for the phrase
--> parts rule, :func:`spfbench.world.render.render_parts` for the parts), a phrase with no region gets
-``null`` in ``attn_list`` (no file). The image is first re-rendered from its attributes (size = the
-image's, variant = the number in its file name, else its row index) and must equal the file pixel for
-pixel, so a mask can never describe a different image. Threshold, model and device do not apply.
+Where a phrase's mask comes from is the environment's (spfbench.environments: ``mask_source()``): CLIPSeg
+(``real``, ``full-random``), a small random CLIPSeg (``tiny``), or, in Portrait World, the exact ground-truth
+regions the renderer drew (spfbench/world/masks.py; a phrase without a region gets ``null`` in ``attn_list``).
 """
 
 from __future__ import annotations
@@ -34,8 +31,10 @@ from __future__ import annotations
 import io as _io
 import json
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -46,7 +45,6 @@ from .errors import MissingWeightsError, SpfbenchError
 HUB_ID = "CIDAS/clipseg-rd64-refined"
 MASKS_DIR = "masks"
 DEFAULT_THRESHOLD = 0.5
-PRESETS = ("real", "tiny", "world")
 TINY_IMAGE_SIZE = 64  # the tiny CLIPSeg's input side (patch 16 -> 4 x 4 tokens)
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]  # CIDAS/clipseg-rd64-refined preprocessor_config.json
 _IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -113,19 +111,11 @@ def _missing(where: str) -> str:
             f"--model DIR holding a save_pretrained() copy of model and processor")
 
 
-def _check_preset(preset: str) -> None:
-    if preset not in PRESETS:
-        raise SpfbenchError(f"unknown masks preset {preset!r}; choose one of {', '.join(PRESETS)}")
-
-
-def load_segmenter(preset: str = "real", model: str | None = None, device: str | None = None, seed: int = 0) -> Segmenter:
-    """The segmenter of a preset: ``real`` = CLIPSeg ``model`` (a local folder or hub id, default
-    :data:`HUB_ID`) from disk / the HF cache only; ``tiny`` = :func:`tiny_segmenter`."""
-    _check_preset(preset)
-    if preset == "world":
-        raise SpfbenchError("the world preset has no segmenter: generate_masks draws its masks from the renderer")
+def load_segmenter(model: str | None = None, device: str | None = None, seed: int = 0, *, full_size: bool = True) -> Segmenter:
+    """CLIPSeg ``model`` (a local folder or hub id, default :data:`HUB_ID`) from disk / the HF cache only; with
+    ``full_size=False`` the small random :func:`tiny_segmenter` (tests)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if preset == "tiny":
+    if not full_size:
         return tiny_segmenter(seed, dev)
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
@@ -148,7 +138,7 @@ def load_segmenter(preset: str = "real", model: str | None = None, device: str |
 def sample_phrases(base_caption: str, target_text: str) -> list[str]:
     """The noun phrases of ``join_caption(base, target)`` for our caption shape: the comma-separated
     phrases of the base caption, then the target text."""
-    from trainers.spf_losses import split_base_phrases
+    from .captions import split_base_phrases
 
     return [*split_base_phrases(base_caption), target_text.strip()]
 
@@ -159,89 +149,34 @@ def mask_relpath(file_name: str, k: int) -> str:
     return f"{MASKS_DIR}/{stem}/{k}.png"
 
 
-# ---------------------------------------------------------------------------------------------- world preset
-
-# attribute a phrase names -> the rendered parts (spfbench.world.render.PARTS) of its region
-_FACE = ("face", "eyes", "brows", "nose", "mouth", "wrinkles", "freckles", "eyewear")
+# ---------------------------------------------------------------------------------------------- mask sources
 
 
-def _world_regions() -> dict[str, tuple[str, ...]]:
-    from .world.render import PARTS
+class MaskSource(ABC):
+    """Where the masks of an image's phrases come from (an environment supplies one: ``mask_source()``)."""
 
-    return {
-        "subject": tuple(p for p in PARTS if p != "background"),  # the whole person, hat and glasses included
-        "expression": _FACE,  # the face and everything drawn on it (not the hair or a hat)
-        "background": ("background",),
-        "garment": ("garment",),  # the clothing phrase ("in a red T-shirt"): the garment, not the bare neck
-        "headwear": ("hat",),
-        "eyewear": ("eyewear",),  # rims, bridge and arms (the lenses of sunglasses; glasses' lenses show the eyes)
-        "freckles": ("freckles",),
-        "style": PARTS,  # the pencil style is applied to every pixel: the whole image
-    }
+    def regions(self, row: dict, where: str, phrases: list[str]) -> list[object | None]:
+        """Per phrase, what its mask is drawn from, or None: the phrase has no region (``null`` in
+        ``attn_list``, no file). Called for every row before any mask is made (so a bad row fails first)."""
+        return [()] * len(phrases)
+
+    @abstractmethod
+    def masks(self, image, row: dict, index: int, where: str, phrases: list[str], regions: list, threshold: float) -> list[np.ndarray | None]:
+        """The (H, W) bool mask of each phrase with a region (None where ``regions`` is None)."""
 
 
-def world_phrase_parts(attrs: dict, phrases: list[str]) -> list[tuple[str, ...] | None]:
-    """For each phrase, the rendered parts it denotes in a portrait with ``attrs``, or None (no region).
+class SegmenterMasks(MaskSource):
+    """A text-prompted segmenter (CLIPSeg): ``upsample(sigmoid(logits)) > threshold`` per phrase, all phrases of an
+    image in one call. ``load`` builds the segmenter on first use (no model loads when nothing is to be done)."""
 
-    A phrase is matched (trimmed, case-folded) against the four phrases of ``base_caption(attrs)``
-    (subject, expression, background, clothing) and the target texts whose attribute value ``attrs``
-    shows; the matched attribute picks the parts (:func:`_world_regions`). Any other phrase, including a
-    target text the image does not show, gets None."""
-    from .world.attributes import TARGET_TEXTS, caption_phrases
+    def __init__(self, load: Callable[[], Segmenter]):
+        self._load, self._segmenter = load, None
 
-    regions = _world_regions()
-    named = {text.strip().casefold(): attr for text, attr in caption_phrases(attrs)}
-    for text, (attr, value) in TARGET_TEXTS.items():
-        if attrs.get(attr) == value:
-            named[text.strip().casefold()] = attr
-    out = []
-    for ph in phrases:
-        attr = named.get(ph.strip().casefold())
-        out.append(regions[attr] if attr is not None else None)
-    return out
-
-
-def _world_attributes(row: dict, where: str) -> dict:
-    from .world.attributes import validate
-
-    need = ("--preset world takes its masks from the ground truth of a Portrait World set: write one with "
-            "`spfbench world data --out DIR` (or use --preset real)")
-    attrs = row.get("attributes")
-    if not isinstance(attrs, dict):
-        raise SpfbenchError(f"{where}: no `attributes` column (not a Portrait World set); {need}")
-    try:
-        return validate(attrs)
-    except SpfbenchError as e:
-        raise SpfbenchError(f"{where}: `attributes` is not a Portrait World ground truth ({e}); {need}") from None
-
-
-def _world_variants(file_name: str, index: int) -> list[int]:
-    """make_world_set renders image i as ``images/<i>.png`` with variant i: the file name's number first,
-    then the row index."""
-    stem = Path(file_name).stem
-    cands = [int(stem)] if stem.isdigit() else []
-    return cands + [index] if index not in cands else cands
-
-
-def world_masks(image, attrs: dict, parts: list[tuple[str, ...] | None], variants: list[int], where: str) -> list[np.ndarray | None]:
-    """The (H, W) bool mask of each phrase's parts (None stays None) in ``image``, the render of ``attrs``
-    at the image's size with the first of ``variants`` that reproduces it pixel for pixel."""
-    from .world.render import render_parts
-
-    got = np.asarray(image.convert("RGB"))
-    part = None
-    for v in variants if image.width == image.height else []:
-        img, masks = render_parts(attrs, image.width, variant=v)
-        if np.array_equal(np.asarray(img), got):
-            part = masks
-            break
-    if part is None:
-        raise SpfbenchError(
-            f"{where}: the image is not the Portrait World render of its `attributes` (size {image.width}x"
-            f"{image.height}, variant {' or '.join(map(str, variants))}): --preset world needs the images exactly as "
-            f"`spfbench world data` wrote them (same Pillow version)"
-        )
-    return [None if ps is None else np.logical_or.reduce([part[p] for p in ps]) for ps in parts]
+    def masks(self, image, row, index, where, phrases, regions, threshold):
+        if self._segmenter is None:
+            self._segmenter = self._load()
+        probs = self._segmenter.probabilities(image, phrases)
+        return [m.numpy() for m in upsample_masks(probs, (image.height, image.width), threshold)]
 
 
 @dataclass
@@ -265,58 +200,54 @@ def generate_masks(
 ) -> MasksResult:
     """Write a mask per phrase of every sample of the imagefolder ``data`` and add ``attn_list`` to its
     ``metadata.jsonl`` (see the module docstring). Resumable; a rerun with nothing to do writes nothing.
-    ``preset="world"``: ground-truth masks of a Portrait World set (phrases without a region: null)."""
+    ``preset``: the environment whose mask source draws them (spfbench.environments; ``world``: the ground-truth
+    regions of a Portrait World set, phrases without a region null); ``segmenter``: this segmenter instead."""
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .data import METADATA, _ImageFolder, detect_format
+    from .data import METADATA, ImageFolder, detect_format
+    from .environments import get
     from .io import atomic_write_bytes, atomic_write_text
 
-    _check_preset(preset)
-    world = preset == "world"
+    source = SegmenterMasks(lambda: segmenter) if segmenter is not None else \
+        get(preset).mask_source(model=model, device=device, seed=seed)
     if not 0.0 <= threshold < 1.0:
         raise SpfbenchError(f"--threshold must be in [0, 1), got {threshold}")
     fmt = detect_format(data)
     if fmt != "imagefolder":
         raise SpfbenchError(
-            f"spfbench masks writes masks beside an imagefolder (DIR/{METADATA}); {os.fspath(data)} is a "
-            f"{'HF datasets folder' if fmt == 'hf' else 'WebDataset'}: convert it to an imagefolder first"
+            f"spfbench masks writes masks beside an imagefolder (DIR/{METADATA}); {os.fspath(data)} is "
+            f"{ {'hf': 'an HF datasets folder', 'hub': 'a datasets name'}.get(fmt, 'WebDataset')}: convert it to an imagefolder first"
         )
     root = Path(data)
-    src = _ImageFolder(root)  # validates every row (captions, image files, extras)
+    src = ImageFolder(root)  # validates every row (captions, image files, extras)
     meta = root / METADATA
     text = meta.read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     assert len(rows) == len(src.records)
 
-    plans = []  # per sample: phrases, mask path or None (no region) per phrase, world parts per phrase
+    plans = []  # per sample: phrases, mask path or None (no region) per phrase, the source's region per phrase
     for row, rec in zip(rows, src.records):
         phrases = sample_phrases(rec.base_caption, rec.target_text)
-        parts = world_phrase_parts(_world_attributes(row, rec.where), phrases) if world else [()] * len(phrases)
-        rels = [mask_relpath(row["file_name"], k) if ps is not None else None for k, ps in enumerate(parts)]
-        plans.append((phrases, rels, parts))
+        regions = source.regions(row, rec.where, phrases)
+        rels = [mask_relpath(row["file_name"], k) if r is not None else None for k, r in enumerate(regions)]
+        plans.append((phrases, rels, regions))
     todo = [i for i, (_, rels, _) in enumerate(plans) if not all((root / r).is_file() for r in rels if r is not None)]
 
-    if todo:
-        seg = None if world else (segmenter or load_segmenter(preset, model=model, device=device, seed=seed))
-        for i in tqdm(todo, desc="masks", unit="image", disable=not progress):
-            phrases, rels, parts = plans[i]
-            with Image.open(src.files[i]) as im:
-                image = im.convert("RGB")
-            if world:
-                masks = world_masks(image, rows[i]["attributes"], parts, _world_variants(rows[i]["file_name"], i),
-                                    src.records[i].where)
-            else:
-                masks = [m.numpy() for m in upsample_masks(seg.probabilities(image, phrases), (image.height, image.width), threshold)]
-            for m, rel in zip(masks, rels):
-                if rel is None:
-                    continue
-                png = Image.fromarray(m.astype(np.uint8) * 255, mode="L")
-                buf = _io.BytesIO()
-                png.save(buf, format="PNG")
-                path = root / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(path, buf.getvalue())
+    for i in tqdm(todo, desc="masks", unit="image", disable=not progress):
+        phrases, rels, regions = plans[i]
+        with Image.open(src.files[i]) as im:
+            image = im.convert("RGB")
+        masks = source.masks(image, rows[i], i, src.records[i].where, phrases, regions, threshold)
+        for m, rel in zip(masks, rels):
+            if rel is None:
+                continue
+            png = Image.fromarray(m.astype(np.uint8) * 255, mode="L")
+            buf = _io.BytesIO()
+            png.save(buf, format="PNG")
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, buf.getvalue())
 
     for row, (phrases, rels, _) in zip(rows, plans):
         row["attn_list"] = [[p, r] for p, r in zip(phrases, rels)]

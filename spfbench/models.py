@@ -24,7 +24,6 @@ import torch
 from .errors import MissingWeightsError, SpfbenchError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-WORLD_MODEL_DIR = Path(__file__).parent / "world" / "weights" / "model"  # Portrait World's original model (docs/world.md)
 DEFAULT_PRESET = "realistic-vision-v4"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,24 +40,22 @@ class Preset:
     # the classifier-free guidance scale a command uses when none is given: the protocol's 7 (Realistic
     # Vision's card, docs/testset.md); the world's 3 (docs/world.md, "Guidance and the bar")
     guidance_scale: float = 7.0
+    weights_text: str | None = None  # where the weights come from, for `spfbench presets` (an environment's own files)
 
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
-        Preset(
-            "realistic-vision-v4",
-            "Realistic Vision V4.0 (SD1.5 fine-tune; the paper's base model) with the sd-vae-ft-mse VAE",
-            repo_id="SG161222/Realistic_Vision_V4.0_noVAE",
-            vae_repo_id="stabilityai/sd-vae-ft-mse",
-        ),
-        Preset("sd15", "Stable Diffusion v1.5", repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
-        Preset("tiny", "tiny SD-shaped model, seeded random weights, 64 px (CPU tests)", config="tiny", native_size=64),
-        Preset("sd15-random", "full SD1.5 architecture, seeded random weights (GPU speed/memory work)", config="sd15"),
-        Preset("world", "Portrait World's original model: 64 px SD-architecture model trained on world renders", native_size=64,
-               guidance_scale=3.0),
-    ]
-}
+# The presets of the built-in environments (spfbench.environments: real, tiny, full-random); an environment
+# plugin brings its own (Portrait World: spfbench/world/environment.py). Look a preset up with get_preset.
+REAL_PRESETS = (
+    Preset(
+        "realistic-vision-v4",
+        "Realistic Vision V4.0 (SD1.5 fine-tune; the paper's base model) with the sd-vae-ft-mse VAE",
+        repo_id="SG161222/Realistic_Vision_V4.0_noVAE",
+        vae_repo_id="stabilityai/sd-vae-ft-mse",
+    ),
+    Preset("sd15", "Stable Diffusion v1.5", repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
+)
+TINY_PRESETS = (Preset("tiny", "tiny SD-shaped model, seeded random weights, 64 px (CPU tests)", config="tiny", native_size=64),)
+FULL_RANDOM_PRESETS = (Preset("sd15-random", "full SD1.5 architecture, seeded random weights (GPU speed/memory work)", config="sd15"),)
 
 # The weight files each real preset needs: (component, repo, file, approximate size).
 UNET_FILE = "diffusion_pytorch_model.safetensors"
@@ -97,9 +94,16 @@ class ModelInfo:
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise SpfbenchError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    """A base-model preset of any registered environment (spfbench.environments)."""
+    from .environments import of_preset
+
+    return of_preset(name)[1]
+
+
+def preset_names() -> list[str]:
+    from .environments import all_presets
+
+    return list(all_presets())
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -142,19 +146,12 @@ def load_pipeline(
     single-file ``.safetensors`` checkpoint. ``vae`` overrides the VAE (hub id or local folder).
     ``seed`` seeds the random weights of the ``tiny`` and ``sd15-random`` presets.
     """
-    p = get_preset(preset)
+    from .environments import of_preset
+
+    env, p = of_preset(preset)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
-    if p.name == "world":
-        if vae:
-            raise SpfbenchError("preset 'world' has its own VAE; --vae applies to the hub presets only")
-        pipe, info = _world_pipeline(p, model)
-    elif p.config is not None:
-        if model or vae:
-            raise SpfbenchError(f"preset {preset!r} has random weights; --model/--vae apply to real presets only")
-        pipe, info = _random_pipeline(p, seed, dev)
-    else:
-        pipe, info = _real_pipeline(p, model, vae, revision)
+    pipe, info = env.load_pipeline(p, model=model, vae=vae, revision=revision, seed=seed, device=dev)
     _move(pipe, dev, dt)
     pipe.set_progress_bar_config(disable=True)
     return pipe, info
@@ -192,7 +189,8 @@ def random_components(config: str, seed: int, device: torch.device | str = "cpu"
     return comps
 
 
-def _random_pipeline(p: Preset, seed: int, device: torch.device):
+def random_pipeline(p: Preset, seed: int, device: torch.device):
+    """A random-weight preset's pipeline (the configs under spfbench/configs/<p.config>, weights seeded)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     from .clip_tokenizer import clip_tokenizer
@@ -212,17 +210,6 @@ def _random_pipeline(p: Preset, seed: int, device: torch.device):
     info = ModelInfo(preset=p.name, source="random-init", seed=seed, native_size=p.native_size)
     info.components = {k: f"{p.config} config, seed {seed + i}" for i, k in enumerate(["unet", "vae", "text_encoder"])}
     return pipe, info
-
-
-def _world_pipeline(p: Preset, model: str | None):
-    """The shipped Portrait World model (or a folder trained the same way, ``--model``): a local diffusers folder."""
-    folder = Path(model) if model else WORLD_MODEL_DIR
-    if not (folder / "model_index.json").is_file():
-        raise MissingWeightsError(
-            f"missing weights: the Portrait World original model is not at {folder}; train it with"
-            f" `python -m spfbench.world.model train --out {folder}` (docs/world.md, \"Original model\")"
-        )
-    return _real_pipeline(p, str(folder), None, None)
 
 
 # --------------------------------------------------------------------------- real weights
@@ -270,7 +257,9 @@ def _resolved_revision(repo_id: str, revision: str | None) -> str | None:
     return m.group(1) if m else None
 
 
-def _real_pipeline(p: Preset, model: str | None, vae: str | None, revision: str | None):
+def real_pipeline(p: Preset, model: str | None, vae: str | None, revision: str | None):
+    """A preset's pipeline from published weights: its hub id (cache only when offline), or ``model`` (a hub id, a
+    local diffusers folder or a single-file checkpoint) and ``vae``; a missing file is one error naming it."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -401,10 +390,12 @@ def weight_rows() -> list[dict]:
 
 
 def describe_presets() -> list[dict]:
+    from .environments import all_presets
+
     out = []
-    for p in PRESETS.values():
-        weights = "random (seeded)" if p.config else p.repo_id or str(WORLD_MODEL_DIR.relative_to(Path(__file__).parent.parent))
-        out.append({"name": p.name, "weights": weights, "description": p.description})
+    for env, p in all_presets().values():
+        weights = "random (seeded)" if p.config else p.weights_text or p.repo_id
+        out.append({"name": p.name, "environment": env.name, "weights": weights, "description": p.description})
     return out
 
 

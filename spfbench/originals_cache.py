@@ -51,7 +51,7 @@ def cache_key(content_sha256: str, metric: PairwiseMetric) -> dict:
         "metric": metric.id,
         "features_version": metric.features_version,
         "feature_spec": metric.feature_spec(),
-        "preset": bb.preset,
+        "preset": bb.environment,
         "device": bb.device.type,
         "weights": {name: bb.fingerprint(name) for name in metric.feature_backbones()},
     }
@@ -70,7 +70,7 @@ class OriginalsCache:
         self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()
         # root: the cache folder (default TESTSET/cache; `spfbench plan` calibrates on an empty one)
         base = Path(root) / FOLDER.name if root is not None else Path(testset) / FOLDER
-        self.folder = base / f"{metric.id}.{metric.backbones.preset}.{self.digest[:16]}"
+        self.folder = base / f"{metric.id}.{metric.backbones.environment}.{self.digest[:16]}"
         self.writable = True
         self._ready = False  # folder made, stale temporary files removed, key.json written
         self.computed = 0  # originals whose features this instance computed (the others were read)

@@ -46,7 +46,7 @@ def _href(run: Path, target: Path) -> str:
     return quote(os.path.relpath(target, run).replace(os.sep, "/"))
 
 
-def _fmt(v: float | None) -> str:
+def format_value(v: float | None) -> str:
     """Like the grid's script: 3 decimals, 1 from 100 up, an exponent below 0.01."""
     if v is None:
         return "-"
@@ -144,9 +144,9 @@ def embed_json(obj) -> str:
 
 
 def _table1_html(table: table1.Table, paper: bool, columns: list[str]) -> str:
-    rows = table1._rows(table, paper)
+    rows = table1.table_rows(table, paper)
     rk = table1.ranks(rows)
-    head = "".join(f"<th>{escape(c)} {table1._arrow(c, False)}</th>" for c in columns)
+    head = "".join(f"<th>{escape(c)} {table1.arrow(c, False)}</th>" for c in columns)
     body = []
     for i, r in enumerate(rows):
         cls = " class='abl'" if r.ablation or r.source == "paper" else ""
@@ -192,7 +192,7 @@ def _paired_html(table: table1.Table) -> str:
                 s = f"<b>{s}</b>" if better else f"<i>{s}</i>" if worse else s
             cells.append(f"<td>{s}</td>")
         body.append(f"<tr><th>{escape(a)} &minus; {escape(b)}</th>{''.join(cells)}</tr>")
-    head = "".join(f"<th>{escape(c)} {table1._arrow(c, False)}</th>" for c in cols)
+    head = "".join(f"<th>{escape(c)} {table1.arrow(c, False)}</th>" for c in cols)
     return ("<h2>Paired differences</h2><p>Mean over the triples both rows scored of the per-triple difference, 95% "
             "paired bootstrap CI (<code>scipy.stats.bootstrap</code>, percentile); <b>bold</b>: better beyond its CI, "
             "<i>italic</i>: worse beyond its CI. Every pair of rows is in <a href='results.json'>results.json</a> (<code>paired</code>).</p>"
@@ -241,7 +241,7 @@ def _categories_html(data: dict) -> str:
     for cat, per_method in means.items():
         for j, (m, vals) in enumerate(per_method.items()):
             first = f"<th rowspan='{len(per_method)}'>{escape(cat)}</th>" if j == 0 else ""
-            cells = "".join(f"<td>{_fmt(v)} <small>N={n}</small></td>" for v, n in vals.values())
+            cells = "".join(f"<td>{format_value(v)} <small>N={n}</small></td>" for v, n in vals.values())
             out.append(f"<tr class='{'grp' if j == 0 else ''}'>{first}<th>{escape(m)}</th>{cells}</tr>")
     return "".join(out) + "</table>"
 

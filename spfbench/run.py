@@ -104,8 +104,10 @@ class Runner:
             triples = triples[: self.limit]
         self.triples = triples
         spec = self.meta["spec"]
-        if self.preset is None:  # the metrics' world follows the model's: tiny -> tiny, world -> world, else real
-            self.preset = spec["preset"] if spec["preset"] in ("tiny", "world") else "real"
+        if self.preset is None:  # the metrics' environment is the base model's (spfbench.environments)
+            from .environments import of_preset
+
+            self.preset = of_preset(spec["preset"])[0].name
         self.metric_ids = list(self.metric_ids or default_metrics(self.preset))
         from .metrics import check_ids
 
@@ -150,7 +152,7 @@ class Runner:
 
     def spec(self) -> dict:
         from .data import dataset_fingerprint, location as data_location
-        from .scoring import _bytes_sha
+        from .scoring import text_sha256
 
         return {
             "format_version": FORMAT_VERSION,
@@ -162,7 +164,7 @@ class Runner:
             "preset": self.preset,
             "limit": self.limit,
             "triples": len(self.triples),
-            "triples_sha256": _bytes_sha("\n".join(t.id for t in self.triples)),
+            "triples_sha256": text_sha256("\n".join(t.id for t in self.triples)),
         }
 
     def _open(self, spec: dict, state) -> dict:
@@ -490,7 +492,7 @@ def build_table(run: Path, kind: str = "score"):
             rows.append(table1.Row(method=m, cells={}, ablation=table1.is_ablation(m), error=f"{st.get('stage')}: {st.get('error')}"))
         else:
             rows.append(table1.Row(method=m, cells={}, ablation=table1.is_ablation(m), error=f"not finished ({st['status']})"))
-    return table1.Table(rows=table1._order(rows))
+    return table1.Table(rows=table1.ordered_rows(rows))
 
 
 def to_json(table, record: dict) -> str:

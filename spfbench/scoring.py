@@ -64,12 +64,14 @@ DEFAULT_METRICS = [
     "hpsv2@v2.1",
     "mps@overall",
 ]
-WORLD_METRICS = ["gt-target@world-reader", "gt-preserve@world-reader"]
 
 
-def default_metrics(preset: str) -> list[str]:
-    """Table 1's eight; on Portrait World (``preset == "world"``) also its two ground-truth metrics."""
-    return DEFAULT_METRICS + (WORLD_METRICS if preset == "world" else [])
+def default_metrics(environment: str) -> list[str]:
+    """The metrics an environment scores when none are given (Table 1's eight; Portrait World adds its two
+    ground-truth metrics): spfbench.environments."""
+    from .environments import get
+
+    return get(environment).default_metrics()
 
 
 def read_image(path: Path) -> Image.Image:
@@ -104,7 +106,7 @@ def find_images(folder: Path, ids: list[str]) -> tuple[dict[str, Path], list[str
     return found, stray
 
 
-def _bytes_sha(data: str) -> str:
+def text_sha256(data: str) -> str:
     return hashlib.sha256(data.encode()).hexdigest()
 
 
@@ -148,8 +150,8 @@ class Scorer:
         find_images(self.images, [t.id for t in self.triples])  # a wrong --images fails here, before anything is written
         if self.backbones is None:
             self.backbones = Backbones(self.preset, self.device, dtypes[self.dtype], weights=self.weights)
-        elif self.backbones.preset != self.preset:
-            raise SpfbenchError(f"shared backbones are of preset {self.backbones.preset!r}, the scoring asks for {self.preset!r}")
+        elif self.backbones.environment != self.preset:
+            raise SpfbenchError(f"shared backbones are of environment {self.backbones.environment!r}, the scoring asks for {self.preset!r}")
         self.metrics: dict[str, Metric] = {m: create(m, self.backbones) for m in self.metric_ids}
 
     # -- the spec of this scoring: a rerun with the same spec resumes, a different one is refused
@@ -163,7 +165,7 @@ class Scorer:
             "preset": self.preset,
             "dtype": self.dtype,
             "triples": len(self.triples),
-            "triples_sha256": _bytes_sha("\n".join(t.id for t in self.triples)),
+            "triples_sha256": text_sha256("\n".join(t.id for t in self.triples)),
         }
 
     def _open(self) -> None:
@@ -226,7 +228,7 @@ class Scorer:
 
     # -- cached statistics of the originals alone (FID's "real" side), one file per (metric, preset, triples)
     def _reference(self, metric: Metric, progress: bool) -> None:
-        key = _bytes_sha(f"{self.meta['content_sha256']}|{metric.id}|{self.preset}|{self.spec()['triples_sha256']}")[:16]
+        key = text_sha256(f"{self.meta['content_sha256']}|{metric.id}|{self.preset}|{self.spec()['triples_sha256']}")[:16]
         path = self._cache_root() / f"{metric.id}.{self.preset}.{key}.pt"
         if path.is_file():
             metric.set_reference(torch.load(path, map_location="cpu", weights_only=True))

@@ -224,7 +224,7 @@ def find_pair(paired: list[dict], a: str, b: str, column: str) -> dict | None:
     return None
 
 
-def _order(rows: list[Row]) -> list[Row]:
+def ordered_rows(rows: list[Row]) -> list[Row]:
     def key(ir):
         i, r = ir
         known = METHOD_ORDER.index(r.method) if r.method in METHOD_ORDER else len(METHOD_ORDER)
@@ -235,7 +235,7 @@ def _order(rows: list[Row]) -> list[Row]:
 
 def collect(scores: dict[str, Path], b: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED) -> Table:
     """Method name -> ``spfbench score`` output folder; rows in the paper's order, ablations last."""
-    return Table(rows=_order([read_scores(Path(p), m, b=b, seed=seed) for m, p in scores.items()]))
+    return Table(rows=ordered_rows([read_scores(Path(p), m, b=b, seed=seed) for m, p in scores.items()]))
 
 
 def load_paper() -> dict:
@@ -249,9 +249,9 @@ def paper_rows() -> list[Row]:
                 ablation=r["ablation"], source="paper") for r in data["rows"]]
 
 
-def _rows(table: Table, paper: bool) -> list[Row]:
+def table_rows(table: Table, paper: bool) -> list[Row]:
     rows = [r for r in table.rows if r.source == "ours"]
-    return _order(rows + (paper_rows() if paper else []))
+    return ordered_rows(rows + (paper_rows() if paper else []))
 
 
 def columns(rows: list[Row]) -> list[str]:
@@ -306,7 +306,7 @@ def frame(table: Table, paper: bool = False):
     ablations apart; on the displayed value). Column tuples: ``("", "method")`` ... ``("LPIPS", "value")``."""
     import pandas as pd
 
-    rows = _rows(table, paper)
+    rows = table_rows(table, paper)
     cols = columns(rows)
     rk = ranks(rows)
     records = []
@@ -354,7 +354,7 @@ def to_csv(table: Table, paper: bool = False) -> str:
     return flat.to_csv(index=False, lineterminator="\n")
 
 
-def _arrow(col: str, latex: bool) -> str:
+def arrow(col: str, latex: bool) -> str:
     if latex:
         return r"$\uparrow$" if HIGHER[col] else r"$\downarrow$"
     return "↑" if HIGHER[col] else "↓"
@@ -386,7 +386,7 @@ def to_markdown(table: Table, paper: bool = False) -> str:
     cols = _value_columns(df)
     groups = "; ".join(f"{g}: " + ", ".join(c for c in cols if GROUP_OF[c] == g) for g, _ in _groups(cols))
     lines = [f"Groups: {groups}. Best per column in **bold**, second <u>underlined</u> (non-ablation rows, ours and paper ranked apart).", ""]
-    lines.append("| Method | " + " | ".join(f"{col} ({_arrow(col, False)})" for col in cols) + " |")
+    lines.append("| Method | " + " | ".join(f"{col} ({arrow(col, False)})" for col in cols) + " |")
     lines.append("|---|" + "---:|" * len(cols))
     prev = None
     notes = []
@@ -429,7 +429,7 @@ def to_latex(table: Table, paper: bool = False) -> str:
     df = frame(table, paper)
     cols = _value_columns(df)
     ok = df[df[("", "error")].isna()]
-    header = pd.MultiIndex.from_tuples([(GROUP_OF[c], f"{tex_escape(c)} ({_arrow(c, True)})") for c in cols], names=["Method", None])
+    header = pd.MultiIndex.from_tuples([(GROUP_OF[c], f"{tex_escape(c)} ({arrow(c, True)})") for c in cols], names=["Method", None])
     shown = pd.DataFrame([[_shown(rec, c, "\\textbf{{{}}}", "\\underline{{{}}}", details=False) for c in cols] for _, rec in ok.iterrows()],
                          index=[tex_escape(x) for x in ok[("", "label")]], columns=header)
     body = shown.style.to_latex(hrules=True, multicol_align="c", column_format="l" + "c" * len(cols)).splitlines()

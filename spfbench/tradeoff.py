@@ -60,11 +60,11 @@ class Point:
 
 def axes(metric_ids) -> dict[str, str] | None:
     """{"response": metric id, "preservation": metric id} of the first metrics declaring each axis, or None."""
-    from .metrics import REGISTRY, metric_class
+    from .metrics import is_known, metric_class
 
     found: dict[str, str] = {}
     for mid in metric_ids:
-        if mid in REGISTRY:
+        if is_known(mid):
             axis = metric_class(mid).tradeoff_axis
             if axis in AXES and axis not in found:
                 found[axis] = mid
@@ -211,10 +211,10 @@ def plot(points: list[Point], title: str = "preservation against response") -> b
                 label = f"{p.value:g}" if p.knob == "step" else f"{p.knob}={p.value:g}"
                 ax.annotate(label, (p.response, p.preservation), textcoords="offset points", xytext=(4, 3),
                             fontsize=6, color=color)
-    from .metrics import REGISTRY, metric_class
+    from .metrics import is_known, metric_class
 
     def column(mid: str) -> str:
-        return metric_class(mid).column + ", " if mid in REGISTRY else ""
+        return metric_class(mid).column + ", " if is_known(mid) else ""
 
     ax.set_xlabel(f"{column(points[0].response_metric)}response: the target shown →")
     ax.set_ylabel(f"{column(points[0].preservation_metric)}preservation: everything else kept →")

@@ -429,7 +429,7 @@ def run_sfcm(data: Path, index: int, out: Path, *, artifact: Path | None = None,
     import trainers
     from spfbench.data import PortraitDataset
     from trainers.base import Models, read_artifact_meta
-    from trainers.loop import _training_scheduler
+    from trainers.loop import training_scheduler
     from trainers.spf import Spf
 
     method = Spf()
@@ -449,7 +449,7 @@ def run_sfcm(data: Path, index: int, out: Path, *, artifact: Path | None = None,
     ds = PortraitDataset(data, resolution=native, validate_images=False)
     if not 0 <= index < len(ds):
         raise SpfbenchError(f"--index {index} out of range: the set has {len(ds)} items")
-    models = Models(res_pipe.unet, res_pipe.vae, res_pipe.text_encoder, res_pipe.tokenizer, _training_scheduler(res_pipe))
+    models = Models(res_pipe.unet, res_pipe.vae, res_pipe.text_encoder, res_pipe.tokenizer, training_scheduler(res_pipe))
     ref_pipe.unet.eval()
     res_pipe.unet.eval()
     item = ds[index]

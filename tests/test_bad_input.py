@@ -102,11 +102,11 @@ def test_debug_shows_the_traceback_instead(world, cli, monkeypatch):
 
 
 def test_an_unforeseen_os_error_is_one_line_naming_the_file():
-    from spfbench.cli import _one_line
+    from spfbench.cli import one_line
 
     e = PermissionError(13, "Permission denied", "/x/y.png")
-    assert _one_line(e) == "Permission denied: /x/y.png (rerun with --debug for the traceback)"
-    assert "a -> b" in _one_line(OSError(18, "Invalid cross-device link", "a", None, "b"))
+    assert one_line(e) == "Permission denied: /x/y.png (rerun with --debug for the traceback)"
+    assert "a -> b" in one_line(OSError(18, "Invalid cross-device link", "a", None, "b"))
 
 
 def test_a_failed_build_leaves_nothing_and_the_corrected_command_runs(tmp_path, cli):

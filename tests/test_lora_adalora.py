@@ -31,10 +31,10 @@ def toy(tmp_path_factory):
 
 
 def fresh():
-    from trainers.loop import _training_scheduler
+    from trainers.loop import training_scheduler
 
     pipe, _ = load_pipeline("tiny", device="cpu")
-    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe))
+    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe))
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     return pipe, models

@@ -118,7 +118,7 @@ def test_real_preset_without_weights_is_one_line(tmp_path, cli):
     from spfbench.toydata import make_toy_data
 
     with pytest.raises(MissingWeightsError, match=HUB_ID):
-        load_segmenter("real", device="cpu")
+        load_segmenter(device="cpu")
     d = tmp_path / "data"
     make_toy_data(d, 1, size=64)
     code, out, err = cli("masks", "--data", d, "--no-progress")
@@ -138,5 +138,5 @@ def test_non_imagefolder_refused(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "dataset_dict.json").write_text("{}")
-    with pytest.raises(SpfbenchError, match="HF datasets folder: convert it to an imagefolder"):
+    with pytest.raises(SpfbenchError, match="an HF datasets folder: convert it to an imagefolder"):
         generate_masks(hf, "tiny", progress=False)

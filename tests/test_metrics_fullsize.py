@@ -15,7 +15,7 @@ from PIL import Image
 
 from spfbench.errors import SpfbenchError
 from spfbench.metrics import Backbones, Batch, create
-from spfbench.metrics.base import PRESETS, module_sha256
+from spfbench.metrics.base import module_sha256
 
 KEYS_JSON = __import__("pathlib").Path(__file__).parent / "data" / "mps_checkpoint_keys.json"
 
@@ -47,7 +47,9 @@ def _images(n, seed, size=64):
 
 
 def test_presets_say_what_size_and_what_weights():
-    got = {p: (Backbones(p, "cpu").full_size, Backbones(p, "cpu").random_weights) for p in PRESETS}
+    from spfbench.environments import names
+
+    got = {p: (Backbones(p, "cpu").full_size, Backbones(p, "cpu").random_weights) for p in names()}
     assert got == {"real": (True, False), "tiny": (False, True), "world": (False, True), "full-random": (True, True)}
     assert Backbones("full-random", "meta").init_device.type == "meta"
     assert Backbones("full-random", "cpu").init_device.type == "cpu"
@@ -101,7 +103,7 @@ def test_score_cli_takes_full_random_and_refuses_a_bad_preset_in_one_line(testse
                          "--preset", "full-size", "--no-progress", *metrics)
     assert code == 2
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "unknown metric preset 'full-size'" in lines[0] and "full-random" in lines[0], err
+    assert len(lines) == 1 and "unknown environment 'full-size'" in lines[0] and "full-random" in lines[0], err
     assert not (tmp_path / "s2" / "summary.json").exists()
 
 
@@ -228,13 +230,13 @@ def test_fid_on_full_random_equals_torchmetrics_fid_with_the_same_file(cpu):
 
 
 def test_lpips_is_the_full_alexnet_random_with_the_wheels_heads(cpu):
-    from spfbench.metrics.lpips import _heads_file
+    from spfbench.metrics.lpips import heads_file
 
     net = cpu.get("lpips-alex")
     assert net.pnet_rand
     convs = [m for m in net.net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [tuple(c.weight.shape) for c in convs] == [(64, 3, 11, 11), (192, 64, 5, 5), (384, 192, 3, 3), (256, 384, 3, 3), (256, 256, 3, 3)]
-    heads = torch.load(_heads_file(), map_location="cpu", weights_only=True)
+    heads = torch.load(heads_file(), map_location="cpu", weights_only=True)
     have = net.state_dict()
     assert all(torch.equal(have[k], v) for k, v in heads.items())
     assert Backbones("full-random", "cpu").fingerprint("lpips-alex") == cpu.fingerprint("lpips-alex")

@@ -208,12 +208,12 @@ def test_real_loading_path_matches_insightface_face_analysis(tmp_path, monkeypat
 
 
 def test_providers_follow_the_torch_device(monkeypatch):
-    assert idm._providers(Backbones("tiny", "cpu")) == (["CPUExecutionProvider"], -1)
+    assert idm.execution_providers(Backbones("tiny", "cpu")) == (["CPUExecutionProvider"], -1)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
-        assert idm._providers(Backbones("tiny", "cuda:1")) == (["CPUExecutionProvider"], -1)
+        assert idm.execution_providers(Backbones("tiny", "cuda:1")) == (["CPUExecutionProvider"], -1)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert idm._providers(Backbones("tiny", "cuda:1")) == (
+    assert idm.execution_providers(Backbones("tiny", "cuda:1")) == (
         [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"], 1)
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-import spfbench.metrics.world  # noqa: F401  (registers the world-reader backbone)
+import spfbench.world.metrics  # noqa: F401  (registers the world-reader backbone)
 from spfbench.metrics import Backbones, Batch, create
 from spfbench.world.attributes import sample
 from spfbench.world.render import render

@@ -6,7 +6,7 @@ import torch
 
 from spfbench.errors import MissingWeightsError, SpfbenchError
 from spfbench.generation import GenerationSettings, generate
-from spfbench.models import CONFIG_DIR, PRESETS, load_pipeline, weight_rows
+from spfbench.models import CONFIG_DIR, get_preset, load_pipeline, weight_rows
 
 FAST = GenerationSettings(steps=3)
 PROMPTS = ["A woman, playing a guitar, with a red background, in a white T-shirt", "A man, dancing, in a park"]
@@ -37,7 +37,7 @@ def test_sd15_random_has_the_sd15_architecture():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    root = CONFIG_DIR / PRESETS["sd15-random"].config
+    root = CONFIG_DIR / get_preset("sd15-random").config
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))

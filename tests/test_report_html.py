@@ -156,7 +156,7 @@ def test_category_means_match_numpy(run_dir):
                 mean, n = means[cat][m][k]
                 assert n == int(np.sum(~np.isnan(x)))
                 assert mean == pytest.approx(float(np.nanmean(x)), rel=1e-12)
-                assert f"{report._fmt(mean)} <small>N={n}</small>" in html
+                assert f"{report.format_value(mean)} <small>N={n}</small>" in html
     assert "magnet" not in means["age"]  # no samples: no row
 
 

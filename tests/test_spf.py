@@ -10,7 +10,7 @@ from spfbench.data import PortraitDataset, collate
 from spfbench.generation import GenerationSettings, generate
 from spfbench.models import load_pipeline
 from trainers.base import Models, diffusion_loss, encode_batch, encode_text
-from trainers.loop import Trainer, _training_scheduler
+from trainers.loop import Trainer, training_scheduler
 from trainers.spf import REFERENCE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, shared cores
@@ -37,7 +37,7 @@ def batch(toy):
 
 def fresh_models():
     pipe, _ = load_pipeline("tiny", device="cpu", dtype=torch.float32)
-    return Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe))
+    return Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe))
 
 
 def gen(seed=0):
@@ -226,12 +226,12 @@ def test_auto_clip_is_the_world_clip_for_the_world_preset(tiny_pipe):
     from spfbench.world.clip import load_world_clip
 
     p = tiny_pipe
-    world = Models(p.unet, p.vae, p.text_encoder, p.tokenizer, _training_scheduler(p), preset="world")
+    world = Models(p.unet, p.vae, p.text_encoder, p.tokenizer, training_scheduler(p), preset="world")
     clip = trainers.create("spf").clip(world)
     ref, _, _ = load_world_clip()
     name, param = next(iter(ref.state_dict().items()))
     assert torch.equal(clip.model.state_dict()[name].float(), param.float())
-    tiny = Models(p.unet, p.vae, p.text_encoder, p.tokenizer, _training_scheduler(p), preset="tiny")
+    tiny = Models(p.unet, p.vae, p.text_encoder, p.tokenizer, training_scheduler(p), preset="tiny")
     assert trainers.create("spf").clip(tiny).model.visual.image_size != ref.visual.image_size  # 32 px random CLIP
 
 
@@ -244,7 +244,7 @@ def test_clip_weights_train_in_another_clip_than_the_metrics(tiny_pipe, tmp_path
 
     other = save_world_clip(world_clip_model(seed=1), tmp_path / "clip-seed1.safetensors")
     p = tiny_pipe
-    world = Models(p.unet, p.vae, p.text_encoder, p.tokenizer, _training_scheduler(p), preset="world")
+    world = Models(p.unet, p.vae, p.text_encoder, p.tokenizer, training_scheduler(p), preset="world")
     shipped, mine = trainers.create("spf"), trainers.create("spf", {"clip_weights": str(other)})
     want = load_world_clip(other)[0].state_dict()
     got = mine.clip(world).model.state_dict()

@@ -89,13 +89,13 @@ def test_stage2_step_logs_the_diagnostics_on_its_cadence(tmp_path):
     from spfbench.models import load_pipeline
     from spfbench.toydata import make_toy_data
     from trainers.base import Models
-    from trainers.loop import _training_scheduler
+    from trainers.loop import training_scheduler
 
     make_toy_data(tmp_path / "d", 2, seed=0, size=64)
     ds = PortraitDataset(tmp_path / "d", resolution=64)
     batch = collate([ds[0], ds[1]])
     pipe, _ = load_pipeline("tiny", device="cpu", dtype=torch.float32)
-    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe))
+    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe))
     method = trainers.create("spf", {"diagnostics_every": 2})
     method.bind_dataset(ds)
     method.setup(models)

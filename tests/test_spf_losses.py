@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from spfbench.captions import join_caption
+from spfbench.captions import join_caption, split_base_phrases
 from trainers import spf_losses as S
 
 PAPER_BASE = "A woman, playing a guitar, with a red background, in a white T-shirt"
@@ -306,7 +306,7 @@ def test_phrase_gamma_with_a_tiny_open_clip():
 
     model, _, tok = tiny_clip()
     encode = lambda texts: model.encode_text(tok(texts))  # noqa: E731
-    phrases = S.split_base_phrases(PAPER_BASE)
+    phrases = split_base_phrases(PAPER_BASE)
     g = S.phrase_gamma(encode, phrases, PAPER_TARGET)
     with torch.no_grad():
         e = torch.nn.functional.normalize(model.encode_text(tok(phrases + [PAPER_TARGET])), dim=-1)
@@ -318,9 +318,9 @@ def test_phrase_gamma_with_a_tiny_open_clip():
 
 def test_split_base_phrases_on_the_paper_caption():
     want = ["A woman", "playing a guitar", "with a red background", "in a white T-shirt"]
-    assert S.split_base_phrases(PAPER_BASE) == want
-    assert S.split_base_phrases(PAPER_BASE + ".") == S.split_base_phrases(PAPER_BASE)
-    assert S.split_base_phrases(" a man ,, in a bar ,") == ["a man", "in a bar"]
+    assert split_base_phrases(PAPER_BASE) == want
+    assert split_base_phrases(PAPER_BASE + ".") == split_base_phrases(PAPER_BASE)
+    assert split_base_phrases(" a man ,, in a bar ,") == ["a man", "in a bar"]
 
 
 def test_phrase_token_positions_on_the_paper_caption():
@@ -332,7 +332,7 @@ def test_phrase_token_positions_on_the_paper_caption():
     complete = tok(join_caption(PAPER_BASE, PAPER_TARGET)).input_ids
     base_ids = tok(PAPER_BASE).input_ids
     assert complete[0] == tok.bos_token_id
-    for phrase, p in zip(S.split_base_phrases(PAPER_BASE), pos):
+    for phrase, p in zip(split_base_phrases(PAPER_BASE), pos):
         want = tok(phrase, add_special_tokens=False).input_ids
         assert [complete[i] for i in p] == want == [base_ids[i] for i in p]
     words = [tok.convert_ids_to_tokens(complete[i]) for i in pos[3]]

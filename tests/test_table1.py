@@ -192,7 +192,7 @@ def test_csv_confidence_intervals_match_an_independent_bootstrap(tmp_path):
 def test_failed_row_in_every_format(tmp_path):
     table = _table(tmp_path)
     table.rows.append(t1.Row(method="tokencompose", cells={}, error="fit: masks | missing"))
-    table = t1.Table(rows=t1._order(table.rows))
+    table = t1.Table(rows=t1.ordered_rows(table.rows))
     df = pd.read_csv(io.StringIO(t1.to_csv(table))).set_index("method")
     assert df.loc["tokencompose", "error"] == "fit: masks | missing" and pd.isna(df.loc["tokencompose", "LPIPS"])
     md = t1.to_markdown(table)

@@ -191,12 +191,12 @@ def test_grounding_losses_fall_in_overfit(tmp_path):
     from spfbench.data import PortraitDataset, collate
     from spfbench.models import load_pipeline
     from trainers.base import Models
-    from trainers.loop import _training_scheduler
+    from trainers.loop import training_scheduler
     from trainers.tokencompose import TokenCompose, TokenComposeConfig
 
     data = _toy_with_masks(tmp_path / "d", n=2)
     pipe = load_pipeline("tiny", device="cpu")[0]
-    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe))
+    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe))
     models.vae.requires_grad_(False)
     models.text_encoder.requires_grad_(False)
     ds = PortraitDataset(data, resolution=64)

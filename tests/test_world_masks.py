@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import snapshot
 from spfbench.errors import SpfbenchError
-from spfbench.masks import sample_phrases, world_phrase_parts
+from spfbench.masks import sample_phrases
+from spfbench.world.masks import world_phrase_parts
 from spfbench.world import attributes as W
 from spfbench.world.render import HAT_BAND, HAT_RGB, PARTS, part_masks, render, render_parts
 

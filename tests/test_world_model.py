@@ -345,7 +345,8 @@ def test_shipped_model_loads_generates_and_keeps_its_card():
     """The shipped original model (spfbench/world/weights/model): loads through the `world` preset, and
     30 fresh generations, read back by the attribute reader, stay near what its card's evaluation
     (n = 200) recorded: captions obeyed, no target attribute appearing on its own."""
-    from spfbench.models import WORLD_MODEL_DIR, load_pipeline
+    from spfbench.models import load_pipeline
+    from spfbench.world.environment import MODEL_DIR as WORLD_MODEL_DIR
 
     card = json.loads((WORLD_MODEL_DIR / "world_model.json").read_text())
     ev = card["evaluation"]

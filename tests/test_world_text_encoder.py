@@ -174,7 +174,7 @@ def test_continue_replaces_the_folders_encoder_by_the_frozen_one(tmp_path, monke
 def test_shipped_model_text_encoder_tells_the_targets_apart():
     """The shipped original model's frozen text encoder passes the separability bar, as its card records,
     and is the shipped world CLIP's text tower (the model's UNet trained against it)."""
-    from spfbench.models import WORLD_MODEL_DIR
+    from spfbench.world.environment import MODEL_DIR as WORLD_MODEL_DIR
 
     pipe = M.load_world_pipeline(WORLD_MODEL_DIR)
     got = T.target_separability(pipe.text_encoder, pipe.tokenizer)

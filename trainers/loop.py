@@ -55,7 +55,7 @@ class TrainResult:
     reused: bool = False  # the folder already held this finished run: nothing was loaded or trained
 
 
-def _seed_of(*parts) -> int:
+def seed_of(*parts) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
@@ -69,7 +69,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(_seed_of(self.seed, "epoch", self.epoch))
+        g = torch.Generator().manual_seed(seed_of(self.seed, "epoch", self.epoch))
         return iter(torch.randperm(self.n, generator=g).tolist())
 
     def __len__(self) -> int:
@@ -221,7 +221,7 @@ class Trainer:
         dataset = PortraitDataset(self.data, resolution=resolution, random_flip=cfg.random_flip, seed=cfg.seed)
         self.method.bind_dataset(dataset)
 
-        models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _training_scheduler(pipe), weight_dtype,
+        models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe), weight_dtype,
                         preset=info.preset)
         models.vae.requires_grad_(False)
         models.text_encoder.requires_grad_(False)
@@ -300,7 +300,7 @@ class Trainer:
                 m_index = 0
                 for batch in epoch_loader:
                     gen_device = accelerator.device if accelerator.device.type == "cuda" else torch.device("cpu")
-                    g = torch.Generator(gen_device).manual_seed(_seed_of(cfg.seed, "step", step, m_index % micro, accelerator.process_index))
+                    g = torch.Generator(gen_device).manual_seed(seed_of(cfg.seed, "step", step, m_index % micro, accelerator.process_index))
                     with accelerator.accumulate(models.unet):
                         loss, numbers = self.method.loss(models, batch, g)
                         if not torch.isfinite(loss.detach()).all():
@@ -469,7 +469,7 @@ def _tracker_config(cfg) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in cfg.to_dict().items()}
 
 
-def _training_scheduler(pipe):
+def training_scheduler(pipe):
     """The DDPM noise schedule of the model's own scheduler config (betas, prediction type)."""
     from diffusers import DDPMScheduler
 

@@ -24,6 +24,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from spfbench.captions import split_base_phrases
 from spfbench.errors import SpfbenchError
 
 from . import spf_diagnostics as D
@@ -76,7 +77,9 @@ class SpfConfig(TrainConfig):
     stage1_artifact: str | None = None  # a naive artifact folder (holding unet/): the response path's start
     min_timestep: int = 0  # stage-2 timesteps t ~ U{min_timestep .. max_timestep - 1}
     max_timestep: int | None = None  # None: the scheduler's num_train_timesteps (the same range as L_diff)
-    clip_preset: str = "auto"  # auto | tiny | real | world ("auto": world for the world preset, tiny for a small UNet, else real)
+    # the environment whose CLIP backbone SPF uses (spfbench.environments: real, tiny, full-random, world, a plugin's);
+    # "auto": the base model's environment (a bare UNet of unknown preset: real for 768-d text, else tiny)
+    clip_preset: str = "auto"
     clip_model: str = "vit-l-14"  # vit-l-14 (the paper) | vit-b-32
     # gamma's and L_enhanced's CLIP from another weight file than the metrics' (so CLIP-T is not scored in the
     # space SPF was trained in): on the world a world-CLIP .safetensors (e.g. one trained with another seed,
@@ -107,8 +110,12 @@ class SpfConfig(TrainConfig):
         for name in ("lambda1", "lambda2", "lambda3"):
             if getattr(self, name) < 0:
                 raise SpfbenchError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.clip_preset not in ("auto", "tiny", "real", "world"):
-            raise SpfbenchError(f"clip_preset must be auto, tiny, real or world, got {self.clip_preset!r}")
+        if self.clip_preset != "auto":
+            from spfbench.environments import get, names
+
+            if self.clip_preset not in names():
+                raise SpfbenchError(f"clip_preset must be auto or an environment ({', '.join(names())}), got {self.clip_preset!r}")
+            get(self.clip_preset)
         if self.clip_model not in ("vit-l-14", "vit-b-32"):
             raise SpfbenchError(f"clip_model must be vit-l-14 or vit-b-32, got {self.clip_model!r}")
         if self.clip_weights is not None and not Path(self.clip_weights).is_file():
@@ -222,26 +229,25 @@ class Spf(Method):
 
     # -- CLIP -------------------------------------------------------------------------------------
     def clip_preset(self, models: Models) -> str:
-        """The metric preset the CLIP comes from (``clip_preset``, with ``auto`` resolved)."""
-        preset = self.config.clip_preset
-        if preset == "auto" and models.preset == "world":  # Portrait World has its own CLIP
-            preset = "world"
-        if preset == "auto":  # otherwise by the UNet: SD1.x UNets attend to 768-d text
-            unet = getattr(models.unet, "module", models.unet)
-            cross = unet.config.cross_attention_dim
-            cross = max(cross) if isinstance(cross, (tuple, list)) else cross
-            preset = "real" if cross >= 768 else "tiny"
-        return preset
+        """The environment the CLIP comes from (``clip_preset``, with ``auto`` resolved)."""
+        from spfbench import environments
+
+        if self.config.clip_preset != "auto":
+            return self.config.clip_preset
+        if models.preset is not None:
+            return environments.of_preset(models.preset)[0].name
+        unet = getattr(models.unet, "module", models.unet)
+        cross = unet.config.cross_attention_dim
+        return environments.for_text_width(max(cross) if isinstance(cross, (tuple, list)) else cross).name
 
     def _clip_backbones(self, models: Models):
-        from spfbench.metrics.base import Backbones
-        import spfbench.metrics.clip as clip_metrics  # (also registers the clip-* loaders)
+        from spfbench.environments import get
+        import spfbench.metrics.clip  # noqa: F401  (registers the clip-* loaders)
 
-        preset = self.clip_preset(models)
-        weights = {}
+        bb = get(self.clip_preset(models)).backbones(device=models.device)
         if self.config.clip_weights is not None:
-            weights[clip_metrics.weight_name(preset, self.config.clip_model)] = self.config.clip_weights
-        return Backbones(preset, device=models.device, weights=weights)
+            bb.weights[bb.weight_name(f"clip-{self.config.clip_model}")] = self.config.clip_weights
+        return bb
 
     def clip(self, models: Models):
         if self._clip is None:
@@ -252,7 +258,7 @@ class Spf(Method):
     def _caption_info(self, models: Models, base: str):
         if base not in self._phrases:
             tok = models.tokenizer
-            self._phrases[base] = (L.split_base_phrases(base), L.phrase_token_positions(base, tok),
+            self._phrases[base] = (split_base_phrases(base), L.phrase_token_positions(base, tok),
                                    L.base_token_positions(base, tok))
         return self._phrases[base]
 

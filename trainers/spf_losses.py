@@ -20,7 +20,7 @@ reach the response-path inputs only.
 * ``predict_x0``             eq. 9, x0-hat (epsilon, v or sample prediction)
 * ``enhanced_loss``          eq. 9-10, 1 - cos(Delta(x0-hat, E_tar), Delta(x0, E_tar))
 * ``spf_loss``               eq. 12
-* caption helpers: ``split_base_phrases``, ``phrase_token_positions``, ``base_token_positions``,
+* caption helpers (the phrases themselves: spfbench.captions.split_base_phrases): ``phrase_token_positions``, ``base_token_positions``,
   ``base_token_batch``, ``phrase_token_batch``, ``phrase_token_matrix``; ``clip_preprocess``
   (differentiable CLIP image preprocessing of a decoded image).
 """
@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from spfbench.captions import base_text, phrase_spans, split_base_phrases
 
 MAP_SIZE = 64  # "All attention maps and score maps are upsampled at a resolution of 64 x 64" (sec. 4.1)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -475,41 +477,16 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
 
 
-def _strip_caption(base_caption: str) -> str:
-    # The same trimming as spfbench.captions.join_caption: the base text of the complete caption.
-    return base_caption.strip().rstrip(".").rstrip()
-
-
-def _phrase_spans(base_caption: str) -> list[tuple[int, int]]:
-    text = _strip_caption(base_caption)
-    spans, start = [], 0
-    for part in text.split(","):
-        end = start + len(part)
-        lead = len(part) - len(part.lstrip())
-        trail = len(part) - len(part.rstrip())
-        if part.strip():
-            spans.append((start + lead, end - trail))
-        start = end + 1
-    return spans
-
-
-def split_base_phrases(base_caption: str) -> list[str]:
-    """The phrases E_base[i] of a base caption: split on commas, trimmed, empty parts dropped, a final
-    "." removed ("A woman, playing a guitar, with a red background, in a white T-shirt" -> 4 phrases)."""
-    text = _strip_caption(base_caption)
-    return [text[s:e] for s, e in _phrase_spans(base_caption)]
-
-
 def phrase_token_positions(base_caption: str, tokenizer=None, max_length: int = 77) -> list[list[int]]:
     """Token positions of each phrase in the tokenized base caption (and, identically, in the complete
     caption ``join_caption(base, target)``): the start token is position 0, so positions start at 1;
     the separating commas belong to no phrase; positions past the last one that survives truncation
     (max_length - 2) are dropped (a phrase can come back empty)."""
     tok = tokenizer or _default_tokenizer()
-    text = _strip_caption(base_caption)
+    text = base_text(base_caption)
     full = _ids(tok, text)
     out = []
-    for s, e in _phrase_spans(base_caption):
+    for s, e in phrase_spans(base_caption):
         a, b = len(_ids(tok, text[:s])), len(_ids(tok, text[:e]))
         if full[a:b] != _ids(tok, text[s:e]):
             raise ValueError(f"phrase {text[s:e]!r} does not tokenize the same inside {text!r}")
@@ -525,7 +502,7 @@ def base_token_positions(
     caption's; a final "." is dropped as ``join_caption`` does). Position 0 is the start token, included
     only with ``include_start``; end and padding tokens never are."""
     tok = tokenizer or _default_tokenizer()
-    n = min(len(_ids(tok, _strip_caption(base_caption))), max_length - 2)
+    n = min(len(_ids(tok, base_text(base_caption))), max_length - 2)
     return ([0] if include_start else []) + list(range(1, n + 1))
 
 

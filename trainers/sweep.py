@@ -76,9 +76,9 @@ class HeldOutLoss:
                  seed: int = 0, batch_size: int = 8):
         from spfbench.data import PortraitDataset
 
-        from .loop import _seed_of, _training_scheduler
+        from .loop import seed_of, training_scheduler
 
-        self.scheduler = _training_scheduler(pipe)
+        self.scheduler = training_scheduler(pipe)
         resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
         dataset = PortraitDataset(val_data, resolution=resolution)
         n = len(dataset) if max_items is None else min(max_items, len(dataset))
@@ -94,7 +94,7 @@ class HeldOutLoss:
                 latent = latent * pipe.vae.config.scaling_factor
                 text = encode_text(models, [item["caption"]])
                 for t in self.timesteps:
-                    g = torch.Generator().manual_seed(_seed_of(seed, "heldout", i, t))
+                    g = torch.Generator().manual_seed(seed_of(seed, "heldout", i, t))
                     noise = torch.randn(latent.shape, generator=g).to(latent)
                     self.items.append((latent, text, noise, t))
         if not self.items:

@@ -22,14 +22,35 @@ REGISTRY = {
     "seg-cons@sam-vit-b": "spfbench.metrics.segcons:SegConsVitB",
     "hpsv2@v2.1": "spfbench.metrics.hpsv2:HpsV2",
     "mps@overall": "spfbench.metrics.mps:Mps",
-    # Portrait World's ground truth (docs/world.md), read by the world's attribute reader
-    "gt-target@world-reader": "spfbench.metrics.world:GtTarget",
-    "gt-preserve@world-reader": "spfbench.metrics.world:GtPreserve",
 }
+# an environment plugin adds its own metrics (Portrait World's ground truth) with `register` when it loads
+
+
+def register(metric_id: str, target: str) -> None:
+    """Add a metric id (``"module:Class"``); an environment plugin calls this when it is loaded."""
+    if REGISTRY.get(metric_id, target) != target:
+        raise SpfbenchError(f"metric {metric_id!r} is registered twice ({REGISTRY[metric_id]} and {target})")
+    REGISTRY[metric_id] = target
+
+
+def is_known(metric_id: str) -> bool:
+    if metric_id not in REGISTRY:
+        from ..environments import load_plugins
+
+        load_plugins()  # a plugin's metric registers when its environment loads
+    return metric_id in REGISTRY
+
+
+def ids() -> list[str]:
+    """Every metric id, the environment plugins' included."""
+    from ..environments import load_plugins
+
+    load_plugins()
+    return list(REGISTRY)
 
 
 def metric_class(metric_id: str) -> type[Metric]:
-    if metric_id not in REGISTRY:
+    if not is_known(metric_id):
         raise SpfbenchError(f"unknown metric {metric_id!r}; known: {', '.join(REGISTRY)}")
     module, name = REGISTRY[metric_id].split(":")
     return getattr(importlib.import_module(module), name)
@@ -37,7 +58,7 @@ def metric_class(metric_id: str) -> type[Metric]:
 
 def check_ids(metric_ids: list[str]) -> None:
     """Refuse unknown or repeated metric ids (one line naming them), before any work."""
-    unknown = [m for m in metric_ids if m not in REGISTRY]
+    unknown = [m for m in metric_ids if not is_known(m)]
     if unknown:
         raise SpfbenchError(f"unknown metric {', '.join(unknown)}; `spfbench metrics` lists them: {', '.join(REGISTRY)}")
     if len(set(metric_ids)) != len(metric_ids):
@@ -48,7 +69,8 @@ def create(metric_id: str, backbones: Backbones) -> Metric:
     return metric_class(metric_id)(backbones)
 
 
-__all__ = ["Backbones", "Batch", "Metric", "PairwiseMetric", "PerSampleMetric", "REGISTRY", "check_ids", "create", "metric_class"]
+__all__ = ["Backbones", "Batch", "Metric", "PairwiseMetric", "PerSampleMetric", "REGISTRY", "check_ids", "create", "metric_class",
+           "ids", "is_known", "register"]
 
 
 # Modules whose real weight files ``spfbench weights`` lists (each has ``weight_rows() -> list[dict]``).

@@ -49,14 +49,15 @@ class Batch:
         return len(self.ids)
 
 
-# name -> (published architecture and size?, published weights?); loaders read the two properties
-# below, never the name (Portrait World's CLIP aside: spfbench/metrics/clip.py).
-PRESETS = {
-    "real": (True, True),  # the published weights (local path or offline hub cache)
-    "tiny": (False, False),  # small random-weight models of the same classes (tests, CPU smoke runs)
-    "world": (False, False),  # Portrait World's own CLIP; tiny random models for the rest
-    "full-random": (True, False),  # every backbone at its published architecture, seeded random weights
-}
+@dataclass(frozen=True)
+class BackboneOverride:
+    """An environment's own backbone in place of the registered ones whose names start with ``prefix`` (Portrait
+    World's CLIP for every ``clip-*``): ``load(backbones, name, given_path)``; ``weight_name`` is its
+    ``--weights`` name."""
+
+    prefix: str
+    weight_name: str
+    load: Callable[["Backbones", str, str | None], object]
 
 
 @contextmanager
@@ -71,31 +72,39 @@ def seeded(seed: int):
 class Backbones:
     """Models shared by metrics, loaded on first use, once per (name) for this device and dtype.
 
-    ``preset="real"`` loads the published weights (local path or offline hub cache); ``"tiny"`` builds
-    small random-weight models of the same kind so every path runs on CPU in tests; ``"full-random"``
-    builds every backbone at its published architecture and tensor shapes with seeded random weights
-    (throughput at real size without the weights; its scores mean nothing). ``"world"``: Portrait
-    World's CLIP, tiny models for the rest. Loaders branch on :attr:`full_size` and
-    :attr:`random_weights`.
+    Built for an environment (spfbench.environments; ``Backbones("tiny")`` asks the registry, an environment's
+    ``backbones()`` passes its properties): with the published weights (``real``: local path or offline hub
+    cache), small random-weight models of the same kind so every path runs on CPU (``tiny``), every backbone at
+    its published architecture and shapes with seeded random weights (``full-random``: throughput at real size;
+    scores mean nothing), plus any backbone the environment overrides (Portrait World's CLIP). Loaders branch on
+    :attr:`full_size` and :attr:`random_weights`, never on a name.
     """
 
     loaders: ClassVar[dict[str, Callable[["Backbones"], object]]] = {}
 
     def __init__(
         self,
-        preset: str = "real",
+        environment: str = "real",
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
         weights: dict[str, str] | None = None,
+        *,
+        full_size: bool | None = None,
+        random_weights: bool | None = None,
+        overrides: list[BackboneOverride] | None = None,
     ):
-        if preset not in PRESETS:
-            raise SpfbenchError(f"unknown metric preset {preset!r}; use 'real' (published weights), 'tiny' (random, for tests),"
-                                " 'world' (Portrait World: its own CLIP, tiny random models for the rest) or 'full-random'"
-                                " (published architectures, seeded random weights: throughput only)")
-        self.preset = preset
-        if weights and self.full_size and self.random_weights:
-            raise SpfbenchError(f"metric preset {preset!r} builds every backbone with seeded random weights: --weights"
-                                f" ({', '.join(sorted(weights))}) does not apply; use preset 'real' to load weight files")
+        if full_size is None or random_weights is None:  # the environment's own backbones
+            from ..environments import get
+
+            env = get(environment)
+            full_size, random_weights = env.full_size_backbones, not env.published_backbone_weights
+            overrides = env.backbone_overrides() if overrides is None else overrides
+        self.environment = environment
+        self._full_size, self._random_weights = bool(full_size), bool(random_weights)
+        self.overrides = list(overrides or [])
+        if weights and self._full_size and self._random_weights:
+            raise SpfbenchError(f"environment {environment!r} builds every backbone with seeded random weights: --weights"
+                                f" ({', '.join(sorted(weights))}) does not apply; use the real environment to load weight files")
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
         self.weights = dict(weights or {})  # weight-file name (as in `spfbench weights`) -> local path
@@ -106,13 +115,21 @@ class Backbones:
     def full_size(self) -> bool:
         """Backbones have their published architecture and tensor shapes (real, full-random); otherwise
         they are small models of the same classes (tiny, and world's LPIPS/FID/ID/Seg-Cons/HPSv2/MPS)."""
-        return PRESETS[self.preset][0]
+        return self._full_size
 
     @property
     def random_weights(self) -> bool:
-        """Backbones carry seeded random weights, not the published ones (every preset but real; world's
-        own CLIP aside, a trained file of its own)."""
-        return not PRESETS[self.preset][1]
+        """Backbones carry seeded random weights, not the published ones (every environment but real; an
+        overriding backbone such as the world's CLIP aside, a trained file of its own)."""
+        return self._random_weights
+
+    def override_for(self, name: str) -> BackboneOverride | None:
+        return next((o for o in self.overrides if name.startswith(o.prefix)), None)
+
+    def weight_name(self, name: str) -> str:
+        """The ``--weights`` name of backbone ``name`` here: an override's (``clip-world``), else ``name``."""
+        o = self.override_for(name)
+        return o.weight_name if o is not None else name
 
     @property
     def init_device(self) -> torch.device:
@@ -135,7 +152,8 @@ class Backbones:
 
     def get(self, name: str):
         if name not in self._cache:
-            self._cache[name] = self.loaders[name](self)
+            o = self.override_for(name)
+            self._cache[name] = o.load(self, name, self.weight_path(o.weight_name)) if o is not None else self.loaders[name](self)
         return self._cache[name]
 
     def fingerprint(self, name: str) -> str:

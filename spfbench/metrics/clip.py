@@ -49,21 +49,11 @@ class ClipBackbone:
         return torch.nn.functional.normalize(self.model.encode_text(t).float(), dim=-1)
 
 
-def weight_name(preset: str, key: str) -> str:
-    """The ``--weights`` name of the CLIP file backbone ``clip-KEY`` loads under ``preset``: ``clip-world`` (the
-    world's one CLIP, whatever the key) or ``clip-KEY`` (an open_clip checkpoint of that model)."""
-    return "clip-world" if preset == "world" else f"clip-{key}"
-
-
 def _load_clip(bb: Backbones, key: str) -> ClipBackbone:
     import open_clip
 
     name, _ = CLIP_MODELS[key]
-    given = bb.weight_path(weight_name(bb.preset, key))
-    if bb.preset == "world":  # Portrait World's own CLIP (docs/world.md), whatever the key asks
-        from ..world.clip import load_world_clip
-
-        return ClipBackbone(*load_world_clip(given), bb.device, bb.dtype)
+    given = bb.weight_path(f"clip-{key}")
     if not bb.full_size:  # tiny; a given file: a tiny CLIP's state dict (safetensors), e.g. another seed's
         model, preprocess, tokenizer = tiny_clip(seed=0)
         if given:

@@ -75,7 +75,7 @@ def pack_dir() -> Path:
     return insightface_root() / "models" / PACK
 
 
-def _providers(bb: Backbones) -> tuple[list, int]:
+def execution_providers(bb: Backbones) -> tuple[list, int]:
     """ONNX Runtime providers and insightface ``ctx_id`` for the backbones' torch device."""
     import onnxruntime
 
@@ -159,7 +159,7 @@ def _load_face_models(bb: Backbones) -> FaceModels:
     check_onnxruntime()
     from insightface.model_zoo import model_zoo
 
-    providers, ctx_id = _providers(bb)
+    providers, ctx_id = execution_providers(bb)
     if bb.random_weights:  # tiny or full-size random recognizer; a stand-in detector either way
         path = iresnet_recognizer_path() if bb.full_size else tiny_recognizer_path()
         rec = model_zoo.get_model(str(path), providers=providers)

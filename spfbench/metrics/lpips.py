@@ -25,7 +25,7 @@ def alexnet_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
 
 
-def _heads_file() -> Path:
+def heads_file() -> Path:
     import lpips
 
     return Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
@@ -47,10 +47,10 @@ def _load_lpips(bb: Backbones):
             )
         model = lpips.LPIPS(net="alex", version="0.1", verbose=False)
     # lpips loads its heads with strict=False: make sure every head weight really arrived.
-    heads = torch.load(_heads_file(), map_location="cpu", weights_only=True)
+    heads = torch.load(heads_file(), map_location="cpu", weights_only=True)
     have = model.state_dict()
     if not all(k in have and torch.equal(have[k], v) for k, v in heads.items()):
-        raise RuntimeError(f"LPIPS linear heads from {_heads_file()} did not load into the model")
+        raise RuntimeError(f"LPIPS linear heads from {heads_file()} did not load into the model")
     return model.to(bb.device).eval()
 
 
@@ -129,5 +129,5 @@ def weight_rows() -> list[dict]:
         {"group": "metric", "name": "lpips-alexnet", "what": "LPIPS AlexNet trunk (torchvision)", "source": ALEXNET_URL,
          "size": "233 MB", "present": alexnet_path().is_file(), "path": str(alexnet_path())},
         {"group": "metric", "name": "lpips-heads-v0.1", "what": "LPIPS linear heads v0.1 (in the lpips wheel)",
-         "source": "pip: lpips==0.1.4", "size": "6 kB", "present": _heads_file().is_file(), "path": str(_heads_file())},
+         "source": "pip: lpips==0.1.4", "size": "6 kB", "present": heads_file().is_file(), "path": str(heads_file())},
     ]

@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backbones, Batch, PairwiseMetric, PerSampleMetric
+from ..metrics.base import Backbones, Batch, PairwiseMetric, PerSampleMetric
 
 READER = "world-reader"
 
 
 @Backbones.register(READER)
 def _load_reader(bb: Backbones):
-    from ..world.reader import load_reader
+    from .reader import load_reader
 
     return load_reader(bb.weight_path(READER)).to(bb.device)
 
 
 def _target(text: str):
-    from ..world.attributes import TARGET_TEXTS
+    from .attributes import TARGET_TEXTS
 
     return TARGET_TEXTS.get(text.strip().lower())
 
