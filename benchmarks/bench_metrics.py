@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import sync, write_result  # noqa: E402
 
 from spfbench.metrics import Backbones, Batch, PairwiseMetric, create  # noqa: E402
-from spfbench.scoring import DEFAULT_METRICS  # noqa: E402
+from spfbench.metrics import DEFAULT_METRICS  # noqa: E402
 
 
 

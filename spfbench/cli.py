@@ -182,7 +182,7 @@ def build_testset(
 def metrics() -> None:
     """List the metric ids (backbone and scale in the id), their Table 1 column and direction."""
     from .metrics import ids, metric_class
-    from .scoring import DEFAULT_METRICS
+    from .metrics import DEFAULT_METRICS
 
     for mid in ids():
         cls = metric_class(mid)

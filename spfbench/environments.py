@@ -6,7 +6,7 @@ backbones, the default metrics, the TokenCompose masks and SPF's CLIP (through i
 outside this module (and an environment's own module) compares an environment or preset name; code asks
 the registry instead (tests/test_environments.py greps for it).
 
-Built in: ``real`` (the published weights: Realistic Vision V4.0, SD1.5; every metric's published
+Built in (``spfbench/standard_environments.py``): ``real`` (the published weights: Realistic Vision V4.0, SD1.5; every metric's published
 backbone), ``tiny`` (seeded random 64-px models and small random backbones: tests, CPU smoke runs) and
 ``full-random`` (SD1.5's architecture and every backbone at its published shapes with seeded random
 weights: speed and memory at real size without the weights). Others register through the entry-point group
@@ -16,7 +16,8 @@ A new environment is one module plus that one line.
 
 from __future__ import annotations
 
-from abc import ABC
+import importlib
+from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
 
@@ -33,7 +34,8 @@ ENTRY_POINT_GROUP = "spfbench.environments"
 
 
 class Environment(ABC):
-    """What a world supplies. Subclasses set the class attributes and override what differs."""
+    """What a world supplies. Subclasses set the class attributes and implement the methods; the built-in ones
+    (spfbench.standard_environments.StandardEnvironment) give the usual implementations to start from."""
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -42,90 +44,37 @@ class Environment(ABC):
     full_size_backbones: ClassVar[bool] = True
     published_backbone_weights: ClassVar[bool] = True
 
-    # -- base model ------------------------------------------------------------------------------
+    @abstractmethod
     def load_pipeline(self, preset: "Preset", *, model: str | None, vae: str | None, revision: str | None, seed: int,
                       device: torch.device) -> tuple[object, "ModelInfo"]:
-        """The preset's ``StableDiffusionPipeline`` (on CPU or ``device``; moved and cast by the caller): random
-        weights from the preset's config folder, else the published (or ``model``) weights."""
-        from . import models
+        """The preset's ``StableDiffusionPipeline`` (on CPU or ``device``; moved and cast by the caller) and where
+        its weights came from."""
 
-        if preset.config is not None:
-            if model or vae:
-                raise SpfbenchError(f"preset {preset.name!r} has random weights; --model/--vae apply to real presets only")
-            return models.random_pipeline(preset, seed, device)
-        return models.real_pipeline(preset, model, vae, revision)
-
-    # -- metrics ---------------------------------------------------------------------------------
+    @abstractmethod
     def backbones(self, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                   weights: dict[str, str] | None = None) -> "Backbones":
         """The metric models of this environment (one shared set per run)."""
-        from .metrics.base import Backbones
-
-        return Backbones(self.name, device, dtype, weights=weights, full_size=self.full_size_backbones,
-                         random_weights=not self.published_backbone_weights, overrides=self.backbone_overrides())
 
     def backbone_overrides(self) -> list:
         """Backbones this environment replaces (``spfbench.metrics.base.BackboneOverride``); none by default."""
         return []
 
+    @abstractmethod
     def default_metrics(self) -> list[str]:
-        """The metric ids a run or a scoring computes when none are given: Table 1's eight."""
-        from .scoring import DEFAULT_METRICS
+        """The metric ids a run or a scoring computes when none are given."""
 
-        return list(DEFAULT_METRICS)
-
-    # -- masks (TokenCompose) ----------------------------------------------------------------------
+    @abstractmethod
     def mask_source(self, *, model: str | None = None, device: str | None = None, seed: int = 0) -> "MaskSource":
-        """Where ``spfbench masks`` takes a phrase's mask from: a text-prompted segmenter (CLIPSeg) by default."""
-        from .masks import SegmenterMasks, load_segmenter
+        """Where ``spfbench masks`` takes a phrase's mask from (``spfbench.masks.MaskSource``)."""
 
-        return SegmenterMasks(lambda: load_segmenter(model=model, device=device, seed=seed,
-                                                      full_size=self.full_size_backbones or self.published_backbone_weights))
-
-    # -- command line --------------------------------------------------------------------------------
     def cli(self):
         """A ``typer.Typer`` of this environment's own commands (``spfbench NAME ...``), or None."""
         return None
 
 
-class Real(Environment):
-    name = "real"
-    description = "the published weights: base models from the hub cache or local files, every metric's published backbone"
-
-    @property
-    def presets(self):  # (built on first use: spfbench.models imports nothing from here at import time)
-        from .models import REAL_PRESETS
-
-        return REAL_PRESETS
-
-
-class Tiny(Environment):
-    name = "tiny"
-    description = "seeded random 64-px SD-shaped models and small random metric backbones (tests, CPU smoke runs; numbers meaningless)"
-    full_size_backbones = False
-    published_backbone_weights = False
-
-    @property
-    def presets(self):
-        from .models import TINY_PRESETS
-
-        return TINY_PRESETS
-
-
-class FullRandom(Environment):
-    name = "full-random"
-    description = ("SD1.5's architecture and every metric backbone at its published shapes, seeded random weights "
-                   "(throughput and memory at real size without the weights; numbers meaningless)")
-    published_backbone_weights = False
-
-    @property
-    def presets(self):
-        from .models import FULL_RANDOM_PRESETS
-
-        return FULL_RANDOM_PRESETS
-
-
-BUILT_IN: tuple[type[Environment], ...] = (Real, Tiny, FullRandom)
+# the built-in environments, imported by name when the registry first fills (they sit a layer above this module)
+BUILT_IN = ("spfbench.standard_environments:Real", "spfbench.standard_environments:Tiny",
+            "spfbench.standard_environments:FullRandom")
 _REGISTRY: dict[str, Environment] = {}
 _PLUGINS_LOADED = False
 
@@ -148,8 +97,9 @@ def load_plugins(force: bool = False) -> None:
     if _PLUGINS_LOADED and not force:
         return
     _REGISTRY.clear()  # (force: from scratch, e.g. after a package was installed or removed)
-    for cls in BUILT_IN:
-        register(cls)
+    for target in BUILT_IN:
+        module, _, attr = target.partition(":")
+        register(getattr(importlib.import_module(module), attr))
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             cls = ep.load()

@@ -48,22 +48,12 @@ from PIL import Image
 
 from .errors import SpfbenchError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .metrics import Backbones, Batch, Metric, PairwiseMetric, check_ids, create
+from .metrics import DEFAULT_METRICS, Backbones, Batch, Metric, PairwiseMetric, check_ids, create
 from .originals_cache import OriginalsCache
 from .testset import Triple, load_testset
 
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-DEFAULT_METRICS = [
-    "fid@inception-2048",
-    "lpips@alex-v0.1",
-    "id@arcface-buffalo-l",
-    "clip-i@vit-l-14",
-    "seg-cons@sam-vit-h",
-    "clip-t@vit-l-14",
-    "hpsv2@v2.1",
-    "mps@overall",
-]
 
 
 def default_metrics(environment: str) -> list[str]:

@@ -23,7 +23,7 @@ def _names() -> set[str]:
 def _owner(path: Path) -> bool:
     """Modules that define names: the registry, the base-model presets of the built-ins, an environment's own package."""
     rel = path.relative_to(ROOT).as_posix()
-    return rel in ("spfbench/environments.py", "spfbench/models.py") or rel.startswith("spfbench/world/")
+    return rel in ("spfbench/environments.py", "spfbench/standard_environments.py", "spfbench/models.py") or rel.startswith("spfbench/world/")
 
 
 def _decisions_by_name(tree: ast.AST, names: set[str]):
@@ -71,7 +71,7 @@ def test_the_grep_finds_what_it_looks_for():
 
 def test_each_environment_supplies_presets_backbones_metrics_and_masks():
     from spfbench.masks import SegmenterMasks
-    from spfbench.scoring import DEFAULT_METRICS
+    from spfbench.metrics import DEFAULT_METRICS
 
     assert E.names()[:3] == ["real", "tiny", "full-random"] and "world" in E.names()  # the world comes by entry point
     assert {p: env.name for p, (env, _) in E.all_presets().items()} == {
@@ -103,7 +103,9 @@ def test_unknown_names_and_duplicates_are_one_line():
             call()
         assert "\n" not in str(e.value) and "choose one of" in str(e.value)
 
-    class Again(E.Environment):
+    from spfbench.standard_environments import StandardEnvironment
+
+    class Again(StandardEnvironment):
         name = "tiny"
         description = "another tiny"
 
@@ -114,11 +116,11 @@ def test_unknown_names_and_duplicates_are_one_line():
 # ------------------------------------------------------------------------------------------ a third party
 
 PLUGIN = '''
-from spfbench.environments import Environment
 from spfbench.models import Preset
+from spfbench.standard_environments import StandardEnvironment
 
 
-class Acme(Environment):
+class Acme(StandardEnvironment):
     name = "acme"
     description = "a third party's environment: the tiny model under its own preset, LPIPS only"
     presets = (Preset("acme-tiny", "tiny architecture, seeded random weights", config="tiny", native_size=64),)

@@ -8,7 +8,8 @@ from PIL import Image
 from spfbench.generation import GenerationSettings
 from spfbench.metrics import REGISTRY, Backbones, Batch, create
 from spfbench.metrics.fid import Fid
-from spfbench.scoring import DEFAULT_METRICS, Scorer, read_image
+from spfbench.metrics import DEFAULT_METRICS
+from spfbench.scoring import Scorer, read_image
 from spfbench.testset import TestsetBuilder, load_testset
 
 N = 7

@@ -9,7 +9,8 @@ import torch
 import trainers
 from spfbench.generation import GenerationSettings
 from spfbench.models import load_pipeline
-from spfbench.scoring import DEFAULT_METRICS, Scorer, read_image
+from spfbench.metrics import DEFAULT_METRICS
+from spfbench.scoring import Scorer, read_image
 from spfbench.testset import TestsetBuilder, load_testset
 from spfbench.toydata import make_toy_data
 from trainers.loop import Trainer

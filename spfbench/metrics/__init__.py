@@ -23,6 +23,17 @@ REGISTRY = {
     "hpsv2@v2.1": "spfbench.metrics.hpsv2:HpsV2",
     "mps@overall": "spfbench.metrics.mps:Mps",
 }
+# Table 1's eight, in the paper's column order: what the built-in environments score by default
+DEFAULT_METRICS = [
+    "fid@inception-2048",
+    "lpips@alex-v0.1",
+    "id@arcface-buffalo-l",
+    "clip-i@vit-l-14",
+    "seg-cons@sam-vit-h",
+    "clip-t@vit-l-14",
+    "hpsv2@v2.1",
+    "mps@overall",
+]
 # an environment plugin adds its own metrics (Portrait World's ground truth) with `register` when it loads
 
 
@@ -69,7 +80,7 @@ def create(metric_id: str, backbones: Backbones) -> Metric:
     return metric_class(metric_id)(backbones)
 
 
-__all__ = ["Backbones", "Batch", "Metric", "PairwiseMetric", "PerSampleMetric", "REGISTRY", "check_ids", "create", "metric_class",
+__all__ = ["DEFAULT_METRICS", "Backbones", "Batch", "Metric", "PairwiseMetric", "PerSampleMetric", "REGISTRY", "check_ids", "create", "metric_class",
            "ids", "is_known", "register"]
 
 

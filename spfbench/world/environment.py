@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..environments import Environment
 from ..errors import MissingWeightsError, SpfbenchError
 from ..metrics import register as register_metric
 from ..metrics.base import BackboneOverride
 from ..models import Preset
+from ..standard_environments import StandardEnvironment
 
 MODEL_DIR = Path(__file__).parent / "weights" / "model"  # the world's original model (docs/world.md)
 METRICS = {  # Portrait World's ground truth, read by the world's attribute reader
@@ -32,7 +32,7 @@ def _load_clip(bb, name: str, given: str | None):
     return ClipBackbone(*load_world_clip(given), bb.device, bb.dtype)
 
 
-class World(Environment):
+class World(StandardEnvironment):
     name = "world"
     description = "Portrait World: rendered portraits with ground-truth attributes, its own 64-px model, CLIP and reader (CPU)"
     presets = (Preset("world", "Portrait World's original model: 64 px SD-architecture model trained on world renders",
