@@ -203,7 +203,7 @@ def training_curve(
 
     ``config``: the run's method config (a dict as in ``method.json``; None: ``train_dir/run.json``'s).
     ``triples``: the test triples to generate and score (None: the whole test set). Images are generated
-    with the method class's ``generate_images`` after ``apply_artifact`` on a freshly loaded pipeline
+    by the fitted method (:func:`trainers.load_artifact` on a freshly loaded pipeline)
     (``dtype``: the pipeline's, auto = fp16 on CUDA), the complete caption and each triple's seed; step 0
     with the plain base model. ``keep_artifacts=False`` deletes each step's artifact once its images exist.
     """
@@ -213,7 +213,7 @@ def training_curve(
     from spfbench.scoring import read_image
     from spfbench.testset import load_testset
     from tqdm.auto import tqdm
-    from trainers.base import ARTIFACT_META, Method
+    from trainers.base import ARTIFACT_META
     from trainers.loop import Trainer
 
     train_dir, testset_dir, out_dir = Path(train_dir), Path(testset_dir), Path(out_dir)
@@ -286,9 +286,9 @@ def training_curve(
             if step and not (artifact / ARTIFACT_META).is_file():
                 artifact_from_checkpoint(method, ckpt, artifact, load_kwargs=kwargs, device=device)
             pipe, _ = load_pipeline(device=device, dtype=dtype, **kwargs)
-            cls = trainers.load_artifact(artifact, pipe) if step else Method
+            fitted = trainers.load_artifact(artifact, pipe) if step else trainers.base_model(pipe)
             for chunk in tqdm(list(_chunks(todo, batch_size)), desc=f"step {step} images", leave=False, disable=not progress):
-                for t, img in zip(chunk, cls.generate_images(pipe, chunk, settings)):
+                for t, img in zip(chunk, fitted.generate(chunk, settings)[0]):
                     atomic_write_bytes(images / f"{t.id}.png", encode_png(img))
                     for v in values.values():  # a new image: any score of an older one is stale
                         v.pop(t.id, None)

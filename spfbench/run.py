@@ -344,14 +344,13 @@ class Runner:
         if not todo:
             return 0
         pipe, _ = load_pipeline(device=state.device, dtype=self.dtype, **self.load_kwargs)
-        cls = trainers.load_artifact(artifact, pipe)
+        fitted = trainers.load_artifact(artifact, pipe)
         made = 0
         with state.split_between_processes(todo) as mine:
             bar = tqdm(total=sum(len(b) for b in todo), desc=f"generate {images.parent.name if images.name == 'images' else images}",
                        unit="img", disable=not (self.progress and state.is_main_process))
             for batch in mine:
-                out = cls.generate_images(pipe, batch, settings)
-                notes = cls.generation_notes()
+                out, notes = fitted.generate(batch, settings)
                 for i, (t, img) in enumerate(zip(batch, out)):
                     path = images / f"{t.id}.png"
                     if path.is_file():  # a finished image is never rewritten

@@ -228,9 +228,9 @@ class AttentionTrace:
 
 
 def target_attention_trace(pipe, caption: str, target: str, seed: int, settings, *, size: int = 64,
-                           method_cls=None) -> AttentionTrace:
-    """Generate ``caption`` (the foundation's :func:`~spfbench.generation.generate`, through the method's
-    ``generate_images`` when given) with a capture store installed, and keep per UNet call the map of
+                           fitted=None) -> AttentionTrace:
+    """Generate ``caption`` (the foundation's :func:`~spfbench.generation.generate`, through a fitted method's
+    ``generate`` when given: :func:`trainers.load_artifact` on ``pipe``) with a capture store installed, and keep per UNet call the map of
     the target text's tokens: conditional half of the batch (with classifier-free guidance the batch is
     [uncond, cond]), heads, layers (each resized to ``size``, bilinear) and target tokens averaged."""
     from trainers.attention import AttentionStore, capture_cross_attention
@@ -251,8 +251,8 @@ def target_attention_trace(pipe, caption: str, target: str, seed: int, settings,
     with capture_cross_attention(pipe.unet, store):
         hook = pipe.unet.register_forward_hook(after_forward, with_kwargs=True)
         try:
-            if method_cls is not None:
-                images = method_cls.generate_images(pipe, [triple], settings)
+            if fitted is not None:
+                images, _ = fitted.generate([triple], settings)
             else:
                 from .generation import generate
 
@@ -331,12 +331,12 @@ def run_attention(models: list[ModelSpec], caption: str, target: str, out: Path,
     for m in models:
         pipe = _pipeline(preset, base_model, weights_seed, device, dtype)
         target_token_positions(pipe.tokenizer, caption, target)  # fail before any generation
-        cls = None
+        fitted = None
         if m.artifact is not None:
             from trainers import load_artifact
 
-            cls = load_artifact(m.artifact, pipe)
-        traces[m.name] = target_attention_trace(pipe, caption, target, seed, settings, size=size, method_cls=cls)
+            fitted = load_artifact(m.artifact, pipe)
+        traces[m.name] = target_attention_trace(pipe, caption, target, seed, settings, size=size, fitted=fitted)
         del pipe
     grid = attention_grid(traces, caption, target, columns=columns, at=at, normalize=normalize, cell=cell,
                           with_image=with_image)

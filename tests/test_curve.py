@@ -62,7 +62,7 @@ def naive_run(toy, tmp_path_factory):
 
 def _images(artifact):
     pipe, _ = load_pipeline("tiny", device="cpu")
-    cls = trainers.load_artifact(artifact, pipe)
+    trainers.load_artifact(artifact, pipe)
     return generate(pipe, ["A woman, smiling, wearing a red hat", "A man, wearing glasses"], [3, 11], SETTINGS, output_type="np")
 
 
@@ -138,9 +138,9 @@ def test_curve_rows_files_and_plot(naive_run, testset, tmp_path, monkeypatch):
     calls = []
     real = Method.generate_images.__func__
 
-    def counting(cls, pipe, chunk, settings):
+    def counting(cls, pipe, chunk, settings, config):
         calls.append(len(chunk))
-        return real(cls, pipe, chunk, settings)
+        return real(cls, pipe, chunk, settings, config)
 
     monkeypatch.setattr(Method, "generate_images", classmethod(counting))
     monkeypatch.setattr(curve, "artifact_from_checkpoint", lambda *a, **k: pytest.fail("artifact rebuilt"))

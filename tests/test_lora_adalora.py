@@ -386,7 +386,7 @@ def test_adalora_through_the_loop_resumes_exactly_and_loads(toy, tmp_path, monke
     assert [e["step"] for e in log] == list(range(1, 7)) and all("loss_orth" in e and "rank_budget" in e for e in log)
 
     pipe, _ = load_pipeline("tiny", device="cpu")
-    assert trainers.load_artifact(whole.artifact, pipe) is AdaLora
+    assert trainers.load_artifact(whole.artifact, pipe).method is AdaLora
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
 
 

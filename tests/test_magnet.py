@@ -98,13 +98,15 @@ def test_cli_trains_magnet_and_its_artifact_generates_edited_images(tmp_path, cl
                          "--max-steps", 2, "--device", "cpu", "--no-progress")
     assert code == 0, err
     fresh, _ = load_pipeline("tiny", device="cpu")
-    assert trainers.load_artifact(tmp_path / "o" / "artifact", fresh) is Magnet
-    assert fresh._spfbench_magnet_config.base == "naive" and fresh._spfbench_magnet_config.top_k == 5
+    art = trainers.load_artifact(tmp_path / "o" / "artifact", fresh)
+    assert art.method is Magnet and art.config.base == "naive" and art.config.top_k == 5
+    assert not [k for k in vars(fresh) if "magnet" in k.lower()]  # nothing of Magnet's on the pipeline
     settings = GenerationSettings(steps=2)
     triples = [SimpleNamespace(target_caption="A young woman, with a red background, in a white T-shirt, blonde hair", seed=3),
                SimpleNamespace(target_caption="smiling", seed=4)]
-    edited = Magnet.generate_images(fresh, triples, settings)
-    assert [r["fallback"] is None for r in Magnet.last_records] == [True, False]
+    edited, notes = art.generate(triples, settings)
+    assert [r["fallback"] is None for r in notes] == [True, False]
+    assert not hasattr(Magnet, "last_records")  # the notes come back with the images, no class-level state
     plain = generate(fresh, [t.target_caption for t in triples], [3, 4], settings)
     a, b = (np.asarray(x[0], dtype=np.int16) for x in (edited, plain))
     assert np.abs(a - b).max() > 0  # the edit changes the image
@@ -117,6 +119,6 @@ def test_original_base_trains_nothing_and_keeps_the_base_unet(tmp_path):
     folder = Magnet.write_original_artifact(tmp_path / "a")
     pipe, _ = load_pipeline("tiny", device="cpu")
     before = pipe.unet
-    assert trainers.load_artifact(folder, pipe) is Magnet and pipe.unet is before
+    assert trainers.load_artifact(folder, pipe).method is Magnet and pipe.unet is before
     with pytest.raises(SpfbenchError):
         MagnetConfig(base="other").validate()

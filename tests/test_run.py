@@ -130,12 +130,12 @@ def test_killed_run_resumes_with_nothing_computed_twice(world, full_run, cli, mo
     state = {"batches": 0, "kill_after": 3}  # naive's two batches, then lora's first: killed before lora's second
 
     def counting(cls_):
-        def gen(cls, pipe, triples, settings):
+        def gen(cls, pipe, triples, settings, config):
             if state["kill_after"] is not None and state["batches"] >= state["kill_after"]:
                 raise KeyboardInterrupt
             state["batches"] += 1
             calls.extend((cls.name, t.id) for t in triples)
-            return real[cls_](cls, pipe, triples, settings)
+            return real[cls_](cls, pipe, triples, settings, config)
         return classmethod(gen)
 
     for c in (Naive, Lora):

@@ -153,8 +153,7 @@ def test_two_stage_run_gives_an_artifact_that_loads_and_generates(toy, tmp_path)
     assert size(r.artifact) < size(s1.artifact) / 3
 
     pipe, _ = load_pipeline("tiny", device="cpu")
-    cls = trainers.load_artifact(r.artifact, pipe)
-    assert cls.name == "spf"
+    assert trainers.load_artifact(r.artifact, pipe).name == "spf"
     assert all(torch.equal(v, attn2[k] if k in attn2 else stage1[k]) for k, v in pipe.unet.state_dict().items())
     images = generate(pipe, ["A woman, smiling, wearing a hat"], [0], GenerationSettings(steps=2))
     assert len(images) == 1 and images[0].size == (64, 64)

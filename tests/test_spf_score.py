@@ -36,12 +36,13 @@ def test_two_stage_spf_artifact_is_scored_by_every_metric(tmp_path):
     assert len(triples) == N
 
     base_pipe, _ = load_pipeline("tiny", device="cpu")
-    untrained = trainers.method_class("spf").generate_images(base_pipe, triples, SETTINGS)
+    untrained, _ = trainers.base_model(base_pipe).generate(triples, SETTINGS)
     pipe, _ = load_pipeline("tiny", device="cpu")
-    cls = trainers.load_artifact(s2.artifact, pipe)
-    assert cls.name == "spf"
-    images = cls.generate_images(pipe, triples, SETTINGS)
-    again = cls.generate_images(pipe, triples, SETTINGS)
+    fitted = trainers.load_artifact(s2.artifact, pipe)
+    assert fitted.name == "spf"
+    images, notes = fitted.generate(triples, SETTINGS)
+    again, _ = fitted.generate(triples, SETTINGS)
+    assert notes is None
     assert len(images) == N
     img = tmp_path / "img"
     img.mkdir()

@@ -170,7 +170,7 @@ def test_train_with_masks_batch2_and_artifact(tmp_path):
     r = Trainer(m, data, tmp_path / "o", preset="tiny", device="cpu").run(progress=False)
     assert m.handle is not None and m.store is not None
     pipe = load_pipeline("tiny", device="cpu")[0]
-    assert trainers.load_artifact(r.artifact, pipe) is TokenCompose
+    assert trainers.load_artifact(r.artifact, pipe).method is TokenCompose
 
 
 def test_missing_phrase_in_data_is_error(tmp_path):

@@ -56,8 +56,7 @@ def test_naive_trains_only_the_unet_and_its_artifact_generates_like_the_trained_
 
     settings = GenerationSettings(steps=3)
     fresh, _ = load_pipeline("tiny", device="cpu")
-    cls = trainers.load_artifact(r.artifact, fresh)
-    assert cls is Naive
+    assert trainers.load_artifact(r.artifact, fresh).method is Naive
     for k, v in base.vae.state_dict().items():  # VAE and text encoder are the base model's
         assert torch.equal(v, fresh.vae.state_dict()[k])
     captions, seeds = ["A woman, smiling, a hat"], [7]

@@ -53,11 +53,18 @@ def read_config_file(path: str | Path) -> dict:
     return values.get("config", values) if "method" in values else values
 
 
-def load_artifact(folder: str | Path, pipe) -> type:
-    """Load a trained artifact into ``pipe`` (a freshly loaded base pipeline); returns the method class."""
-    from .base import read_artifact_meta
+def load_artifact(folder: str | Path, pipe):
+    """The trained artifact at ``folder`` applied to ``pipe`` (a freshly loaded base pipeline): a
+    :class:`trainers.base.Artifact` whose ``generate(triples, settings)`` gives the customized images and notes."""
+    from .base import Artifact, read_artifact_meta
 
     meta = read_artifact_meta(Path(folder))
-    cls = method_class(meta["method"])
-    cls.apply_artifact(pipe, Path(folder), cls.Config.from_dict(meta["config"], source=str(folder)))
-    return cls
+    return Artifact.load(Path(folder), pipe, method_class(meta["method"]))
+
+
+def base_model(pipe, config=None):
+    """The base pipeline as an :class:`~trainers.base.Artifact` of no method (the complete caption, each triple's
+    seed): what a training curve's step 0 generates."""
+    from .base import Artifact, Method, TrainConfig
+
+    return Artifact(Method, config or TrainConfig(), pipe)

@@ -11,10 +11,11 @@ configs), and four hooks the one training loop (:mod:`trainers.loop`) calls:
 * ``trainable_state(models)`` / ``load_trainable_state(models, state)``: what a checkpoint stores;
 * ``encoding_extras(models)``: per-item constants the encoding cache stores for the method (optional).
 
-and two for the artifact: ``save_artifact(models, folder)`` and ``apply_artifact(pipe, folder)``, which
-loads the trained weights into a pipeline that then generates the customized image of a triple through
-the foundation's :func:`spfbench.generation.generate` (``generate_images``; same seed and noise, the
-complete caption, unless a method conditions differently).
+and three for the artifact: ``save_artifact(models, folder)``, ``apply_artifact(pipe, folder, config)``, which
+loads the trained weights into a pipeline, and ``generate_images(pipe, triples, settings, config)``, the
+customized images (and notes) through the foundation's :func:`spfbench.generation.generate` (same seed and
+noise, the complete caption, unless a method conditions differently). :func:`trainers.load_artifact` wraps
+the three in an :class:`Artifact` object, the one thing generation code holds.
 """
 
 from __future__ import annotations
@@ -215,17 +216,39 @@ class Method(ABC):
         """Load the trained weights of ``folder`` into ``pipe`` (a freshly loaded base pipeline)."""
 
     @classmethod
-    def generate_images(cls, pipe, triples, settings):
-        """The customized images of ``triples``: the complete caption, each triple's own seed."""
+    def generate_images(cls, pipe, triples, settings, config: TrainConfig) -> tuple[list, list[dict] | None]:
+        """The customized images of ``triples`` and, when a method has something to say, a note per triple (Magnet:
+        which object/attribute pairs it edited or why it fell back; ``None``: nothing). Default: the complete
+        caption, each triple's own seed. ``config``: the artifact's (what a method needs at generation time)."""
         from spfbench.generation import generate
 
-        return generate(pipe, [t.target_caption for t in triples], [t.seed for t in triples], settings)
+        return generate(pipe, [t.target_caption for t in triples], [t.seed for t in triples], settings), None
+
+
+class Artifact:
+    """A fitted method ready to generate: its weights applied to ``pipe`` (:func:`trainers.load_artifact`), its
+    config, and ``generate(triples, settings) -> (images, notes)``. Everything generation needs lives here,
+    never on the pipeline or the method class."""
+
+    def __init__(self, method: type[Method], config: TrainConfig, pipe, folder: Path | None = None):
+        self.method, self.config, self.pipe, self.folder = method, config, pipe, folder
+
+    @property
+    def name(self) -> str:
+        return self.method.name
 
     @classmethod
-    def generation_notes(cls) -> list[dict] | None:
-        """What the latest ``generate_images`` call did per triple, when a method has something to say
-        (Magnet: which object/attribute pairs it edited or why it fell back); ``None``: nothing."""
-        return None
+    def load(cls, folder: Path, pipe, method: type[Method]) -> "Artifact":
+        """``method``'s artifact at ``folder`` (its ``method.json`` config) applied to ``pipe``."""
+        config = method.Config.from_dict(read_artifact_meta(folder)["config"], source=str(folder))
+        method.apply_artifact(pipe, folder, config)
+        return cls(method, config, pipe, folder)
+
+    def generate(self, triples, settings) -> tuple[list, list[dict] | None]:
+        images, notes = self.method.generate_images(self.pipe, triples, settings, self.config)
+        if notes is not None and len(notes) != len(images):
+            raise SpfbenchError(f"{self.name}: {len(notes)} generation notes for {len(images)} images")
+        return images, notes
 
 
 # -- shared pieces ----------------------------------------------------------------------------------

@@ -20,19 +20,19 @@ trains the full UNet exactly as ``naive`` and the artifact is that UNet plus the
 UNet and it is trained once). With ``base="original"`` nothing trains either (the base model's UNet).
 Why and the deviations from the official code: docs/_fragments/magnet.md.
 
-Per caption what happened is recorded in :attr:`Magnet.last_records` (the records of the latest
-:func:`magnet_embeddings` call): the pairs found with their token, omega, alpha, beta and neighbours, and
+Per caption what happened is the generation note of its triple (``Artifact.generate`` returns them beside the
+images; the runner writes them to ``notes/ID.json``): the pairs found with their token, omega, alpha, beta and neighbours, and
 ``fallback`` (a reason, or None) when the caption yielded no usable pair and plain embeddings were used.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -160,10 +160,13 @@ def word_embeddings(pipe, texts: list[str]) -> torch.Tensor:
     return enc[torch.arange(len(texts), device=enc.device), idx]
 
 
+_BANKS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()  # text encoder -> bank -> embeddings
+
+
 def bank_embeddings(pipe, bank: tuple[str, ...]) -> torch.Tensor:
-    """The bank's embeddings, encoded once per text encoder (cached on the encoder object)."""
-    enc = pipe.text_encoder
-    cache = enc.__dict__.setdefault("_spfbench_magnet_bank", {})
+    """The bank's embeddings, encoded once per text encoder (a memo keyed weakly by the encoder: nothing is
+    stored on the model, and the memo goes with it)."""
+    cache = _BANKS.setdefault(pipe.text_encoder, {})
     if bank not in cache:
         cache[bank] = word_embeddings(pipe, list(bank))
     return cache[bank]
@@ -228,7 +231,6 @@ class Magnet(Naive):
     description = "Magnet (training-free object-embedding edit) at generation time on the naive fine-tuned UNet"
     Config = MagnetConfig
     requires = {"naive_artifact": "naive"}
-    last_records: ClassVar[list[dict]] = []
 
     @classmethod
     def fit(cls, config: dict, data, out: Path, *, progress: bool = True, source: str = "config", **trainer_kwargs) -> Path:
@@ -236,10 +238,6 @@ class Magnet(Naive):
         if cfg.base == "original" or cfg.naive_artifact is not None:  # nothing to train
             return write_untrained_artifact(cls.name, cfg, Path(out) / "artifact")
         return super().fit(config, data, out, progress=progress, source=source, **trainer_kwargs)
-
-    @classmethod
-    def generation_notes(cls) -> list[dict] | None:
-        return list(cls.last_records)
 
     def setup(self, models: Models) -> list[torch.nn.Parameter]:
         if self.config.base == "original":
@@ -260,13 +258,12 @@ class Magnet(Naive):
     def apply_artifact(cls, pipe, folder: Path, config: TrainConfig) -> None:
         if config.base == "naive":
             Naive.apply_artifact(pipe, Path(config.naive_artifact or folder), config)
-        pipe._spfbench_magnet_config = config
 
     @classmethod
-    def generate_images(cls, pipe, triples, settings):
+    def generate_images(cls, pipe, triples, settings, config: TrainConfig):
+        """The edited embeddings of each triple's caption (``config``: top_k, lambda), then generation with them;
+        the notes say per triple which object/attribute pairs were edited or why it fell back."""
         from spfbench.generation import generate
 
-        config = getattr(pipe, "_spfbench_magnet_config", None) or MagnetConfig()
         cond, uncond, records = magnet_embeddings(pipe, [t.target_caption for t in triples], config, settings.negative_prompt)
-        Magnet.last_records = records
-        return generate(pipe, None, [t.seed for t in triples], settings, prompt_embeds=cond, negative_prompt_embeds=uncond)
+        return generate(pipe, None, [t.seed for t in triples], settings, prompt_embeds=cond, negative_prompt_embeds=uncond), records
