@@ -80,8 +80,8 @@ def artifact_from_checkpoint(method, checkpoint_dir, out_dir, *, load_kwargs: di
     from safetensors.torch import load_file
 
     from spfbench.models import load_pipeline
-    from trainers.base import ARTIFACT_META, Models
-    from trainers.loop import Trainer, training_scheduler
+    from trainers.base import ARTIFACT_META
+    from trainers.loop import Trainer, training_models
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     state_path, weights_path = checkpoint_dir / "state.json", checkpoint_dir / "trainable.safetensors"
@@ -104,18 +104,7 @@ def artifact_from_checkpoint(method, checkpoint_dir, out_dir, *, load_kwargs: di
         raise SpfbenchError(f"checkpoint {checkpoint_dir} was trained with a different {', '.join(what)} than given"
                             f" (method {recorded.get('method')}); pass the run's own method, config and base model")
 
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe), weight_dtype)
-    models.vae.requires_grad_(False)
-    models.text_encoder.requires_grad_(False)
-    for frozen in (models.vae, models.text_encoder):  # as the loop: frozen parts in the compute dtype
-        torch.nn.Module.to(frozen, dtype=weight_dtype)
-    from accelerate.utils import set_seed
-
-    devices = [models.device] if models.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # the loop seeds before setup; leave the caller's RNG as it was
-        set_seed(cfg.seed)
-        params = fresh.setup(models)
+    models, params = training_models(pipe, info.preset, fresh, keep_caller_rng=True)  # the loop's own set-up
     fresh.load_trainable_state(models, load_file(weights_path, device=str(models.device)))
     ema_used = False
     if cfg.use_ema and (checkpoint_dir / "ema.pt").is_file():  # the loop's artifact holds the EMA weights

@@ -449,7 +449,8 @@ def run_sfcm(data: Path, index: int, out: Path, *, artifact: Path | None = None,
     ds = PortraitDataset(data, resolution=native, validate_images=False)
     if not 0 <= index < len(ds):
         raise SpfbenchError(f"--index {index} out of range: the set has {len(ds)} items")
-    models = Models(res_pipe.unet, res_pipe.vae, res_pipe.text_encoder, res_pipe.tokenizer, training_scheduler(res_pipe))
+    models = Models(res_pipe.unet, res_pipe.vae, res_pipe.text_encoder, res_pipe.tokenizer, training_scheduler(res_pipe),
+                    preset=preset)  # (SPF's CLIP follows the base model's environment, as in training)
     ref_pipe.unet.eval()
     res_pipe.unet.eval()
     item = ds[index]

@@ -212,7 +212,7 @@ class Trainer:
             cpu=self.device == "cpu",
             **({"log_with": log_with, "project_dir": str(self.out / "trackers")} if log_with else {}),
         )
-        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
 
         pipe, info = load_pipeline(device=accelerator.device, dtype=torch.float32, **self.model_kwargs)
         identity = self.identity(info.to_dict(), fingerprint)
@@ -221,16 +221,7 @@ class Trainer:
         dataset = PortraitDataset(self.data, resolution=resolution, random_flip=cfg.random_flip, seed=cfg.seed)
         self.method.bind_dataset(dataset)
 
-        models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe), weight_dtype,
-                        preset=info.preset)
-        models.vae.requires_grad_(False)
-        models.text_encoder.requires_grad_(False)
-        for frozen in (models.vae, models.text_encoder):  # frozen parts in the compute dtype, as diffusers' examples
-            torch.nn.Module.to(frozen, dtype=weight_dtype)
-        from accelerate.utils import set_seed
-
-        set_seed(cfg.seed)  # methods' random initialisations (adapters) depend on the run's seed only
-        params = self.method.setup(models)
+        models, params = training_models(pipe, info.preset, self.method)
         if not params:
             raise SpfbenchError(f"method {self.method.name} left nothing to train")
         if cfg.gradient_checkpointing:
@@ -467,6 +458,31 @@ def _unwrap(models: Models) -> Models:
 def _tracker_config(cfg) -> dict:
     """The config as trackers take it (scalars only; lists as text)."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in cfg.to_dict().items()}
+
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # mixed_precision -> compute dtype
+
+
+def training_models(pipe, preset: str | None, method: Method, *, keep_caller_rng: bool = False) -> tuple[Models, list]:
+    """The loop's set-up of a freshly loaded pipeline for ``method``: :class:`Models` in the run's compute dtype
+    (``mixed_precision``), VAE and text encoder frozen and cast to it (as diffusers' examples), then
+    ``method.setup`` under the run's seed (adapters' random initialisations depend on it only). Returns the
+    models and the parameters to train. ``keep_caller_rng``: seed inside a forked RNG (a caller that is not
+    the training loop, e.g. turning a checkpoint into an artifact, keeps its own random streams)."""
+    from accelerate.utils import set_seed
+
+    weight_dtype = WEIGHT_DTYPES[method.config.mixed_precision]
+    models = Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe), weight_dtype,
+                    preset=preset)
+    models.vae.requires_grad_(False)
+    models.text_encoder.requires_grad_(False)
+    for frozen in (models.vae, models.text_encoder):
+        torch.nn.Module.to(frozen, dtype=weight_dtype)
+    devices = [models.device] if models.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=keep_caller_rng):
+        set_seed(method.config.seed)
+        params = method.setup(models)
+    return models, params
 
 
 def training_scheduler(pipe):
