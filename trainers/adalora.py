@@ -48,7 +48,7 @@ import torch
 
 from spfbench.errors import SpfbenchError
 
-from .base import Method, Models, TrainConfig, diffusion_loss, encode_batch
+from .base import Models, TrainConfig, TrainedMethod, diffusion_loss, encode_batch
 from .lora import adapter_init_rng
 
 ADAPTER = "default"
@@ -151,7 +151,7 @@ def _key(name: str) -> str:
     return name.replace(f".{ADAPTER}", "")
 
 
-class AdaLora(Method):
+class AdaLora(TrainedMethod):
     name = "adalora"
     description = "peft AdaLoRA (SVD-form LoRA with importance-based rank allocation) on the UNet attention projections"
     Config = AdaLoraConfig

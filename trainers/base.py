@@ -1,7 +1,9 @@
 """The interface every customization method implements, and what they share.
 
-A method is a name, a config dataclass of its hyper-parameters (saved beside its artifact, like peft's
-configs), and four hooks the one training loop (:mod:`trainers.loop`) calls:
+A method (:class:`Method`) is a name, a config dataclass of its hyper-parameters (saved beside its artifact,
+like peft's configs), ``fit`` (data -> artifact folder) and the artifact side below. A method the one training
+loop (:mod:`trainers.loop`) trains is a :class:`TrainedMethod`, with these hooks (``original``, which trains
+nothing, has none):
 
 * ``setup(models)``: freeze what stays fixed, add adapters, and return the parameters to train;
 * ``loss(models, batch, generator)``: the training loss of one micro-batch (and numbers to log);
@@ -157,6 +159,31 @@ class Method(ABC):
         self.config.validate()
 
     @classmethod
+    @abstractmethod
+    def fit(cls, config: dict, data, out: Path, *, progress: bool = True, source: str = "config", **trainer_kwargs) -> Path:
+        """Fit into the run folder ``out`` (resumed or reused when it already holds this run) and return the
+        artifact folder (``method.json`` plus whatever :meth:`apply_artifact` reads)."""
+
+    # -- artifact ---------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def apply_artifact(cls, pipe, folder: Path, config: TrainConfig) -> None:
+        """Load the trained weights of ``folder`` into ``pipe`` (a freshly loaded base pipeline)."""
+
+    @classmethod
+    def generate_images(cls, pipe, triples, settings, config: TrainConfig) -> tuple[list, list[dict] | None]:
+        """The customized images of ``triples`` and, when a method has something to say, a note per triple (Magnet:
+        which object/attribute pairs it edited or why it fell back; ``None``: nothing). Default: the complete
+        caption, each triple's own seed. ``config``: the artifact's (what a method needs at generation time)."""
+        from spfbench.generation import generate
+
+        return generate(pipe, [t.target_caption for t in triples], [t.seed for t in triples], settings), None
+
+
+class TrainedMethod(Method):
+    """A method the shared loop (:mod:`trainers.loop`) trains: its hooks, and ``fit`` through the loop."""
+
+    @classmethod
     def fit(cls, config: dict, data, out: Path, *, progress: bool = True, source: str = "config", **trainer_kwargs) -> Path:
         """Train on ``data`` into the run folder ``out`` (resumed or reused when it already holds this run)
         and return the artifact folder. ``trainer_kwargs`` go to :class:`trainers.loop.Trainer` (preset,
@@ -205,24 +232,10 @@ class Method(ABC):
     @abstractmethod
     def load_trainable_state(self, models: Models, state: dict[str, torch.Tensor]) -> None: ...
 
-    # -- artifact ---------------------------------------------------------------------------------
     @abstractmethod
     def save_artifact(self, models: Models, folder: Path) -> None:
         """Write the trained weights into ``folder`` (``method.json`` is written by the loop)."""
 
-    @classmethod
-    @abstractmethod
-    def apply_artifact(cls, pipe, folder: Path, config: TrainConfig) -> None:
-        """Load the trained weights of ``folder`` into ``pipe`` (a freshly loaded base pipeline)."""
-
-    @classmethod
-    def generate_images(cls, pipe, triples, settings, config: TrainConfig) -> tuple[list, list[dict] | None]:
-        """The customized images of ``triples`` and, when a method has something to say, a note per triple (Magnet:
-        which object/attribute pairs it edited or why it fell back; ``None``: nothing). Default: the complete
-        caption, each triple's own seed. ``config``: the artifact's (what a method needs at generation time)."""
-        from spfbench.generation import generate
-
-        return generate(pipe, [t.target_caption for t in triples], [t.seed for t in triples], settings), None
 
 
 class Artifact:

@@ -31,7 +31,7 @@ from spfbench.data import location as data_location
 from spfbench.errors import SpfbenchError
 from spfbench.io import atomic_write_bytes, atomic_write_json
 
-from .base import ARTIFACT_META, Method, Models
+from .base import ARTIFACT_META, Models, TrainedMethod
 
 FORMAT_VERSION = 1
 # config fields that may change between a run and its resumption (how long, how often, how logged)
@@ -91,7 +91,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict |
 class Trainer:
     def __init__(
         self,
-        method: Method,
+        method: TrainedMethod,
         data: str | Path,
         out: str | Path,
         *,
@@ -409,9 +409,9 @@ class Trainer:
         return build_encoding_cache(dataset, models, self.method, self.out / "cache", model=info.to_dict(), progress=False)
 
 
-def encoding_cache_key(dataset, models: Models, method: Method, model: dict) -> str:
+def encoding_cache_key(dataset, models: Models, method: TrainedMethod, model: dict) -> str:
     """The ``model_key`` of the loop's encoding cache: the base model's identity, the compute dtype, the
-    resolution and, when the method stores per-item constants (``Method.encoding_extras``), their key."""
+    resolution and, when the method stores per-item constants (``TrainedMethod.encoding_extras``), their key."""
     spec = {"model": model, "dtype": str(models.weight_dtype), "resolution": dataset.resolution}
     extras = method.encoding_extras(models)
     if extras is not None:
@@ -419,7 +419,7 @@ def encoding_cache_key(dataset, models: Models, method: Method, model: dict) -> 
     return json.dumps(spec, sort_keys=True)
 
 
-def build_encoding_cache(dataset, models: Models, method: Method, cache_dir: Path, *, model: dict, progress: bool = True):
+def build_encoding_cache(dataset, models: Models, method: TrainedMethod, cache_dir: Path, *, model: dict, progress: bool = True):
     """``TrainConfig.cache_encodings``: the VAE posterior (mean, std) of every item (and of its flip with
     random_flip), the complete caption's encoding, and the method's ``encoding_extras``, computed once into
     ``cache_dir`` (:func:`spfbench.data.cache_encodings`; reused when present). Returns the
@@ -463,7 +463,7 @@ def _tracker_config(cfg) -> dict:
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # mixed_precision -> compute dtype
 
 
-def training_models(pipe, preset: str | None, method: Method, *, keep_caller_rng: bool = False) -> tuple[Models, list]:
+def training_models(pipe, preset: str | None, method: TrainedMethod, *, keep_caller_rng: bool = False) -> tuple[Models, list]:
     """The loop's set-up of a freshly loaded pipeline for ``method``: :class:`Models` in the run's compute dtype
     (``mixed_precision``), VAE and text encoder frozen and cast to it (as diffusers' examples), then
     ``method.setup`` under the run's seed (adapters' random initialisations depend on it only). Returns the

@@ -26,7 +26,7 @@ import torch
 
 from spfbench.errors import SpfbenchError
 
-from .base import Method, Models, TrainConfig
+from .base import Models, TrainConfig, TrainedMethod
 
 ADAPTER = "default"  # the adapter name diffusers' add_adapter uses
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -90,7 +90,7 @@ def lora_parameters(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter
     return [(n, p) for n, p in unet.named_parameters() if ".lora_A." in n or ".lora_B." in n]
 
 
-class Lora(Method):
+class Lora(TrainedMethod):
     name = "lora"
     description = "peft LoRA on the UNet attention projections (to_q, to_k, to_v, to_out.0)"
     Config = LoraConfig

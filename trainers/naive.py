@@ -16,7 +16,7 @@ import torch
 
 from spfbench.errors import SpfbenchError
 
-from .base import Method, Models, TrainConfig
+from .base import Models, TrainConfig, TrainedMethod
 
 SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -55,7 +55,7 @@ def save_unet(unet: torch.nn.Module, folder: Path, precision: str) -> None:
     unet.save_config(folder)
 
 
-class Naive(Method):
+class Naive(TrainedMethod):
     name = "naive"
     description = "full UNet fine-tuning with the diffusion loss"
     Config = NaiveConfig

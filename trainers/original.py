@@ -11,11 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from spfbench.errors import SpfbenchError
-
-from .base import Method, Models, TrainConfig, write_untrained_artifact
+from .base import Method, TrainConfig, write_untrained_artifact
 
 
 class Original(Method):
@@ -26,18 +22,6 @@ class Original(Method):
     @classmethod
     def fit(cls, config: dict, data, out: Path, *, progress: bool = True, source: str = "config", **trainer_kwargs) -> Path:
         return write_untrained_artifact(cls.name, cls.Config.from_dict(dict(config), source=source), Path(out) / "artifact")
-
-    def setup(self, models: Models) -> list[torch.nn.Parameter]:
-        raise SpfbenchError("method 'original' trains nothing: `spfbench run --method original` writes its artifact directly")
-
-    def trainable_state(self, models: Models) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_trainable_state(self, models: Models, state: dict[str, torch.Tensor]) -> None:
-        pass
-
-    def save_artifact(self, models: Models, folder: Path) -> None:
-        pass
 
     @classmethod
     def apply_artifact(cls, pipe, folder: Path, config: TrainConfig) -> None:

@@ -30,7 +30,7 @@ from spfbench.errors import SpfbenchError
 from . import spf_diagnostics as D
 from . import spf_losses as L
 from .attention import AttentionStore, install_capture
-from .base import EncodingExtras, Method, Models, TrainConfig, diffusion_target, encode_batch, encode_text
+from .base import EncodingExtras, Models, TrainConfig, TrainedMethod, diffusion_target, encode_batch, encode_text
 
 REFERENCE = "reference_unet"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -156,7 +156,7 @@ def _is_attn2(name: str) -> bool:
     return ".attn2." in name
 
 
-class Spf(Method):
+class Spf(TrainedMethod):
     name = "spf"
     description = "SPF-Portrait: dual-path contrastive stage 2 (SFCM alignment + response enhancement)"
     Config = SpfConfig
