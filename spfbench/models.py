@@ -220,7 +220,7 @@ def _world_pipeline(p: Preset, model: str | None):
     if not (folder / "model_index.json").is_file():
         raise MissingWeightsError(
             f"missing weights: the Portrait World original model is not at {folder}; train it with"
-            f" `python -m spfbench.world.model train --out {folder}` (docs/world.md, \"Original model\")"
+            f" `spfbench world train-model --out {folder}` (docs/world.md, \"Original model\")"
         )
     return _real_pipeline(p, str(folder), None, None)
 
