@@ -22,6 +22,7 @@ from .components import CARD, DEFAULT_OUT, DEFAULT_WORK
 from .reader import DEFAULT_WEIGHTS as READER_WEIGHTS
 from .reader import HIDDEN as READER_HIDDEN
 from .reader import WIDTHS as READER_WIDTHS
+from .recipe import CONTINUATIONS, stage_text
 
 app = typer.Typer(help="Portrait World (docs/world.md): rendered portraits with ground-truth attributes, CPU scale.", no_args_is_help=True)
 
@@ -112,10 +113,10 @@ def train_model(
         None, "--unet-more", metavar="STEPS:LR[:offset=X][:vzero][:detail=W]",
         help="Continue the finished UNet run (repeatable, one stage each, in work/unet-2, unet-3, ...; cosine from LR to 10%; "
         "offset=X: offset noise, vzero: v-prediction at zero terminal SNR, detail=W: latents weighted 1 + W x their share of face "
-        "and hair pixels in the loss); default: --unet-more 6000:0.0003 --unet-more 3000:0.0003:vzero, the shipped model's."),
+        f"and hair pixels in the loss); default: {' '.join(f'--unet-more {stage_text(c)}' for c in CONTINUATIONS)}, the shipped model's."),
 ) -> None:
     """Train the world's original model: VAE, then text encoder + UNet and its continuations; save the pipeline folder."""
-    from .recipe import CONTINUATIONS, parse_stage, train
+    from .recipe import parse_stage, train
 
     stages = [parse_stage(s) for s in unet_more] if unet_more else CONTINUATIONS
     train(out, work, vae_n, vae_steps, vae_batch_size, unet_n, unet_steps, batch_size, lr, seed, threads, eval_n, stages,
