@@ -440,47 +440,22 @@ def tradeoff(
     typer.echo(f"{len(points)} points; written: {paths['png']}, {paths['json']}")
 
 
-world_app = typer.Typer(help="Portrait World (docs/world.md): rendered portraits with ground-truth attributes, CPU scale.")
-app.add_typer(world_app, name="world")
+def _add_environment_commands() -> None:
+    """Each environment's own commands under its name (Portrait World's ``spfbench world ...``): the registry's,
+    so the command line imports no plugin by name. A plugin that does not load is one line on stderr; the other
+    commands still work."""
+    from . import environments
+
+    try:
+        for name in environments.names():
+            sub = environments.get(name).cli()
+            if sub is not None:
+                app.add_typer(sub, name=name)
+    except SpfbenchError as e:
+        print(f"warning: {e}", file=sys.stderr)
 
 
-@world_app.command("data")
-def world_data(
-    out: Path = typer.Option(..., "--out", help="Imagefolder to write (metadata.jsonl with the ground-truth `attributes` column)."),
-    split: str = typer.Option("finetune", help="pretrain (base distribution, no target), finetune (the polluted set), heldout."),
-    n: int = typer.Option(1000, "--n", help="Number of renders."),
-    seed: int = typer.Option(0, help="Seed stream (same seed: the same attributes and images)."),
-    size: int = typer.Option(64, help="Image side in pixels."),
-) -> None:
-    """Render a Portrait World set (resumable)."""
-    from .world.datasets import make_world_set
-
-    r = make_world_set(out, split, n, seed=seed, size=size)
-    typer.echo(f"world {split} set: {r}")
-
-
-@world_app.command("captions")
-def world_captions(
-    out: Path = typer.Option(..., "--out", help="JSONL for `spfbench build-testset --captions`."),
-    n: int = typer.Option(100, "--n", help="Number of triples."),
-    seed: int = typer.Option(0, help="Seed stream of the base captions."),
-) -> None:
-    """Test-set caption rows of the world: held-out base captions, world target texts round-robin."""
-    from .world.datasets import write_world_captions
-
-    typer.echo(f"written {write_world_captions(out, n, seed)} ({n} rows)")
-
-
-@world_app.command("attributes")
-def world_attributes(
-    run: Path = typer.Argument(..., help="A `spfbench run` folder on a world test set."),
-) -> None:
-    """Which attributes moved: per-attribute kept rates, value shares and per-target hits (RUN/attributes.{md,json})."""
-    from .world.analysis import write_attribute_report
-
-    write_attribute_report(run)
-    typer.echo((run / "attributes.md").read_text(), nl=False)
-    typer.echo(f"written: {run / 'attributes.md'}, {run / 'attributes.json'}")
+_add_environment_commands()
 
 
 viz_app = typer.Typer(help="PNG grids of maps: target-text cross-attention over timesteps (Fig. 2), the SFCM (Fig. 3-4); training curves.")

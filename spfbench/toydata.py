@@ -23,6 +23,7 @@ from pathlib import Path
 from .captions import load_vocab
 from .errors import SpfbenchError
 from .io import write_image_set
+from .painter import CLOTHING_RGB, EYE_COLORS, HAIR_COLORS, HAT_COLORS, PLAIN_BACKGROUNDS, SKIN_TONES, Painter, shade
 
 FORMAT_VERSION = 1
 SPEC_FILE = "toydata.json"
@@ -40,44 +41,7 @@ TOY_TARGETS = {
 DEFAULT_TARGETS = ("a hat", "glasses", "freckles", "pencil drawing style")
 
 EXPRESSIONS = ["smiling", "laughing", "with a neutral expression", "looking surprised"]
-PLAIN_BACKGROUNDS = {
-    "red": (196, 64, 58),
-    "blue": (70, 110, 196),
-    "white": (240, 240, 236),
-    "grey": (140, 142, 146),
-    "green": (84, 156, 92),
-    "yellow": (232, 204, 84),
-}
 SCENES = ["in front of a brick wall", "at the beach", "in a forest"]
-CLOTHING_RGB = {
-    "white": (236, 236, 232),
-    "black": (34, 34, 38),
-    "red": (186, 40, 44),
-    "blue": (44, 78, 170),
-    "green": (40, 128, 64),
-    "yellow": (226, 190, 40),
-    "grey": (120, 122, 126),
-    "pink": (232, 144, 176),
-    "brown": (116, 74, 44),
-    "purple": (112, 60, 150),
-}
-SKIN_TONES = {
-    "pale": (246, 222, 204),
-    "light": (234, 196, 166),
-    "tan": (204, 156, 116),
-    "brown": (150, 102, 70),
-    "dark": (98, 64, 44),
-}
-HAIR_COLORS = {
-    "black": (30, 26, 24),
-    "brown": (96, 60, 34),
-    "blonde": (222, 188, 112),
-    "red": (168, 62, 30),
-    "grey": (168, 168, 168),
-    "white": (228, 228, 224),
-}
-EYE_COLORS = {"brown": (92, 56, 30), "blue": (60, 110, 180), "green": (64, 128, 80), "grey": (110, 120, 128)}
-HAT_COLORS = {"black": (30, 30, 34), "red": (178, 36, 40), "blue": (40, 70, 160), "brown": (120, 78, 44), "beige": (214, 190, 150)}
 FEMALE_HAIR = ["long", "bob", "bun", "ponytail"]
 MALE_HAIR = ["short", "curly", "buzz"]
 
@@ -156,54 +120,26 @@ def base_caption(attrs: dict) -> str:
 # ---------------------------------------------------------------------------------------------- drawing
 
 
-def _shade(rgb, f: float):
-    return tuple(max(0, min(255, int(round(c * f)))) for c in rgb)
-
-
 def render(attrs: dict, size: int = 64, seed: int = 0, index: int = 0):
     """Draw one portrait (an RGB PIL image of ``size`` x ``size``) from its attributes."""
-    from PIL import Image, ImageDraw, ImageFilter, ImageOps
-
-    k = max(1, min(4, 1024 // size))  # drawn at k x the size (at most 1024 px), then reduced (antialiasing)
-    S = size * k
-    img = Image.new("RGB", (S, S))
-    d = ImageDraw.Draw(img)
-
-    def P(x: float) -> int:
-        return int(round(x * S))
-
-    def box(cx, cy, rx, ry):
-        return [P(cx - rx), P(cy - ry), P(cx + rx), P(cy + ry)]
+    p = Painter(size)
+    d, P, box = p.draw, p.P, p.box
 
     def u(slot):
         return _u(seed, index, slot)
 
-    lw = max(1, P(0.012))
+    lw = p.line_width(0.012)
     # background
     bg = attrs["background"]
     plain = next((c for c in PLAIN_BACKGROUNDS if bg == f"with a {c} background"), None)
     if plain:
-        d.rectangle([0, 0, S, S], fill=PLAIN_BACKGROUNDS[plain])
+        p.fill(PLAIN_BACKGROUNDS[plain])
     elif bg == "in front of a brick wall":
-        d.rectangle([0, 0, S, S], fill=(200, 196, 188))
-        rows = 9
-        for r in range(rows):
-            y0, y1 = P(r / rows), P((r + 1) / rows)
-            off = 0.0 if r % 2 == 0 else 0.125
-            for c in range(-1, 5):
-                x0 = P(c * 0.25 + off)
-                d.rectangle([x0 + lw, y0 + lw, x0 + P(0.25) - lw, y1 - lw], fill=(160, 70, 52))
+        p.brick_wall(9, lw)
     elif bg == "at the beach":
-        d.rectangle([0, 0, S, P(0.5)], fill=(150, 200, 238))
-        d.rectangle([0, P(0.5), S, P(0.66)], fill=(40, 110, 170))
-        d.rectangle([0, P(0.66), S, S], fill=(230, 210, 160))
-        d.ellipse(box(0.85, 0.12, 0.07, 0.07), fill=(252, 236, 120))
+        p.beach(0.5, 0.66, (0.85, 0.12))
     else:  # in a forest
-        d.rectangle([0, 0, S, S], fill=(56, 98, 60))
-        for t in range(5):
-            x = 0.04 + t * 0.23 + 0.05 * u(f"tree{t}")
-            d.rectangle([P(x), P(0.25), P(x + 0.05), S], fill=(92, 64, 40))
-            d.ellipse(box(x + 0.025, 0.18, 0.13, 0.12), fill=(40 + 20 * (t % 2), 120, 56))
+        p.forest([0.04 + t * 0.23 + 0.05 * u(f"tree{t}") for t in range(5)], 0.18, ((40, 120, 56), (60, 120, 56)))
 
     skin = SKIN_TONES[attrs["skin_tone"]]
     hair = HAIR_COLORS[attrs["hair_color"]]
@@ -226,31 +162,30 @@ def render(attrs: dict, size: int = 64, seed: int = 0, index: int = 0):
 
     # torso and garment
     top = 0.8 if not child else 0.83
-    neck = [P(cx - 0.05), P(cy + ry - 0.05), P(cx + 0.05), P(top + 0.04)]
-    d.rectangle(neck, fill=_shade(skin, 0.9))
+    p.neck(cx, cy + ry, top, shade(skin, 0.9))
     garment = attrs["garment"]
     shoulders = [P(0.1), P(top), P(0.9), P(1.0) + P(0.3)]
     d.rounded_rectangle(shoulders, radius=P(0.12), fill=cloth)
-    dark = _shade(cloth, 0.7) if sum(cloth) > 120 else (90, 90, 96)
+    dark = shade(cloth, 0.7) if sum(cloth) > 120 else (90, 90, 96)
     if garment in ("T-shirt", "polo shirt", "sweater", "hoodie"):
-        d.chord([P(cx - 0.07), P(top - 0.04), P(cx + 0.07), P(top + 0.05)], 0, 180, fill=_shade(skin, 0.9))
+        p.neckline(cx, top, shade(skin, 0.9))
     if garment == "tank top":
-        d.rectangle([P(0.1), P(top), P(0.9), P(1.0)], fill=_shade(skin, 0.95))
+        d.rectangle([P(0.1), P(top), P(0.9), P(1.0)], fill=shade(skin, 0.95))
         d.rectangle([P(0.26), P(top + 0.07), P(0.74), P(1.0)], fill=cloth)
         d.rectangle([P(0.28), P(top), P(0.34), P(top + 0.08)], fill=cloth)
         d.rectangle([P(0.66), P(top), P(0.72), P(top + 0.08)], fill=cloth)
     elif garment == "dress":
-        d.rectangle([P(0.1), P(top), P(0.9), P(1.0)], fill=_shade(skin, 0.95))
+        d.rectangle([P(0.1), P(top), P(0.9), P(1.0)], fill=shade(skin, 0.95))
         d.polygon([(P(0.28), P(top + 0.06)), (P(0.72), P(top + 0.06)), (P(0.8), P(1.0)), (P(0.2), P(1.0))], fill=cloth)
         d.line([(P(0.3), P(top + 0.06)), (P(0.33), P(top))], fill=cloth, width=lw * 2)
         d.line([(P(0.7), P(top + 0.06)), (P(0.67), P(top))], fill=cloth, width=lw * 2)
     elif garment in ("shirt", "polo shirt", "blouse"):
-        d.polygon([(P(cx - 0.09), P(top - 0.01)), (P(cx), P(top + 0.06)), (P(cx - 0.02), P(top + 0.09))], fill=_shade(cloth, 1.15) if garment != "blouse" else (248, 248, 248))
-        d.polygon([(P(cx + 0.09), P(top - 0.01)), (P(cx), P(top + 0.06)), (P(cx + 0.02), P(top + 0.09))], fill=_shade(cloth, 1.15) if garment != "blouse" else (248, 248, 248))
+        d.polygon([(P(cx - 0.09), P(top - 0.01)), (P(cx), P(top + 0.06)), (P(cx - 0.02), P(top + 0.09))], fill=shade(cloth, 1.15) if garment != "blouse" else (248, 248, 248))
+        d.polygon([(P(cx + 0.09), P(top - 0.01)), (P(cx), P(top + 0.06)), (P(cx + 0.02), P(top + 0.09))], fill=shade(cloth, 1.15) if garment != "blouse" else (248, 248, 248))
         for b in range(2 if garment == "polo shirt" else 3):
             d.ellipse(box(cx, top + 0.1 + b * 0.05, 0.008, 0.008), fill=dark)
     elif garment == "turtleneck":
-        d.rounded_rectangle([P(cx - 0.07), P(top - 0.08), P(cx + 0.07), P(top + 0.03)], radius=P(0.02), fill=_shade(cloth, 0.9))
+        d.rounded_rectangle([P(cx - 0.07), P(top - 0.08), P(cx + 0.07), P(top + 0.03)], radius=P(0.02), fill=shade(cloth, 0.9))
     elif garment == "jacket":
         d.polygon([(P(cx - 0.07), P(top)), (P(cx + 0.07), P(top)), (P(cx), P(1.0))], fill=(236, 236, 236))
         d.line([(P(cx - 0.07), P(top)), (P(cx - 0.01), P(1.0))], fill=dark, width=lw)
@@ -264,8 +199,8 @@ def render(attrs: dict, size: int = 64, seed: int = 0, index: int = 0):
             d.line([(P(0.12), P(0.97 - r * 0.012)), (P(0.88), P(0.97 - r * 0.012))], fill=dark, width=max(1, lw // 2))
 
     # ears and face
-    d.ellipse(box(cx - rx, cy + 0.01, 0.03, 0.045), fill=_shade(skin, 0.93))
-    d.ellipse(box(cx + rx, cy + 0.01, 0.03, 0.045), fill=_shade(skin, 0.93))
+    for x in (cx - rx, cx + rx):
+        p.ear(x, cy, shade(skin, 0.93))
     d.ellipse(box(cx, cy, rx, ry), fill=skin)
 
     # hair on top of the head
@@ -295,8 +230,8 @@ def render(attrs: dict, size: int = 64, seed: int = 0, index: int = 0):
         d.ellipse(box(x, ey, er * 0.55, er * 0.55), fill=eye_rgb)
         d.ellipse(box(x, ey, er * 0.25, er * 0.25), fill=(10, 10, 10))
         brow_y = ey - (0.06 if expr == "looking surprised" else 0.045)
-        d.line([(P(x - 0.03), P(brow_y)), (P(x + 0.03), P(brow_y - 0.005))], fill=_shade(hair, 0.8), width=lw)
-    d.line([(P(cx), P(cy + 0.0)), (P(cx - 0.012), P(cy + 0.06)), (P(cx + 0.01), P(cy + 0.065))], fill=_shade(skin, 0.75), width=max(1, lw // 2))
+        d.line([(P(x - 0.03), P(brow_y)), (P(x + 0.03), P(brow_y - 0.005))], fill=shade(hair, 0.8), width=lw)
+    d.line([(P(cx), P(cy + 0.0)), (P(cx - 0.012), P(cy + 0.06)), (P(cx + 0.01), P(cy + 0.065))], fill=shade(skin, 0.75), width=max(1, lw // 2))
     my = cy + 0.11
     lips = (150, 60, 60)
     if expr == "smiling":
@@ -310,7 +245,7 @@ def render(attrs: dict, size: int = 64, seed: int = 0, index: int = 0):
         d.line([(P(cx - 0.045), P(my)), (P(cx + 0.045), P(my))], fill=lips, width=lw)
     if attrs["age"] == "old":  # wrinkles
         for r in range(2):
-            d.arc([P(cx - 0.08), P(cy - ry + 0.06 + r * 0.025), P(cx + 0.08), P(cy - ry + 0.12 + r * 0.025)], 200, 340, fill=_shade(skin, 0.78), width=max(1, lw // 2))
+            d.arc([P(cx - 0.08), P(cy - ry + 0.06 + r * 0.025), P(cx + 0.08), P(cy - ry + 0.12 + r * 0.025)], 200, 340, fill=shade(skin, 0.78), width=max(1, lw // 2))
 
     # target attributes
     if attrs["freckles"]:
@@ -318,7 +253,7 @@ def render(attrs: dict, size: int = 64, seed: int = 0, index: int = 0):
             side = -1 if j % 2 == 0 else 1
             fx = cx + side * (0.035 + 0.07 * u(f"fx{j}"))
             fy = cy + 0.03 + 0.05 * u(f"fy{j}")
-            d.ellipse(box(fx, fy, 0.007, 0.007), fill=_shade(skin, 0.62))
+            d.ellipse(box(fx, fy, 0.007, 0.007), fill=shade(skin, 0.62))
     if attrs["beard"]:
         d.chord([P(cx - rx), P(cy - 0.02), P(cx + rx), P(cy + ry + 0.03)], 0, 180, fill=hair)
         d.chord([P(cx - 0.045), P(my - 0.02), P(cx + 0.045), P(my + 0.03)], 0, 360, fill=skin)
@@ -327,32 +262,14 @@ def render(attrs: dict, size: int = 64, seed: int = 0, index: int = 0):
         else:
             d.line([(P(cx - 0.035), P(my)), (P(cx + 0.035), P(my))], fill=lips, width=lw)
     if attrs["glasses"] or attrs["sunglasses"]:
-        frame = (24, 24, 28)
-        gr = 0.045
-        for sx in (-1, 1):
-            x = cx + sx * ex
-            d.ellipse(box(x, ey, gr, gr * 0.85), outline=frame, width=lw, fill=(20, 20, 26) if attrs["sunglasses"] else None)
-            d.line([(P(x + sx * gr), P(ey)), (P(cx + sx * rx), P(ey - 0.005))], fill=frame, width=lw)
-        d.line([(P(cx - ex + gr), P(ey)), (P(cx + ex - gr), P(ey))], fill=frame, width=lw)
+        p.glasses(cx, cx, rx, ex, ey, 0.045, (24, 24, 28), lw, (20, 20, 26) if attrs["sunglasses"] else None)
     if attrs["hat"]:
         hat = HAT_COLORS[attrs["hat"]]
-        d.rounded_rectangle([P(cx - rx + 0.01), P(cy - ry - 0.14), P(cx + rx - 0.01), P(cy - ry + 0.06)], radius=P(0.04), fill=hat)
-        d.rectangle([P(cx - rx + 0.01), P(cy - ry + 0.01), P(cx + rx - 0.01), P(cy - ry + 0.05)], fill=_shade(hat, 0.6))
-        d.ellipse(box(cx, cy - ry + 0.06, rx + 0.1, 0.035), fill=hat)
+        p.hat(cx, cy - ry, rx, (-0.14, 0.06), (0.01, 0.05), 0.035, hat, shade(hat, 0.6))
 
     if attrs["style"] == "pencil drawing style":
-        gray = ImageOps.grayscale(img)
-        edges = ImageOps.expand(ImageOps.crop(gray.filter(ImageFilter.FIND_EDGES), 1), 1, fill=0)  # no frame
-        n = 2 * max(1, k // 2) + 1
-        edges = edges.filter(ImageFilter.MaxFilter(n))
-        lines = ImageOps.invert(edges.point(lambda v: min(255, v * 4)))  # faint edges drawn dark too
-        shading = gray.point(lambda v: 215 + v * 40 // 255)  # light paper tone with faint shading
-        from PIL import ImageChops
-
-        img = ImageChops.multiply(lines, shading).convert("RGB")
-    if k > 1:
-        img = img.resize((size, size), Image.LANCZOS)
-    return img
+        p.pencil_grey()
+    return p.finish()
 
 
 # ---------------------------------------------------------------------------------------------- writer

@@ -83,7 +83,7 @@ def test_each_environment_supplies_presets_backbones_metrics_and_masks():
         assert isinstance(E.get(n).mask_source(device="cpu"), SegmenterMasks)
     assert E.get("world").default_metrics() == DEFAULT_METRICS + ["gt-target@world-reader", "gt-preserve@world-reader"]
     assert type(E.get("world").mask_source()).__name__ == "WorldMasks"
-    # (after the world CLI moves into the plugin) assert E.get("world").cli() is not None
+    assert E.get("world").cli() is not None  # `spfbench world ...` is the world's own
 
 
 def test_the_world_overrides_every_clip_backbone_with_its_own():

@@ -11,7 +11,7 @@ LAYERS = [
     ("foundation", ["spfbench.errors", "spfbench.io", "spfbench.captions", "spfbench.clip_tokenizer", "spfbench.timing",
                     "spfbench.trainlog", "spfbench.environments", "spfbench.engine", "spfbench.validate",
                     "spfbench.paper", "spfbench"]),
-    ("models and data", ["spfbench.models", "spfbench.data", "spfbench.generation", "spfbench.toydata"]),
+    ("models and data", ["spfbench.models", "spfbench.data", "spfbench.generation", "spfbench.toydata", "spfbench.painter"]),
     ("metrics, masks, test sets", ["spfbench.metrics", "spfbench.masks", "spfbench.testset"]),
     ("built-in environments", ["spfbench.standard_environments"]),
     ("methods and scoring", ["trainers", "spfbench.originals_cache", "spfbench.scoring"]),

@@ -2,7 +2,7 @@
 world test set, naive + SPF, the ten default metrics under the world preset, the attribute report.
 
 The original model here is a random-weight world model folder (the shipped architecture, written by
-``spfbench.world.model.save_pipeline``) passed with ``--model``, so the flow is tested whatever weights
+``spfbench.world.pipeline.save_pipeline``) passed with ``--model``, so the flow is tested whatever weights
 are shipped; the shipped model itself is tested in test_world_model.py."""
 
 import json
@@ -13,11 +13,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reduced_world_run(tmp_path, cli):
-    from spfbench.world import model as M
     from spfbench.world.attributes import TARGET_TEXTS
+    from spfbench.world.components import FORMAT, build_components
+    from spfbench.world.pipeline import save_pipeline
 
-    comps = M.build_components(0)
-    model = M.save_pipeline(tmp_path / "model", comps["unet"], comps["vae"], comps["text_encoder"], {"format": M.FORMAT})
+    comps = build_components(0)
+    model = save_pipeline(tmp_path / "model", comps["unet"], comps["vae"], comps["text_encoder"], {"format": FORMAT})
 
     code, out, err = cli("world", "data", "--split", "finetune", "--n", "40", "--out", tmp_path / "data")
     assert code == 0, err

@@ -10,8 +10,14 @@ import torch
 
 from spfbench.clip_tokenizer import clip_tokenizer
 from spfbench.errors import SpfbenchError
-from spfbench.world import model as M
+from spfbench.world import recipe
 from spfbench.world import text_encoder as T
+from spfbench.world.components import CARD
+from spfbench.world.pipeline import checkpoint_pipeline, load_world_pipeline
+from spfbench.world.recipe import continue_model, train
+from spfbench.world.renders import tokenize_captions
+from spfbench.world.train_unet import caption_states, latent_cache, train_unet
+from spfbench.world.train_vae import train_vae
 from spfbench.world.attributes import TARGET_TEXTS
 
 from test_world_model import MICRO, QUIET
@@ -54,14 +60,14 @@ def test_target_span_is_the_target_tokens_and_the_end_token():
     tok = clip_tokenizer()
     base = "A girl, laughing, in a forest, in a yellow turtleneck"
     for target in TARGET_TEXTS:
-        ids, a, b = T._target_span(tok, base, target)
+        ids, a, b = T.target_span(tok, base, target)
         assert tok.decode(ids[a:b]).strip() == target
         assert ids[b] == tok.eos_token_id and b == len(ids) - 1
     # a caption the 77 positions would cut: refused, not measured on a truncated target
     long_base = "An old man, smiling, " + "with a blue background, " * 12 + "in a red T-shirt"
     assert len(tok(long_base).input_ids) < 77 < len(tok(long_base + ", pencil drawing style").input_ids)
     with pytest.raises(SpfbenchError, match="more than the encoder's 77"):
-        T._target_span(tok, long_base, "pencil drawing style")
+        T.target_span(tok, long_base, "pencil drawing style")
 
 
 class _Lookup(torch.nn.Module):
@@ -105,69 +111,69 @@ def test_separability_is_leave_one_base_caption_out(monkeypatch):
 
 
 def test_unet_trains_against_a_frozen_encoder_and_refuses_another(tmp_path):
-    vae = M.train_vae(tmp_path / "vae", n=16, steps=2, batch_size=8, overrides=MICRO, n_val=8, **QUIET)
+    vae = train_vae(tmp_path / "vae", n=16, steps=2, batch_size=8, overrides=MICRO, n_val=8, **QUIET)
     te = T.from_world_clip(_micro_clip(0))
     before = {k: v.clone() for k, v in te.state_dict().items()}
     run = dict(n=16, steps=3, batch_size=8, lr=1e-2, warmup=1, ckpt_every=1, log_every=1, overrides=MICRO, **QUIET)
-    res = M.train_unet(tmp_path / "u", vae, text_encoder=te, **run)
+    res = train_unet(tmp_path / "u", vae, text_encoder=te, **run)
     assert all(torch.equal(before[k], v) for k, v in te.state_dict().items())  # the caller's encoder untouched
     assert all(torch.equal(before[k], v) for k, v in res["text_encoder"].state_dict().items())  # and the run's: frozen
     ck = torch.load(tmp_path / "u" / "checkpoint.pt", weights_only=True)
     assert ck["args"]["text_encoder"]["frozen"] and ck["args"]["text_encoder"]["hidden_size"] == 32
     assert len(ck["ema"]) == len(list(res["unet"].parameters()))  # the EMA holds the UNet only
     # the cached caption states are what the encoder gives per step
-    latents, ids = M._latent_cache(tmp_path / "u", vae, 16, 0, print, reuse_only=True)
-    empty = M._tokenize([""])[0]
-    states, row = M._caption_states(te, ids, empty)
+    latents, ids = latent_cache(tmp_path / "u", vae, 16, 0, print, reuse_only=True)
+    empty = tokenize_captions([""])[0]
+    states, row = caption_states(te, ids, empty)
     with torch.no_grad():
         assert torch.allclose(states[row], te(ids.long())[0], atol=1e-5)
         assert torch.allclose(states[-1], te(empty.view(1, -1).long())[0][0], atol=1e-5)
     # killed and rerun: the uninterrupted run's weights
-    assert not M.train_unet(tmp_path / "k", vae, text_encoder=te, stop_at=1, **run)["done"]
-    resumed = M.train_unet(tmp_path / "k", vae, text_encoder=te, **run)
+    assert not train_unet(tmp_path / "k", vae, text_encoder=te, stop_at=1, **run)["done"]
+    resumed = train_unet(tmp_path / "k", vae, text_encoder=te, **run)
     assert all(torch.equal(a, b) for a, b in zip(res["unet"].state_dict().values(), resumed["unet"].state_dict().values()))
     # the checkpoint evaluates with its own (frozen) encoder and the UNet's EMA weights
-    pipe = M.checkpoint_pipeline(tmp_path / "u" / "checkpoint.pt", vae)
+    pipe = checkpoint_pipeline(tmp_path / "u" / "checkpoint.pt", vae)
     assert all(torch.equal(before[k], v) for k, v in pipe.text_encoder.state_dict().items())
     assert all(torch.equal(p, e) for p, e in zip(pipe.unet.parameters(), ck["ema"]))
     assert any(not torch.equal(p, ck["unet"][n]) for n, p in pipe.unet.named_parameters())  # EMA, not the raw weights
     # a continuation of the frozen run: with the same encoder it trains on; without it, one clear error
-    more = M.train_unet(tmp_path / "u2", vae, text_encoder=te, init=tmp_path / "u" / "checkpoint.pt", **{**run, "steps": 1})
+    more = train_unet(tmp_path / "u2", vae, text_encoder=te, init=tmp_path / "u" / "checkpoint.pt", **{**run, "steps": 1})
     assert more["done"] and all(torch.equal(before[k], v) for k, v in more["text_encoder"].state_dict().items())
     with pytest.raises(SpfbenchError, match="other data or architecture.*text_encoder"):
-        M.train_unet(tmp_path / "u3", vae, init=tmp_path / "u" / "checkpoint.pt", **{**run, "steps": 1})
+        train_unet(tmp_path / "u3", vae, init=tmp_path / "u" / "checkpoint.pt", **{**run, "steps": 1})
     # another encoder (or none) on the same folder: refused
     with pytest.raises(SpfbenchError, match="another training"):
-        M.train_unet(tmp_path / "u", vae, text_encoder=T.from_world_clip(_micro_clip(1)), **run)
+        train_unet(tmp_path / "u", vae, text_encoder=T.from_world_clip(_micro_clip(1)), **run)
     with pytest.raises(SpfbenchError, match="another training"):
-        M.train_unet(tmp_path / "u", vae, **run)
+        train_unet(tmp_path / "u", vae, **run)
 
 
 def test_continue_replaces_the_folders_encoder_by_the_frozen_one(tmp_path, monkeypatch):
-    M.train(tmp_path / "model", tmp_path / "work", vae_n=16, vae_steps=2, vae_batch_size=8, unet_n=16, unet_steps=1,
-            batch_size=8, eval_n=0, continuations=[], overrides=MICRO, **QUIET)
+    train(tmp_path / "model", tmp_path / "work", vae_n=16, vae_steps=2, vae_batch_size=8, unet_n=16, unet_steps=1,
+          batch_size=8, eval_n=0, continuations=[], overrides=MICRO, **QUIET)
     te = T.from_world_clip(_micro_clip(2))
-    monkeypatch.setattr(M, "_world_clip_text_encoder", lambda source: te)
-    card = M.continue_model(tmp_path / "model", tmp_path / "v3", tmp_path / "w", steps=2, lr=1e-2, batch_size=8, n=16, eval_n=0,
-                            overrides=MICRO, text_encoder="world-clip", **QUIET)
-    saved = M.load_world_pipeline(tmp_path / "v3")
+    monkeypatch.setattr(recipe, "world_clip_text_encoder", lambda source: te)
+    card = continue_model(tmp_path / "model", tmp_path / "v3", tmp_path / "w", steps=2, lr=1e-2, batch_size=8, n=16, eval_n=0,
+                          overrides=MICRO, text_encoder="world-clip", **QUIET)
+    saved = load_world_pipeline(tmp_path / "v3")
     want = te.state_dict()
     assert all(torch.allclose(v.float(), want[k].half().float()) for k, v in saved.text_encoder.state_dict().items())
     stage = card["training"]["unet"]["stages"][-1]
     assert stage["text_encoder"] == {"source": "world-clip", "frozen": True} and "frozen text tower" in stage["continues"]
-    sep = json.loads((tmp_path / "v3" / M.CARD).read_text())["text_encoder_separability"]
+    sep = json.loads((tmp_path / "v3" / CARD).read_text())["text_encoder_separability"]
     assert set(sep["per_target"]) == set(TARGET_TEXTS) and 0 <= sep["accuracy"] <= 1
     assert card["parameters"]["text_encoder"] == sum(p.numel() for p in te.parameters())
     # the saved folder continued without --text-encoder keeps its own encoder, frozen
-    card2 = M.continue_model(tmp_path / "v3", tmp_path / "v3b", tmp_path / "wb", steps=1, lr=1e-2, batch_size=8, n=16, eval_n=0,
-                             overrides=MICRO, **QUIET)
-    again = M.load_world_pipeline(tmp_path / "v3b").text_encoder.state_dict()
+    card2 = continue_model(tmp_path / "v3", tmp_path / "v3b", tmp_path / "wb", steps=1, lr=1e-2, batch_size=8, n=16, eval_n=0,
+                           overrides=MICRO, **QUIET)
+    again = load_world_pipeline(tmp_path / "v3b").text_encoder.state_dict()
     assert all(torch.equal(v, again[k]) for k, v in saved.text_encoder.state_dict().items())
     assert card2["training"]["unet"]["stages"][-1]["text_encoder"] == {"source": "the folder's own", "frozen": True}
     # a missing world CLIP file: one clear error before any work
     monkeypatch.undo()
     with pytest.raises(SpfbenchError, match="do not exist"):
-        M.continue_model(tmp_path / "model", tmp_path / "x", tmp_path / "w2", steps=1, overrides=MICRO, text_encoder=tmp_path / "no.safetensors", **QUIET)
+        continue_model(tmp_path / "model", tmp_path / "x", tmp_path / "w2", steps=1, overrides=MICRO, text_encoder=tmp_path / "no.safetensors", **QUIET)
     assert not (tmp_path / "w2").exists()
 
 
@@ -176,9 +182,9 @@ def test_shipped_model_text_encoder_tells_the_targets_apart():
     and is the shipped world CLIP's text tower (the model's UNet trained against it)."""
     from spfbench.world.environment import MODEL_DIR as WORLD_MODEL_DIR
 
-    pipe = M.load_world_pipeline(WORLD_MODEL_DIR)
+    pipe = load_world_pipeline(WORLD_MODEL_DIR)
     got = T.target_separability(pipe.text_encoder, pipe.tokenizer)
-    card = json.loads((WORLD_MODEL_DIR / M.CARD).read_text())["text_encoder_separability"]
+    card = json.loads((WORLD_MODEL_DIR / CARD).read_text())["text_encoder_separability"]
     assert got["accuracy"] >= T.SEPARABILITY_BAR and got["passed"], got["per_target"]
     assert got["accuracy"] == card["accuracy"] and got["per_target"] == card["per_target"]
     assert got["max_target_cosine"] == pytest.approx(card["max_target_cosine"], abs=2e-3)

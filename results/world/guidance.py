@@ -26,27 +26,29 @@ import torch
 
 from spfbench.generation import GenerationSettings
 from spfbench.io import atomic_write_json
-from spfbench.world import model as M
+from spfbench.world.components import DEFAULT_OUT
+from spfbench.world.evaluate import evaluate
+from spfbench.world.pipeline import load_world_pipeline
 
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(M.DEFAULT_OUT))
+    p.add_argument("--model", default=str(DEFAULT_OUT))
     p.add_argument("--scales", type=float, nargs="+", default=[1.5, 3.0, 5.0, 7.0, 10.0])
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "guidance.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    pipe = M.load_world_pipeline(a.model)
+    pipe = load_world_pipeline(a.model)
     from spfbench.world.reader import load_reader
 
     reader = load_reader()
     rows, ceiling = {}, None
     for scale in dict.fromkeys(a.scales):  # each scale once, in the order given
-        res = M.evaluate(pipe, a.n, 0, settings=GenerationSettings(guidance_scale=scale), reader=reader, progress=True)
+        res = evaluate(pipe, a.n, 0, settings=GenerationSettings(guidance_scale=scale), reader=reader, progress=True)
         ceiling = res.pop("ceiling")
         rows[f"{scale:g}"] = res
         print(f"cfg {scale:g}: " + json.dumps({k: res[k] for k in ("captioned_accuracy", "uncaptioned_tv", "spurious_any", "passed")}), flush=True)

@@ -18,7 +18,8 @@ import torch
 
 from spfbench.io import atomic_write_json
 from spfbench.world.attributes import TARGET_TEXTS, sample
-from spfbench.world.model import to_float, to_pil, load_world_pipeline, reconstruct_float, render_batch
+from spfbench.world.pipeline import load_world_pipeline
+from spfbench.world.renders import reconstruct_float, render_batch, to_float, to_pil
 from spfbench.world.reader import load_reader
 
 

@@ -29,7 +29,10 @@ import torch
 
 import spfbench.generation as generation
 from spfbench.io import atomic_write_json
-from spfbench.world import model as M
+from spfbench.world.components import CARD, DEFAULT_OUT
+from spfbench.world.evaluate import evaluate
+from spfbench.world.pipeline import load_world_pipeline
+from spfbench.world.renders import encode_latents, render_batch
 from spfbench.world.attributes import sample
 
 HERE = Path(__file__).resolve().parent
@@ -55,7 +58,7 @@ def leak(pipe, n: int = 512) -> dict:
     from diffusers import DDPMScheduler
 
     attrs = [sample("pretrain", 10**6 + i, 0) for i in range(n)]
-    z = M.encode_latents(pipe.vae, M.render_batch(attrs, list(range(n))))
+    z = encode_latents(pipe.vae, render_batch(attrs, list(range(n))))
     a_t = DDPMScheduler.from_config(generation.model_scheduler_config(pipe)).alphas_cumprod[-1].item()  # 0 for a vzero model
     h, w = z.shape[2:]
     mean_std = z.mean(dim=(2, 3)).std(dim=0)
@@ -66,7 +69,7 @@ def leak(pipe, n: int = 512) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="*", default=[str(M.DEFAULT_OUT)])
+    p.add_argument("models", nargs="*", default=[str(DEFAULT_OUT)])
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
@@ -76,11 +79,11 @@ def main(argv=None) -> None:
     keys = ("subject", "expression", "background", "clothing_color", "garment")
     for path in a.models:
         t0 = time.time()
-        pipe = M.load_world_pipeline(path)
-        card = json.loads((Path(path) / M.CARD).read_text())
-        plain = M.evaluate(pipe, a.n)
+        pipe = load_world_pipeline(path)
+        card = json.loads((Path(path) / CARD).read_text())
+        plain = evaluate(pipe, a.n)
         with centred_noise():
-            centred = M.evaluate(pipe, a.n)
+            centred = evaluate(pipe, a.n)
         results[path] = {
             "unet_stages": card["training"]["unet"].get("stages"),
             "n": a.n,

@@ -38,7 +38,7 @@ from spfbench.generation import GenerationSettings, generate
 from spfbench.io import atomic_write_json, atomic_write_text
 from spfbench.testset import load_testset
 from spfbench.world.attributes import ATTRIBUTES, TARGET_TEXTS
-from spfbench.world.model import load_world_pipeline
+from spfbench.world.pipeline import load_world_pipeline
 from spfbench.world.reader import load_reader
 
 

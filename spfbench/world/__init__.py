@@ -1,7 +1,9 @@
 """Portrait World: a procedurally rendered portrait world where pollution is measurable exactly.
 
 ``attributes`` (schema, samplers, captions), ``render`` (the drawing and its part masks), ``datasets`` (imagefolder
-sets and test-set caption rows), ``reader`` (the attribute reader CNN). Definitions: docs/world.md.
+sets and test-set caption rows), ``reader`` (the attribute reader CNN), ``clip`` (the world CLIP), the original
+model (``components``, ``renders``, ``train_vae``, ``train_unet``, ``pipeline``, ``evaluate``, ``recipe``, ``vae``)
+and ``cli`` (``spfbench world ...``). Definitions and layout: docs/world.md.
 """
 
 from .attributes import (  # noqa: F401

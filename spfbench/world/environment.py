@@ -16,8 +16,8 @@ from ..metrics import register as register_metric
 from ..metrics.base import BackboneOverride
 from ..models import Preset
 from ..standard_environments import StandardEnvironment
+from .components import DEFAULT_OUT as MODEL_DIR  # the world's original model (docs/world.md)
 
-MODEL_DIR = Path(__file__).parent / "weights" / "model"  # the world's original model (docs/world.md)
 METRICS = {  # Portrait World's ground truth, read by the world's attribute reader
     "gt-target@world-reader": "spfbench.world.metrics:GtTarget",
     "gt-preserve@world-reader": "spfbench.world.metrics:GtPreserve",
@@ -53,7 +53,7 @@ class World(StandardEnvironment):
         if not (folder / "model_index.json").is_file():
             raise MissingWeightsError(
                 f"missing weights: the Portrait World original model is not at {folder}; train it with"
-                f" `python -m spfbench.world.model train --out {folder}` (docs/world.md, \"Original model\")"
+                f" `spfbench world train-model --out {folder}` (docs/world.md, \"Original model\")"
             )
         return real_pipeline(preset, str(folder), None, None)
 
@@ -67,3 +67,8 @@ class World(StandardEnvironment):
         from .masks import WorldMasks
 
         return WorldMasks()
+
+    def cli(self):
+        from .cli import app
+
+        return app

@@ -6,7 +6,7 @@ attribute -> (N, V) probability arrays. Images of any size are resized to 64 x 6
 
 Retrain (the command recorded in the card)::
 
-    python -m spfbench.world.reader --out spfbench/world/weights/reader.safetensors
+    spfbench world train-reader --out spfbench/world/weights/reader.safetensors
 
 Training renders come from a mix of the pretrain split, the fine-tuning split and a "uniform" stream
 (every attribute independent and uniform, targets included and possibly several at once), so every
@@ -17,13 +17,13 @@ and the uniform stream drawn with other seeds.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
+from .. import engine
 from ..errors import SpfbenchError
 from .attributes import ATTRIBUTES, SCHEMA, sample
 from .render import render
@@ -78,7 +78,8 @@ def _to_tensor(images, resolution: int = RESOLUTION):
     return x
 
 
-def _normalize(x_uint8):
+def normalize(x_uint8):
+    """uint8 images as the reader's input: floats in [-1, 1]."""
     return x_uint8.float() / 127.5 - 1.0
 
 
@@ -111,7 +112,7 @@ class AttributeReader:
         out = {a: [] for a in self.schema}
         with torch.no_grad():
             for s in range(0, len(images), batch_size):
-                x = _normalize(_to_tensor(images[s : s + batch_size])).to(self.device)
+                x = normalize(_to_tensor(images[s : s + batch_size])).to(self.device)
                 logits = self.model(x)
                 for a in self.schema:
                     out[a].append(torch.softmax(logits[a].float(), -1).cpu().numpy())
@@ -130,7 +131,7 @@ def load_reader(path: str | os.PathLike | None = None) -> AttributeReader:
 
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.is_file():
-        raise SpfbenchError(f"reader weights {path} do not exist (train them: python -m spfbench.world.reader --out {path})")
+        raise SpfbenchError(f"reader weights {path} do not exist (train them: spfbench world train-reader --out {path})")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
@@ -163,7 +164,7 @@ def sample_uniform(index: int, seed: int = 0) -> dict:
     return attrs
 
 
-def _mixed(index: int, seed: int) -> dict:
+def training_mix(index: int, seed: int) -> dict:
     """Training/validation mix: index mod 10 in 0-3 pretrain, 4-6 finetune, 7-9 uniform."""
     r = index % 10
     if r < 4:
@@ -173,7 +174,8 @@ def _mixed(index: int, seed: int) -> dict:
     return sample_uniform(index, seed)
 
 
-def _render_set(attr_fn, n: int, seed: int, offset: int = 0):
+def render_set(attr_fn, n: int, seed: int, offset: int = 0):
+    """(uint8 renders (n, 3, 64, 64), attribute -> value-index tensor) of ``attr_fn(offset + i, seed)``."""
     import numpy as np
     import torch
 
@@ -183,7 +185,7 @@ def _render_set(attr_fn, n: int, seed: int, offset: int = 0):
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), y
 
 
-def _augment(x, g):
+def augment(x, g):
     """Light noise and brightness jitter (float tensor in [-1, 1]); a blurred copy for a quarter."""
     import torch
     import torch.nn.functional as F
@@ -227,7 +229,6 @@ def train_reader(
     their reconstructions (``STREAM-vae``), the latter beside the bar, not part of it."""
     import torch
     import torch.nn.functional as F
-    from safetensors.torch import save_file
 
     from ..io import atomic_write_json
 
@@ -242,12 +243,12 @@ def train_reader(
     out_path = Path(out_path)
     autoencoder = None
     if vae is not None:
-        from .model import load_vae, vae_checksum
+        from .renders import load_vae, vae_checksum
         from .vae import reconstruct
 
         autoencoder = load_vae(vae)
     log(f"rendering {n_train} training images ...")
-    x_train, y_train = _render_set(_mixed, n_train, seed)
+    x_train, y_train = render_set(training_mix, n_train, seed)
     x_recon = None
     if autoencoder is not None:
         log(f"reconstructing them with the VAE of {vae} ...")
@@ -260,29 +261,31 @@ def train_reader(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15)
     g = torch.Generator().manual_seed(seed)
-    step = 0
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(n_train, generator=g)
-        run_loss = 0.0
-        for b in range(steps_per_epoch):
+
+        def one_step(b, perm=perm):
             idx = perm[b * batch_size : (b + 1) * batch_size]
             xb = x_train[idx]
             if x_recon is not None:
                 use = torch.rand(len(idx), generator=g) < vae_share
                 xb = torch.where(use[:, None, None, None], x_recon[idx], xb)
-            x = _augment(_normalize(xb), g)
+            x = augment(normalize(xb), g)
             logits = model(x)
             loss = sum(F.cross_entropy(logits[a], y_train[a][idx]) for a in ATTRIBUTES)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
-            run_loss += loss.item()
-            if (b + 1) % 50 == 0:
-                log(f"epoch {epoch + 1} step {b + 1}/{steps_per_epoch} loss {run_loss / 50:.3f} ({time.time() - t0:.0f} s)")
-                run_loss = 0.0
+            return {"loss": loss.item()}
+
+        def report(row, epoch=epoch):
+            if row["step"] % 50:  # an epoch's last, shorter window is not reported
+                return
+            log(f"epoch {epoch + 1} step {row['step']}/{steps_per_epoch} loss {row['loss']:.3f} ({row['seconds']:.0f} s)")
+
+        engine.run_steps(one_step, 0, steps_per_epoch, sched=sched, log_every=50, on_log=report, elapsed=lambda: time.time() - t0)
     train_seconds = time.time() - t0
     model.eval()
 
@@ -296,7 +299,7 @@ def train_reader(
         ("finetune", lambda i, s: sample("finetune", i, s)),
         ("uniform", sample_uniform),
     ):
-        xv, _ = _render_set(fn, n_val, val_seed)
+        xv, _ = render_set(fn, n_val, val_seed)
         attrs_v = [fn(i, val_seed) for i in range(n_val)]
         for stream, xs in ((name, xv), *(((f"{name}-vae", reconstruct(autoencoder, xv)),) if autoencoder is not None else ())):
             imgs = [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in xs]
@@ -306,11 +309,7 @@ def train_reader(
 
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "schema": json.dumps(SCHEMA), "widths": json.dumps(list(widths)), "hidden": str(hidden)}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out_path)
+    engine.atomic_save_safetensors(state, out_path, meta)
     card = {
         "format": FORMAT,
         "weights": out_path.name,
@@ -320,7 +319,7 @@ def train_reader(
         "architecture": f"conv4x4/2 {widths[0]} + 3 x (conv3x3 + BN + ReLU + maxpool) {list(widths[1:])} -> linear {hidden} -> one linear head per attribute",
         "schema": SCHEMA,
         "training": {
-            "command": f"python -m spfbench.world.reader --out {out_path} --n-train {n_train} --n-val {n_val} --epochs {epochs} --seed {seed}"
+            "command": f"spfbench world train-reader --out {out_path} --n-train {n_train} --n-val {n_val} --epochs {epochs} --seed {seed}"
             + (f" --vae {vae} --vae-share {vae_share:g}" if vae is not None else "")
             + (f" --widths {','.join(map(str, widths))} --hidden {hidden}" if (widths, hidden) != (WIDTHS, HIDDEN) else ""),
             "n_train": n_train,
@@ -362,31 +361,3 @@ def quality_bar(accuracy: dict) -> dict:
     if recon:  # what generated images can show at best: bounded by the VAE, so beside the bar
         out["reconstructions_min_accuracy"] = {s: min(v.values()) for s, v in recon.items()}
     return out
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m spfbench.world.reader", description="Train the Portrait World attribute reader.")
-    p.add_argument("--out", default=str(DEFAULT_WEIGHTS))
-    p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--n-val", type=int, default=1500)
-    p.add_argument("--epochs", type=int, default=7)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--vae", default=None, help="a world model (or VAE) folder: train and validate on its reconstructions too")
-    p.add_argument("--vae-share", type=float, default=0.5, help="with --vae: the probability that a training draw is the reconstruction")
-    p.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="channels of the four convolution stages")
-    p.add_argument("--hidden", type=int, default=HIDDEN, help="width of the shared hidden layer")
-    a = p.parse_args(argv)
-    try:
-        widths = tuple(int(w) for w in a.widths.split(","))
-    except ValueError:
-        raise SystemExit(f"error: --widths takes comma-separated integers, got {a.widths!r}") from None
-    try:
-        train_reader(a.out, a.n_train, a.n_val, a.epochs, a.seed, threads=a.threads, vae=a.vae, vae_share=a.vae_share,
-                     widths=widths, hidden=a.hidden)
-    except SpfbenchError as err:
-        raise SystemExit(f"error: {err}") from None
-
-
-if __name__ == "__main__":
-    main()

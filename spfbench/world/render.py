@@ -13,15 +13,16 @@
   background colours stay readable, and preservation under a style target stays measurable).
 
 ``variant`` (an int, e.g. the image index) adds a small deterministic jitter (head offset, head size,
-colour brightness) that changes no attribute; None draws the canonical portrait. Colour tables and
-``_shade`` come from :mod:`spfbench.toydata`.
+colour brightness) that changes no attribute; None draws the canonical portrait. The canvas, colour
+tables, scenes and shared pieces come from :mod:`spfbench.painter` (which the toy data draws with too).
 
 Ground-truth part masks (``part_masks`` / ``render_parts``): every shape is drawn inside a named part of
 :data:`PARTS`; with recording on, the very same drawing calls are repeated on a label map (one label per
 (part, colour), so PIL rasterises each call exactly as on the image), and a pixel belongs to the part
 drawn last on it (at the drawing scale; at the output size, the part covering most of the pixel's
 k x k block, ties to the part listed first in :data:`PARTS`). The masks partition the image. The pencil
-style is a per-pixel filter over the whole canvas and moves no part. Geometry lives only in ``_draw``.
+style is a per-pixel filter over the whole canvas and moves no part. Geometry lives only in ``_draw`` (and
+the painter's pieces it calls).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import hashlib
 
 import numpy as np
 
-from ..toydata import CLOTHING_RGB, HAIR_COLORS, PLAIN_BACKGROUNDS, SKIN_TONES, _shade
+from ..painter import CLOTHING_RGB, HAIR_COLORS, PLAIN_BACKGROUNDS, SKIN_TONES, Painter, shade
 from .attributes import validate
 
 POSITION_X = {"left": 0.30, "center": 0.50, "right": 0.70}
@@ -68,47 +69,7 @@ def _jitter(variant, slot: str) -> float:
 
 
 def _tint(rgb, f: float):
-    return _shade(rgb, 1.0 + f)
-
-
-class _Canvas:
-    """``ImageDraw.Draw(img)`` that draws every shape inside the current part (``canvas.part = name``).
-
-    With ``labels`` (an "L" image of the same size), each call is repeated there with the same arguments and
-    each colour (``fill=`` / ``outline=``, always passed by keyword) replaced by the label of (part, colour):
-    equal colours stay equal within a call, so PIL draws exactly the same pixels on both."""
-
-    def __init__(self, img, labels=None):
-        from PIL import ImageDraw
-
-        self.part = PARTS[0]
-        self.label_part: list[str] = [PARTS[0]]  # label value -> part (0: the empty canvas, under the background)
-        self._ids: dict = {}
-        self._draw = ImageDraw.Draw(img)
-        self._labels = ImageDraw.Draw(labels) if labels is not None else None
-
-    def _label(self, colour) -> int:
-        key = (self.part, colour)
-        if key not in self._ids:
-            if len(self.label_part) > 255:
-                raise RuntimeError("more than 255 (part, colour) labels in one portrait")
-            self._ids[key] = len(self.label_part)
-            self.label_part.append(self.part)
-        return self._ids[key]
-
-    def __getattr__(self, op):
-        draw = getattr(self._draw, op)
-        if self._labels is None:
-            return draw
-        if self.part not in PARTS:
-            raise ValueError(f"unknown part {self.part!r}")
-        label = getattr(self._labels, op)
-
-        def both(*args, **kw):
-            draw(*args, **kw)
-            label(*args, **{k: self._label(v) if k in ("fill", "outline") and v is not None else v for k, v in kw.items()})
-
-        return both
+    return shade(rgb, 1.0 + f)
 
 
 def render(attrs: dict, size: int = 64, variant: int | None = None):
@@ -137,48 +98,22 @@ def part_masks(attrs: dict, size: int = 64, variant: int | None = None) -> dict[
 
 def _draw(attrs: dict, size: int, variant, record: bool):
     """(image, label map as a (S, S) uint8 array or None, label value -> part) of one portrait."""
-    from PIL import Image, ImageChops, ImageEnhance, ImageFilter, ImageOps
-
     validate(attrs)
-    k = max(1, min(4, 1024 // size))
-    S = size * k
-    img = Image.new("RGB", (S, S))
-    labels = Image.new("L", (S, S)) if record else None
-    d = _Canvas(img, labels)
-
-    def P(x: float) -> int:
-        return int(round(x * S))
-
-    def box(cx, cy, rx, ry):
-        return [P(cx - rx), P(cy - ry), P(cx + rx), P(cy + ry)]
-
-    lw = max(1, P(0.014))
+    p = Painter(size, PARTS if record else None)
+    d, P, box = p.draw, p.P, p.box
+    lw = p.line_width(0.014)
     bright = 0.04 * _jitter(variant, "bright")
 
     # ---- background
     bg = attrs["background"]
     if bg in PLAIN_BACKGROUNDS:
-        d.rectangle([0, 0, S, S], fill=_tint(PLAIN_BACKGROUNDS[bg], bright))
+        p.fill(_tint(PLAIN_BACKGROUNDS[bg], bright))
     elif bg == "brick wall":
-        d.rectangle([0, 0, S, S], fill=(200, 196, 188))
-        rows = 8
-        for r in range(rows):
-            y0, y1 = P(r / rows), P((r + 1) / rows)
-            off = 0.0 if r % 2 == 0 else 0.125
-            for c in range(-1, 5):
-                x0 = P(c * 0.25 + off)
-                d.rectangle([x0 + lw, y0 + lw, x0 + P(0.25) - lw, y1 - lw], fill=(160, 70, 52))
+        p.brick_wall(8, lw)
     elif bg == "beach":
-        d.rectangle([0, 0, S, P(0.45)], fill=(150, 200, 238))
-        d.rectangle([0, P(0.45), S, P(0.62)], fill=(40, 110, 170))
-        d.rectangle([0, P(0.62), S, S], fill=(230, 210, 160))
-        d.ellipse(box(0.88, 0.1, 0.07, 0.07), fill=(252, 236, 120))
+        p.beach(0.45, 0.62, (0.88, 0.1))
     else:  # forest
-        d.rectangle([0, 0, S, S], fill=(56, 98, 60))
-        for t in range(5):
-            x = 0.02 + t * 0.24
-            d.rectangle([P(x), P(0.25), P(x + 0.05), S], fill=(92, 64, 40))
-            d.ellipse(box(x + 0.025, 0.16, 0.13, 0.12), fill=(36 + 24 * (t % 2), 122, 52))
+        p.forest([0.02 + t * 0.24 for t in range(5)], 0.16, ((36, 122, 52), (60, 122, 52)))
 
     subject = attrs["subject"]
     child = subject in ("boy", "girl")
@@ -219,16 +154,16 @@ def _draw(attrs: dict, size: int, variant, record: bool):
     half = 0.26 if child else 0.36
     top = 0.82 if child else 0.78
     d.part = "neck"
-    d.rectangle([P(cx - 0.05), P(cy + ry - 0.05), P(cx + 0.05), P(top + 0.04)], fill=_shade(skin, 0.88))
+    p.neck(cx, cy + ry, top, shade(skin, 0.88))
     d.part = "garment"
     d.rounded_rectangle([P(cx - half), P(top), P(cx + half), P(1.3)], radius=P(0.1), fill=cloth)
-    dark = _shade(cloth, 0.6) if sum(cloth) > 150 else (120, 120, 128)
+    dark = shade(cloth, 0.6) if sum(cloth) > 150 else (120, 120, 128)
     garment = attrs["garment"]
     d.part = "neck"  # bare skin: the neckline, the tank top's shoulders
     if garment in ("T-shirt", "hoodie"):
-        d.chord([P(cx - 0.07), P(top - 0.04), P(cx + 0.07), P(top + 0.05)], 0, 180, fill=_shade(skin, 0.88))
+        p.neckline(cx, top, shade(skin, 0.88))
     if garment == "tank top":
-        d.rectangle([P(cx - half), P(top), P(cx + half), P(1.0)], fill=_shade(skin, 0.95))
+        d.rectangle([P(cx - half), P(top), P(cx + half), P(1.0)], fill=shade(skin, 0.95))
     d.part = "garment"
     if garment == "tank top":
         d.rectangle([P(cx - half * 0.6), P(top + 0.07), P(cx + half * 0.6), P(1.0)], fill=cloth)
@@ -240,7 +175,7 @@ def _draw(attrs: dict, size: int, variant, record: bool):
         for b in range(3):
             d.ellipse(box(cx, top + 0.1 + b * 0.045, 0.011, 0.011), fill=dark)
     elif garment == "turtleneck":
-        d.rounded_rectangle([P(cx - 0.075), P(top - 0.09), P(cx + 0.075), P(top + 0.03)], radius=P(0.02), fill=_shade(cloth, 0.85))
+        d.rounded_rectangle([P(cx - 0.075), P(top - 0.09), P(cx + 0.075), P(top + 0.03)], radius=P(0.02), fill=shade(cloth, 0.85))
     elif garment == "jacket":
         d.polygon([(P(cx - 0.08), P(top)), (P(cx + 0.08), P(top)), (P(cx), P(1.0))], fill=(236, 236, 236))
         for s in (-1, 1):
@@ -260,7 +195,7 @@ def _draw(attrs: dict, size: int, variant, record: bool):
     for s in (-1, 1):
         if (pose == "turned left" and s < 0) or (pose == "turned right" and s > 0):
             continue  # the ear on the turned side is hidden
-        d.ellipse(box(cx + s * rx, cy + 0.01, 0.03, 0.045), fill=_shade(skin, 0.9))
+        p.ear(cx + s * rx, cy, shade(skin, 0.9))
     face = box(cx, cy, rx, ry)
     if male:
         d.rounded_rectangle(face, radius=P(rx * 0.55), fill=skin)
@@ -286,7 +221,7 @@ def _draw(attrs: dict, size: int, variant, record: bool):
     ex = 0.055 if child else 0.065
     er = 0.03 if child else 0.026
     expr = attrs["expression"]
-    brow = _shade(hair, 0.75) if attrs["hair_color"] not in ("blonde", "grey") else _shade(hair, 0.55)
+    brow = shade(hair, 0.75) if attrs["hair_color"] not in ("blonde", "grey") else shade(hair, 0.55)
     for s in (-1, 1):
         x = fx + s * ex
         d.part = "eyes"
@@ -295,7 +230,7 @@ def _draw(attrs: dict, size: int, variant, record: bool):
         d.part = "brows"
         by = ey - (0.065 if expr == "surprised" else 0.045)
         d.line([(P(x - 0.032), P(by + 0.004)), (P(x + 0.032), P(by - 0.004 * s))], fill=brow, width=lw * (2 if male else 1))
-    nose = _shade(skin, 0.7)
+    nose = shade(skin, 0.7)
     d.part = "nose"
     if pose == "front":
         d.line([(P(fx), P(cy)), (P(fx - 0.012), P(cy + 0.055)), (P(fx + 0.012), P(cy + 0.055))], fill=nose, width=lw)
@@ -303,7 +238,7 @@ def _draw(attrs: dict, size: int, variant, record: bool):
         tip = -1 if pose == "turned left" else 1
         d.polygon([(P(fx), P(cy - 0.005)), (P(fx + tip * 0.04), P(cy + 0.055)), (P(fx), P(cy + 0.06))], fill=nose)
     my = cy + (0.085 if child else 0.105)
-    lips = LIPS_F if not male else _shade(skin, 0.62)
+    lips = LIPS_F if not male else shade(skin, 0.62)
     mw = 0.065
     d.part = "mouth"
     if expr == "smiling":
@@ -317,7 +252,7 @@ def _draw(attrs: dict, size: int, variant, record: bool):
         d.line([(P(fx - mw * 0.85), P(my)), (P(fx + mw * 0.85), P(my))], fill=lips, width=lw * 2)
     if old:
         d.part = "wrinkles"
-        wr = _shade(skin, 0.55)
+        wr = shade(skin, 0.55)
         for r in range(2):
             yy = cy - ry * 0.62 + r * 0.03
             d.arc([P(fx - 0.08), P(yy), P(fx + 0.08), P(yy + 0.05)], 200, 340, fill=wr, width=lw)
@@ -338,25 +273,12 @@ def _draw(attrs: dict, size: int, variant, record: bool):
         frame = SUNGLASSES_FRAME if sun else GLASSES_FRAME
         rim = max(1, round(lw * (1 if sun else GLASSES_RIM)))
         gr = 0.042 if sun else min(GLASSES_RADIUS, ex - 0.006)  # lenses never overlap (a child's eyes are closer)
-        for s in (-1, 1):
-            x = fx + s * ex
-            d.ellipse(box(x, ey, gr, gr * 0.85), outline=frame, width=rim, fill=SUNGLASSES_LENS if sun else None)
-            d.line([(P(x + s * gr), P(ey)), (P(cx + s * rx), P(ey - 0.005))], fill=frame, width=rim)
-        d.line([(P(fx - ex + gr), P(ey)), (P(fx + ex - gr), P(ey))], fill=frame, width=rim)
+        p.glasses(fx, cx, rx, ex, ey, gr, frame, rim, SUNGLASSES_LENS if sun else None)
     if attrs["headwear"] == "hat":
         d.part = "hat"
-        d.rounded_rectangle([P(cx - rx + 0.01), P(cy - ry - 0.15), P(cx + rx - 0.01), P(cy - ry + 0.05)], radius=P(0.04), fill=HAT_RGB)
-        d.rectangle([P(cx - rx + 0.01), P(cy - ry), P(cx + rx - 0.01), P(cy - ry + 0.04)], fill=HAT_BAND)
-        d.ellipse(box(cx, cy - ry + 0.05, rx + 0.1, 0.03), fill=HAT_RGB)
+        p.hat(cx, cy - ry, rx, (-0.15, 0.05), (0.0, 0.04), 0.03, HAT_RGB, HAT_BAND)
 
     # ---- style
     if attrs["style"] == "pencil drawing":
-        gray = ImageOps.grayscale(img)
-        edges = ImageOps.expand(ImageOps.crop(gray.filter(ImageFilter.FIND_EDGES), 1), 1, fill=0)
-        edges = edges.filter(ImageFilter.MaxFilter(3 if k > 1 else 1))
-        lines = ImageOps.invert(edges.point(lambda v: min(255, v * 4))).convert("RGB")
-        paper = Image.blend(ImageEnhance.Color(img).enhance(0.45), Image.new("RGB", (S, S), (250, 248, 240)), 0.35)
-        img = ImageChops.multiply(lines, paper)
-    if k > 1:
-        img = img.resize((size, size), Image.LANCZOS)
-    return img, (np.asarray(labels) if record else None), d.label_part
+        p.pencil_colour()
+    return p.finish(), (np.asarray(p.labels) if record else None), d.label_part

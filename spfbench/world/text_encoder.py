@@ -98,7 +98,7 @@ def from_world_clip(clip=None):
     return te.eval()
 
 
-def _target_span(tokenizer, base: str, target: str) -> tuple[list[int], int, int]:
+def target_span(tokenizer, base: str, target: str) -> tuple[list[int], int, int]:
     """Token ids of ``join_caption(base, target)`` and the [start, end] positions of the target's tokens
     up to and including the end token."""
     text = join_caption(base, target)
@@ -117,7 +117,7 @@ def target_features(text_encoder, tokenizer, base: str, targets) -> "torch.Tenso
     averaged over the target's tokens and the end token."""
     import torch
 
-    spans = [_target_span(tokenizer, base, t) for t in targets]
+    spans = [target_span(tokenizer, base, t) for t in targets]
     pad = tokenizer.pad_token_id
     length = tokenizer.model_max_length
     ids = torch.tensor([s[0] + [pad] * (length - len(s[0])) for s in spans])

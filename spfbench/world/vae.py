@@ -2,13 +2,13 @@
 
 SD1.5's own VAE was improved this way: Stability's ``sd-vae-ft-ema`` / ``sd-vae-ft-mse`` trained the
 decoder further with the encoder frozen, so the latent space, and with it every UNet trained on it, stays
-valid. Here: the latent posteriors of a render mix (:func:`spfbench.world.model.vae_mix`) are computed
+valid. Here: the latent posteriors of a render mix (:func:`spfbench.world.renders.vae_mix`) are computed
 once with the frozen encoder; the decoder (with ``post_quant_conv``) learns to reconstruct the renders
-from samples of them, under the same detail-weighted L1 as :func:`spfbench.world.model.train_vae`.
+from samples of them, under the same detail-weighted L1 as :func:`spfbench.world.train_vae.train_vae`.
 Resumable in ``work/`` (checkpoint, log); the result is a new model folder: the input folder's UNet, text
 encoder and encoder with the new decoder, its card extended by the stage and re-evaluated.
 
-``python -m spfbench.world.model decoder --model M --out OUT --work WORK --steps N``
+``spfbench world finetune-decoder --model M --out OUT --work WORK --steps N``
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ import os
 import time
 from pathlib import Path
 
+from .. import engine
 from ..errors import SpfbenchError
+from .attributes import SCHEMA, TARGET_TEXTS
+from .components import CARD, parameter_counts
+from .pipeline import load_world_pipeline
+from .recipe import save_and_evaluate
+from .renders import reconstruct_float, render_batch, render_batch_details, to_float, to_pil, vae_checksum, vae_mix
 
 
 def decoder_parameters(vae) -> list:
@@ -37,8 +43,6 @@ def posteriors(vae, x_uint8, batch_size: int = 256):
     """(means, stds) of the encoder's latent posterior for uint8 renders, float32, no grad."""
     import torch
 
-    from .model import to_float
-
     means, stds = [], []
     with torch.no_grad():
         for s in range(0, len(x_uint8), batch_size):
@@ -52,8 +56,6 @@ def reconstruct(vae, x_uint8, batch_size: int = 256):
     """uint8 (N, 3, H, W) decodes of the posterior means of uint8 renders (rounded as saved images are)."""
     import torch
 
-    from .model import to_float, reconstruct_float
-
     return torch.cat([((reconstruct_float(vae, to_float(x_uint8[s : s + batch_size]), batch_size) + 1) * 127.5).round()
                       .clamp(0, 255).to(torch.uint8).cpu() for s in range(0, len(x_uint8), batch_size)])
 
@@ -62,8 +64,6 @@ def reconstruction_report(vae, n: int = 512, seed: int = 1000, reader=None) -> d
     """Validation of a VAE on ``n`` renders of the VAE mix (``seed``; variants offset as in train_vae's card):
     L1 and PSNR of the posterior-mean reconstructions, the reader's accuracy on them per attribute, and per
     target text the rate at which the reader finds the target on the reconstructions of renders showing it."""
-    from .attributes import SCHEMA, TARGET_TEXTS
-    from .model import to_float, to_pil, reconstruct_float, render_batch, vae_mix
     from .reader import load_reader
 
     reader = reader or load_reader()
@@ -114,10 +114,6 @@ def finetune_decoder(
     import torch
 
     from .reader import load_reader
-    from .model import (
-        CARD, _atomic_torch_save, _lr_lambda, _resume, _save_and_evaluate, _step_loop, to_float, load_world_pipeline,
-        parameter_counts, render_batch_details, vae_checksum, vae_mix,
-    )
 
     model, out, work = Path(model), Path(out), Path(work)
     if not (model / CARD).is_file() or not (model / "vae" / "config.json").is_file():
@@ -140,10 +136,10 @@ def finetune_decoder(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps, "cosine"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.warmup_cosine(warmup, steps))
     g = torch.Generator().manual_seed(seed)
     before = None
-    ck, step, seconds_before = _resume(work, args, "VAE decoder", opt, sched, g, log)
+    ck, step, seconds_before = engine.resume(work, args, "VAE decoder", opt, sched, g, log)
     if ck is not None:
         vae.load_state_dict({**vae.state_dict(), **ck["decoder"]})
         before = ck["before"]
@@ -155,11 +151,11 @@ def finetune_decoder(
     log(f"rendering {n} images and encoding them with the frozen encoder ...")
     x_all, detail_all = render_batch_details([vae_mix(i, seed) for i in range(n)], list(range(n)))
     mean_all, std_all = posteriors(vae, x_all)
-    ckpt_path, log_path = work / "checkpoint.pt", work / "log.jsonl"
+    ckpt_path = work / engine.CHECKPOINT
 
     def save_ckpt(step):
-        _atomic_torch_save({"args": args, "step": step, "seconds": seconds_before + time.time() - t0, "decoder": _decoder_state(vae),
-                            "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": g.get_state(), "before": before}, ckpt_path)
+        engine.atomic_torch_save(engine.checkpoint(args, step, seconds_before + time.time() - t0, opt, sched, g, decoder=_decoder_state(vae),
+                                                   before=before), ckpt_path)
 
     def one_step(step):
         idx = torch.randint(0, n, (batch_size,), generator=g)
@@ -174,8 +170,9 @@ def finetune_decoder(
         sched.step()
         return {"l1": err.mean().item()}
 
-    step = _step_loop(step, steps, stop_at, one_step, sched, log_path, save_ckpt, lambda: seconds_before + time.time() - t0,
-                      ckpt_every, log_every, "vae decoder", progress)
+    step = engine.run_steps(one_step, step, steps, sched=sched, stop_at=stop_at, log_every=log_every, log_path=work / engine.LOG,
+                            save=save_ckpt, ckpt_every=ckpt_every, elapsed=lambda: seconds_before + time.time() - t0,
+                            desc="vae decoder", progress=progress)
     if step < steps:
         log(f"stopped at step {step} of {steps} (checkpoint {ckpt_path}); run again to continue")
         return None
@@ -193,14 +190,14 @@ def finetune_decoder(
         "frozen": "encoder and quant_conv (the latent space and scaling_factor unchanged)",
         "data": "the VAE mix (index mod 10: 0-6 pretrain, 7-8 finetune, 9 uniform), variant = index",
         "validation_before": before, "validation_after": after,
-        "command": command or f"python -m spfbench.world.model decoder --model {model} --out {out} --work {work} --steps {steps}",
+        "command": command or f"spfbench world finetune-decoder --model {model} --out {out} --work {work} --steps {steps}",
         "torch": torch.__version__,
     })
     vzero = pipe.scheduler.config.get("prediction_type") == "v_prediction"
     card["parameters"] = parameter_counts({"unet": pipe.unet, "vae": vae, "text_encoder": pipe.text_encoder})
     log(json.dumps({"before": {k: before[k] for k in ("psnr", "targets_read")}, "after": {k: after[k] for k in ("psnr", "targets_read")}}))
     res = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    card = _save_and_evaluate(out, res, vae, card, vzero, eval_n, progress, log)
+    card = save_and_evaluate(out, res, vae, card, vzero, eval_n, progress, log)
     if ckpt_path.exists():
         ckpt_path.unlink()
     return card
