@@ -31,8 +31,9 @@ def test_a_small_world_run_reproduces_the_summary_of_the_code_before_the_rebuild
                 g = got["samples"][method][tid][metric]
                 if metric.startswith("gt-"):  # the reader's 0/1 decisions: exact untrained; after training, the mean below
                     assert g == v or method != "original", (method, tid, metric)
-                else:
-                    assert math.isclose(g, v, abs_tol=2e-3 * max(1.0, abs(v))), (method, tid, metric, g, v)
+                else:  # trained: the naive artifact is saved in fp16 since (MPS moved 1.7e-3, Seg-Cons 6e-3 of ~80)
+                    tol = (2e-3 if method == "original" else 1e-2) * max(1.0, abs(v))
+                    assert math.isclose(g, v, abs_tol=tol), (method, tid, metric, g, v)
         for metric in next(iter(rows.values())):
             mean_got = sum(r[metric] for r in got["samples"][method].values()) / len(rows)
             mean_want = sum(r[metric] for r in rows.values()) / len(rows)
