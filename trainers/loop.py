@@ -18,7 +18,6 @@ leaves the last good checkpoint untouched.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 import time
@@ -28,8 +27,9 @@ from pathlib import Path
 import torch
 
 from spfbench.data import location as data_location
+from spfbench.engine import atomic_save_safetensors, atomic_torch_save
 from spfbench.errors import SpfbenchError
-from spfbench.io import atomic_write_bytes, atomic_write_json
+from spfbench.io import atomic_write_json
 
 from .base import ARTIFACT_META, Models, TrainedMethod
 
@@ -76,16 +76,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n
 
 
-def _save_torch(path: Path, obj) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    from safetensors.torch import save
-
-    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+    atomic_save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata)
 
 
 class Trainer:
@@ -375,10 +367,10 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         _save_tensors(tmp / "trainable.safetensors", self.method.trainable_state(unwrapped))
-        _save_torch(tmp / "optimizer.pt", optimizer.state_dict())
-        _save_torch(tmp / "lr_scheduler.pt", lr_scheduler.state_dict())
+        atomic_torch_save(tmp / "optimizer.pt", optimizer.state_dict())
+        atomic_torch_save(tmp / "lr_scheduler.pt", lr_scheduler.state_dict())
         if ema is not None:
-            _save_torch(tmp / "ema.pt", ema.state_dict())
+            atomic_torch_save(tmp / "ema.pt", ema.state_dict())
         atomic_write_json(tmp / "state.json", {"step": step, "identity": identity})
         final = folder / f"checkpoint-{step}"
         shutil.rmtree(final, ignore_errors=True)
