@@ -264,16 +264,18 @@ def test_tiny_clip_weights_load_a_state_dict(tmp_path):
     the file to open_clip as its checkpoint (not run here: no weights)."""
     from safetensors.torch import save_file
     from spfbench.metrics.base import Backbones
-    from spfbench.metrics.clip import tiny_clip, weight_name
+    from spfbench.metrics.clip import tiny_clip
 
     model = tiny_clip(seed=3)[0]
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    got = Backbones("tiny", device="cpu", weights={weight_name("tiny", "vit-l-14"): str(path)}).get("clip-vit-l-14")
+    name = Backbones("tiny", device="cpu").weight_name("clip-vit-l-14")
+    got = Backbones("tiny", device="cpu", weights={name: str(path)}).get("clip-vit-l-14")
     assert torch.equal(got.model.visual.conv1.weight, model.visual.conv1.weight)
     default = Backbones("tiny", device="cpu").get("clip-vit-l-14")
     assert not torch.equal(default.model.visual.conv1.weight, model.visual.conv1.weight)
-    assert weight_name("world", "vit-b-32") == "clip-world" and weight_name("real", "vit-b-32") == "clip-vit-b-32"
+    assert Backbones("world", device="cpu").weight_name("clip-vit-b-32") == "clip-world"
+    assert Backbones("real", device="cpu").weight_name("clip-vit-b-32") == "clip-vit-b-32"
 
 
 def test_each_readings_alignment_scale_relative_to_l_diff(batch):

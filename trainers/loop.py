@@ -367,10 +367,10 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         _save_tensors(tmp / "trainable.safetensors", self.method.trainable_state(unwrapped))
-        atomic_torch_save(tmp / "optimizer.pt", optimizer.state_dict())
-        atomic_torch_save(tmp / "lr_scheduler.pt", lr_scheduler.state_dict())
+        atomic_torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        atomic_torch_save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         if ema is not None:
-            atomic_torch_save(tmp / "ema.pt", ema.state_dict())
+            atomic_torch_save(ema.state_dict(), tmp / "ema.pt")
         atomic_write_json(tmp / "state.json", {"step": step, "identity": identity})
         final = folder / f"checkpoint-{step}"
         shutil.rmtree(final, ignore_errors=True)
