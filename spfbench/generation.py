@@ -10,9 +10,9 @@ customized image and its original therefore start from identical noise.
 
 from __future__ import annotations
 
-import math
-
 import inspect
+import math
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -94,9 +94,14 @@ def default_sampler(scheduler_config) -> str:
     return "dpmpp-2m" if scheduler_config.get("rescale_betas_zero_snr") else PROTOCOL_SAMPLER
 
 
+# pipeline -> (the model's own scheduler config, the sampler set): a memo keyed weakly by the pipeline, so nothing
+# is stored on it and the entry goes with it
+_SAMPLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def model_scheduler_config(pipe):
     """The model's own scheduler config, whichever sampler :func:`use_sampler` has set since."""
-    return getattr(pipe, "_spfbench_base_scheduler_config", pipe.scheduler.config)
+    return _SAMPLERS[pipe][0] if pipe in _SAMPLERS else pipe.scheduler.config
 
 
 def settings_for(pipe, settings: GenerationSettings) -> GenerationSettings:
@@ -106,12 +111,11 @@ def settings_for(pipe, settings: GenerationSettings) -> GenerationSettings:
 
 def use_sampler(pipe, sampler: str) -> None:
     """Set ``pipe.scheduler`` to ``sampler``, built from the model's scheduler config (kept aside once)."""
-    if getattr(pipe, "_spfbench_sampler", None) == sampler:
+    if pipe in _SAMPLERS and _SAMPLERS[pipe][1] == sampler:
         return
     base = model_scheduler_config(pipe)
     pipe.scheduler = make_scheduler(base, sampler)
-    pipe._spfbench_base_scheduler_config = base
-    pipe._spfbench_sampler = sampler
+    _SAMPLERS[pipe] = (base, sampler)
 
 
 def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
