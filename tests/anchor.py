@@ -36,11 +36,22 @@ CASES = {
 }
 
 
-def _spfbench(*args) -> None:
+DRIVER = """
+import json, sys
+from spfbench.cli import app
+for args in json.loads(sys.argv[1]):
+    app(args, prog_name="spfbench", standalone_mode=False)
+"""
+
+
+def _spfbench(commands: list[list]) -> None:
+    """The commands in one process, one after the other (one interpreter start, not one per command: the same
+    commands whichever code version runs them)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "spfbench", *map(str, args)], env=env, capture_output=True, text=True)
+    args = json.dumps([[str(a) for a in c] for c in commands])
+    r = subprocess.run([sys.executable, "-c", DRIVER, args], env=env, capture_output=True, text=True)
     if r.returncode:
-        raise RuntimeError(f"spfbench {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"spfbench {args} failed:\n{r.stderr[-3000:]}")
 
 
 def _samples(path: Path) -> dict:
@@ -54,15 +65,16 @@ def compute(case: str, out: Path) -> dict:
     (out / "config.json").write_text(json.dumps(spec["config"]))
     extra = []
     if case == "world":
-        _spfbench("world", "data", "--split", "finetune", "--n", 48, "--out", out / "data")
-        _spfbench("world", "captions", "--n", 6, "--out", out / "captions.jsonl")
-        _spfbench("build-testset", "--preset", "world", "--captions", out / "captions.jsonl", "--out", out / "testset", "--no-progress")
+        commands = [["world", "data", "--split", "finetune", "--n", 48, "--out", out / "data"],
+                    ["world", "captions", "--n", 6, "--out", out / "captions.jsonl"],
+                    ["build-testset", "--preset", "world", "--captions", out / "captions.jsonl", "--out", out / "testset", "--no-progress"]]
     else:
-        _spfbench("make-toy-data", "--out", out / "data", "--n", 8)
-        _spfbench("build-testset", "--preset", "tiny", "--n", 4, "--steps", 4, "--out", out / "testset", "--no-progress")
         extra = ["--retention"]
-    _spfbench("run", "--testset", out / "testset", "--data", out / "data", "--out", out / "run", "--config", out / "config.json",
-              *[a for m in spec["methods"] for a in ("--method", m)], *extra, "--no-progress")
+        commands = [["make-toy-data", "--out", out / "data", "--n", 8],
+                    ["build-testset", "--preset", "tiny", "--n", 4, "--steps", 4, "--out", out / "testset", "--no-progress"]]
+    commands.append(["run", "--testset", out / "testset", "--data", out / "data", "--out", out / "run", "--config", out / "config.json",
+                     *[a for m in spec["methods"] for a in ("--method", m)], *extra, "--no-progress"])
+    _spfbench(commands)
     data = sorted((out / "data").rglob("*.png"))
     originals = sorted((out / "testset" / "originals").glob("*.png"))
     summary = {

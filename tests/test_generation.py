@@ -113,8 +113,6 @@ def test_bad_settings(settings, message):
 
 
 def test_no_sampler_named_means_the_models_default_and_its_config_survives_a_swap():
-    from types import SimpleNamespace
-
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
     from spfbench.generation import PROTOCOL_SAMPLER, default_sampler, model_scheduler_config, use_sampler
@@ -126,12 +124,16 @@ def test_no_sampler_named_means_the_models_default_and_its_config_survives_a_swa
     assert GenerationSettings().resolved(64, base) == GenerationSettings(sampler="dpmpp-2m-karras", height=64, width=64)
     assert GenerationSettings(height=32).resolved(64, zero) == GenerationSettings(sampler="dpmpp-2m", height=32, width=64)
     assert GenerationSettings(sampler="ddim").resolved(64, zero).sampler == "ddim"  # a named sampler is kept
-    pipe = SimpleNamespace(scheduler=DDIMScheduler.from_config(zero))
+    class Pipe:  # a pipeline's scheduler slot (the memo keys pipelines weakly, as it does real ones)
+        scheduler = DDIMScheduler.from_config(zero)
+
+    pipe = Pipe()
     use_sampler(pipe, "dpmpp-2m")
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler) and not pipe.scheduler.config.use_karras_sigmas
     use_sampler(pipe, "euler")  # built from the model's own config, not from the sampler set before
     assert model_scheduler_config(pipe)["_class_name"] == "DDIMScheduler" and model_scheduler_config(pipe).rescale_betas_zero_snr
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.timestep_spacing == "trailing"
+    assert not [k for k in vars(pipe) if k != "scheduler"]  # nothing of the memo's on the pipeline
 
 
 def test_build_testset_refuses_a_negative_guidance_before_writing(tmp_path):
