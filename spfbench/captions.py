@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import SpfbenchError
+from .io import jsonl_objects
 
 VOCAB_DIR = Path(__file__).parent / "vocab"
 DEFAULT_VOCAB = "v1"
@@ -176,17 +177,7 @@ def read_caption_file(path: str | Path) -> list[CaptionRow]:
     except (OSError, UnicodeDecodeError) as e:
         raise SpfbenchError(f"caption file {path} is unreadable: {e}") from None
     if path.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SpfbenchError(f"caption file {path}, line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise SpfbenchError(f"caption file {path}, line {lineno}: expected a JSON object per line")
-            records.append((lineno, rec))
+        records = list(jsonl_objects(text, f"caption file {path},"))
         columns = set().union(*(r.keys() for _, r in records)) if records else set()
     elif path.suffix.lower() in {".csv", ".tsv"}:
         records, columns = _read_delimited(path, text, "\t" if path.suffix.lower() == ".tsv" else ",")

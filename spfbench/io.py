@@ -108,6 +108,23 @@ def read_json_object(path: str | os.PathLike, what: str = "config file") -> dict
     return values
 
 
+def jsonl_objects(text: str, where: str):
+    """``(line number, object)`` of every non-blank line of a JSONL text; a line that is not valid JSON or not an
+    object is one clear error naming ``where`` and the line."""
+    from .errors import SpfbenchError
+
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SpfbenchError(f"{where} line {lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise SpfbenchError(f"{where} line {lineno}: expected a JSON object per line")
+        yield lineno, rec
+
+
 def check_output_folder(out: Path, spec_file: str, spec: dict, what: str, option: str = "--out") -> None:
     """``out`` is new, empty, or holds this same ``spec`` (then the writer resumes); anything else is refused
     before a file is touched."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..captions import REQUIRED_COLUMNS
 from ..errors import SpfbenchError
+from ..io import jsonl_objects
 from .records import ATTN_LIST, HF_IMAGE, HUB_PREFIX, IMAGE_EXTENSIONS, METADATA, PortraitRecord, check_extras, required_captions
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -72,16 +73,8 @@ class ImageFolder(Source):
         self.files: list[Path] = []
         self.records = []
         seen: dict[str, int] = {}
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        for lineno, rec in jsonl_objects(text, str(meta)):
             at = f"{meta} line {lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SpfbenchError(f"{at}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise SpfbenchError(f"{at}: expected a JSON object per line")
             name = rec.get("file_name")
             if not isinstance(name, str) or not name.strip():
                 raise SpfbenchError(f"{at}: file_name is missing or empty; every row needs file_name, {', '.join(REQUIRED_COLUMNS)}")
