@@ -440,22 +440,24 @@ def tradeoff(
     typer.echo(f"{len(points)} points; written: {paths['png']}, {paths['json']}")
 
 
-def _add_environment_commands() -> None:
-    """Each environment's own commands under its name (Portrait World's ``spfbench world ...``): the registry's,
-    so the command line imports no plugin by name. A plugin that does not load is one line on stderr; the other
-    commands still work."""
-    from . import environments
-
-    try:
-        for name in environments.names():
-            sub = environments.get(name).cli()
-            if sub is not None:
-                app.add_typer(sub, name=name)
-    except SpfbenchError as e:
-        print(f"warning: {e}", file=sys.stderr)
+COMMANDS_GROUP = "spfbench.commands"  # entry points NAME = "module:typer_app": a plugin's commands as `spfbench NAME ...`
 
 
-_add_environment_commands()
+def _add_plugin_commands() -> None:
+    """Each plugin's own commands (Portrait World's ``spfbench world ...``) from the ``spfbench.commands`` entry
+    points: the command line imports no plugin by name, and only the command modules themselves (light: no model
+    library, so ``spfbench --help`` and a refused option stay fast). A plugin that does not load is one line on
+    stderr; the other commands still work."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=COMMANDS_GROUP):
+        try:
+            app.add_typer(ep.load(), name=ep.name)
+        except Exception as e:  # noqa: BLE001 - a broken plugin is named, the rest of the command line works
+            print(f"warning: commands {ep.name} ({ep.value}) do not load: {e}", file=sys.stderr)
+
+
+_add_plugin_commands()
 
 
 viz_app = typer.Typer(help="PNG grids of maps: target-text cross-attention over timesteps (Fig. 2), the SFCM (Fig. 3-4); training curves.")

@@ -21,11 +21,11 @@ from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
 from .errors import SpfbenchError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (no torch at import: the command line starts without it)
+    import torch
+
     from .masks import MaskSource
     from .metrics.base import Backbones
     from .models import ModelInfo, Preset
@@ -51,9 +51,9 @@ class Environment(ABC):
         its weights came from."""
 
     @abstractmethod
-    def backbones(self, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+    def backbones(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                   weights: dict[str, str] | None = None) -> "Backbones":
-        """The metric models of this environment (one shared set per run)."""
+        """The metric models of this environment (one shared set per run; ``dtype`` None: float32)."""
 
     def backbone_overrides(self) -> list:
         """Backbones this environment replaces (``spfbench.metrics.base.BackboneOverride``); none by default."""
@@ -66,11 +66,6 @@ class Environment(ABC):
     @abstractmethod
     def mask_source(self, *, model: str | None = None, device: str | None = None, seed: int = 0) -> "MaskSource":
         """Where ``spfbench masks`` takes a phrase's mask from (``spfbench.masks.MaskSource``)."""
-
-    def cli(self):
-        """A ``typer.Typer`` of this environment's own commands (``spfbench NAME ...``), or None."""
-        return None
-
 
 # the built-in environments, imported by name when the registry first fills (they sit a layer above this module)
 BUILT_IN = ("spfbench.standard_environments:Real", "spfbench.standard_environments:Tiny",

@@ -23,10 +23,10 @@ class StandardEnvironment(Environment):
             return models.random_pipeline(preset, seed, device)
         return models.real_pipeline(preset, model, vae, revision)
 
-    def backbones(self, device=None, dtype=torch.float32, weights=None):
+    def backbones(self, device=None, dtype=None, weights=None):
         from .metrics.base import Backbones
 
-        return Backbones(self.name, device, dtype, weights=weights, full_size=self.full_size_backbones,
+        return Backbones(self.name, device, dtype or torch.float32, weights=weights, full_size=self.full_size_backbones,
                          random_weights=not self.published_backbone_weights, overrides=self.backbone_overrides())
 
     def default_metrics(self):

@@ -83,7 +83,23 @@ def test_each_environment_supplies_presets_backbones_metrics_and_masks():
         assert isinstance(E.get(n).mask_source(device="cpu"), SegmenterMasks)
     assert E.get("world").default_metrics() == DEFAULT_METRICS + ["gt-target@world-reader", "gt-preserve@world-reader"]
     assert type(E.get("world").mask_source()).__name__ == "WorldMasks"
-    assert E.get("world").cli() is not None  # `spfbench world ...` is the world's own
+
+
+def test_the_command_line_starts_without_torch_and_takes_plugin_commands_by_entry_point():
+    """`spfbench --help` and every refused option run before any model library loads: the CLI module imports no torch,
+    and a plugin's commands (the world's) come from the spfbench.commands entry point, not from its environment."""
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    code = "import sys, spfbench.cli; print(sorted(m for m in ('torch', 'diffusers', 'spfbench.world.environment') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout
+    eps = {ep.name: ep.value for ep in entry_points(group="spfbench.commands")}
+    assert eps == {"world": "spfbench.world.cli:app"}
+    from spfbench.cli import app
+
+    assert "world" in {g.name for g in app.registered_groups}
 
 
 def test_the_world_overrides_every_clip_backbone_with_its_own():

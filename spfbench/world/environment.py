@@ -3,8 +3,9 @@
 What the world supplies to the core (docs/world.md): its base-model preset ``world`` (the shipped 64-px model,
 or a folder trained the same way), metric backbones (its own CLIP in place of every ``clip-*`` backbone, small
 random models for the rest, and the attribute reader of its two ground-truth metrics), the default metrics
-(Table 1's eight plus GT-Target and GT-Preserve), ground-truth TokenCompose masks, and its commands
-(``spfbench world ...``). The core imports nothing from ``spfbench.world``; this module is the one door.
+(Table 1's eight plus GT-Target and GT-Preserve) and ground-truth TokenCompose masks. Its commands
+(``spfbench world ...``, ``cli.app``) come through the ``spfbench.commands`` entry point, so the command line
+starts without loading this module (or torch). The core imports nothing from ``spfbench.world``.
 """
 
 from __future__ import annotations
@@ -67,8 +68,3 @@ class World(StandardEnvironment):
         from .masks import WorldMasks
 
         return WorldMasks()
-
-    def cli(self):
-        from .cli import app
-
-        return app
