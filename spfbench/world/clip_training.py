@@ -141,18 +141,10 @@ def encode_text_bucketed(model, tok, short: int = 12):
 
 
 def augment(x, g):
-    """Float images in [0, 1]: brightness jitter, light noise, a 2x blur for a quarter of the batch."""
-    import torch
-    import torch.nn.functional as F
+    """Float images in [0, 1]: the world augmentation (renders.augment) with the CLIP's constants."""
+    from .renders import augment as world_augment
 
-    n = x.shape[0]
-    x = x * (1 + 0.08 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)) + 0.04 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
-    blur = torch.rand(n, generator=g) < 0.25
-    if blur.any():
-        xb = x[blur]
-        x[blur] = F.interpolate(F.avg_pool2d(xb, 2), scale_factor=2, mode="bilinear", align_corners=False) * 0.5 + xb * 0.5
-    x = x + 0.015 * torch.randn(x.shape, generator=g)
-    return x.clamp(0, 1)
+    return world_augment(x, g, brightness=0.08, offset=0.04, noise=0.015, low=0, high=1)
 
 
 def normalize(x01):

@@ -186,18 +186,10 @@ def render_set(attr_fn, n: int, seed: int, offset: int = 0):
 
 
 def augment(x, g):
-    """Light noise and brightness jitter (float tensor in [-1, 1]); a blurred copy for a quarter."""
-    import torch
-    import torch.nn.functional as F
+    """Float images in [-1, 1]: the world augmentation (renders.augment) with the reader's constants."""
+    from .renders import augment as world_augment
 
-    n = x.shape[0]
-    x = x * (1 + 0.06 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)) + 0.08 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
-    blur = torch.rand(n, generator=g) < 0.25
-    if blur.any():
-        xb = x[blur]
-        x[blur] = F.interpolate(F.avg_pool2d(xb, 2), scale_factor=2, mode="bilinear", align_corners=False) * 0.5 + xb * 0.5
-    x = x + 0.03 * torch.randn(x.shape, generator=g)
-    return x.clamp(-1.2, 1.2)
+    return world_augment(x, g, brightness=0.06, offset=0.08, noise=0.03, low=-1.2, high=1.2)
 
 
 def evaluate(reader: AttributeReader, attrs_list: list[dict], images) -> dict:

@@ -110,6 +110,23 @@ def reconstruct_float(vae, x, batch_size: int = 128):
                           for s in range(0, len(x), batch_size)])
 
 
+def augment(x, g, *, brightness: float, offset: float, noise: float, low: float, high: float):
+    """The world's training augmentation (the reader's and the CLIP's, each with its own constants): a brightness
+    jitter ``x * (1 + brightness * (u - 0.5)) + offset * (u' - 0.5)`` per image, a 2x blur blended in for a quarter
+    of the batch, Gaussian noise of std ``noise``, then clamped to ``[low, high]``."""
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    x = x * (1 + brightness * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)) + offset * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    blur = torch.rand(n, generator=g) < 0.25
+    if blur.any():
+        xb = x[blur]
+        x[blur] = F.interpolate(F.avg_pool2d(xb, 2), scale_factor=2, mode="bilinear", align_corners=False) * 0.5 + xb * 0.5
+    x = x + noise * torch.randn(x.shape, generator=g)
+    return x.clamp(low, high)
+
+
 def load_vae(vae):
     """A world VAE, float32 in eval mode: ``vae`` itself, or loaded from a VAE folder or a model folder (its ``vae/``)."""
     from diffusers import AutoencoderKL
