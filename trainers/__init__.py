@@ -59,7 +59,7 @@ def load_artifact(folder: str | Path, pipe):
     from .base import Artifact, read_artifact_meta
 
     meta = read_artifact_meta(Path(folder))
-    return Artifact.load(Path(folder), pipe, method_class(meta["method"]))
+    return Artifact.load(Path(folder), pipe, method_class(meta["method"]), meta)
 
 
 def base_model(pipe, config=None):

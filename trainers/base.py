@@ -251,9 +251,9 @@ class Artifact:
         return self.method.name
 
     @classmethod
-    def load(cls, folder: Path, pipe, method: type[Method]) -> "Artifact":
-        """``method``'s artifact at ``folder`` (its ``method.json`` config) applied to ``pipe``."""
-        config = method.Config.from_dict(read_artifact_meta(folder)["config"], source=str(folder))
+    def load(cls, folder: Path, pipe, method: type[Method], meta: dict) -> "Artifact":
+        """``method``'s artifact at ``folder`` (``meta``: its ``method.json``) applied to ``pipe``."""
+        config = method.Config.from_dict(meta["config"], source=str(folder))
         method.apply_artifact(pipe, folder, config)
         return cls(method, config, pipe, folder)
 
